@@ -1,0 +1,22 @@
+"""Sandboxed, pooled Jupyter kernels for running model-written code.
+
+This package knows nothing of models or of ``tora``; it runs cells and reports
+what happened.
+"""
+
+from sandbox.errors import SandboxError
+from sandbox.kernel import Kernel, start_kernel
+from sandbox.policy import SandboxPolicy
+from sandbox.pool import KernelPool
+from sandbox.result import CellError, CellResult, CellStatus
+
+__all__ = [
+    "CellError",
+    "CellResult",
+    "CellStatus",
+    "Kernel",
+    "KernelPool",
+    "SandboxError",
+    "SandboxPolicy",
+    "start_kernel",
+]

@@ -1,0 +1,112 @@
+"""The bubblewrap command line for one sandbox.
+
+Only what the kernel needs is visible: /usr (read-only), the interpreter's
+install and the venv (read-only, at their own paths so shebangs and sys.prefix
+hold), a private size-limited /tmp, the kernel's run dir (connection file and
+ipc sockets) and work dir. No /root, no /home, no host /tmp, no /etc/shadow,
+no network, no view of host processes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from sandbox.policy import SandboxPolicy
+
+RUN_DIR = "/sandbox/run"
+WORK_DIR = "/sandbox/work"
+SCRIPT_DIR = "/sandbox/lib"
+SANDBOX_UID = 1000
+
+# Files from /etc a Python process reads; everything else under /etc stays hidden.
+_ETC_FILES = ("ld.so.cache", "localtime", "nsswitch.conf", "host.conf", "mime.types", "ssl/openssl.cnf")
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def python_roots(python: str) -> list[str]:
+    """Directories the interpreter needs: its install and, for a venv, the venv."""
+    roots = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+    exe = Path(python)
+    if exe.is_symlink():
+        roots.add(str(Path(os.path.realpath(exe)).parent.parent))
+    # /usr is bound anyway; nested roots are covered by their parent.
+    ordered = sorted(r for r in roots if not r.startswith("/usr/") and r != "/usr")
+    kept: list[str] = []
+    for r in ordered:
+        if not any(r.startswith(k + "/") for k in kept):
+            kept.append(r)
+    return kept
+
+
+def bwrap_argv(
+    policy: SandboxPolicy,
+    run_dir: Path,
+    work_dir: Path,
+    script: Path,
+    python: str,
+    env: dict[str, str],
+    new_session: bool = True,
+) -> list[str]:
+    exe = bwrap_path() or "bwrap"
+    argv = [
+        exe,
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--uid",
+        str(SANDBOX_UID),
+        "--gid",
+        str(SANDBOX_UID),
+        "--hostname",
+        "sandbox",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    for link in ("bin", "lib", "lib64", "sbin"):
+        target = Path("/") / link
+        if target.is_symlink():
+            argv += ["--symlink", os.readlink(target), f"/{link}"]
+        elif target.exists():
+            argv += ["--ro-bind", str(target), f"/{link}"]
+    for name in _ETC_FILES:
+        argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    for root in python_roots(python):
+        argv += ["--ro-bind", root, root]
+    argv += [
+        "--ro-bind",
+        str(script.parent),
+        SCRIPT_DIR,
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(policy.tmp_mb * 1024 * 1024),
+        "--tmpfs",
+        "/tmp",
+        "--bind",
+        str(run_dir),
+        RUN_DIR,
+        "--bind",
+        str(work_dir),
+        WORK_DIR,
+        "--chdir",
+        WORK_DIR,
+        "--clearenv",
+    ]
+    if new_session:
+        argv.append("--new-session")
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    return argv

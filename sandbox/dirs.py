@@ -1,0 +1,66 @@
+"""Per-kernel directories on the host: a run dir (connection file, ipc sockets) and a work dir."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_PREFIX = "tora-sbx-"
+_counter = itertools.count()
+_base: Path | None = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale(root: Path) -> None:
+    # A runtime killed with -9 cannot clean up; the next one does.
+    for entry in root.glob(_PREFIX + "*"):
+        pid = entry.name.removeprefix(_PREFIX)
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def base_dir() -> Path:
+    """This runtime's directory; ipc socket paths must stay under ~107 bytes, so it is short."""
+    global _base
+    if _base is None or not _base.exists():
+        root = Path(tempfile.gettempdir())
+        _sweep_stale(root)
+        path = root / f"{_PREFIX}{os.getpid()}"
+        path.mkdir(mode=0o711, exist_ok=True)
+        _base = path
+    return _base
+
+
+@dataclass(frozen=True)
+class KernelDirs:
+    root: Path
+    run: Path
+    work: Path
+
+    @classmethod
+    def create(cls) -> KernelDirs:
+        root = base_dir() / f"k{next(_counter)}"
+        run = root / "run"
+        work = root / "work"
+        root.mkdir(mode=0o711)
+        run.mkdir(mode=0o700)
+        work.mkdir(mode=0o700)
+        return cls(root=root, run=run, work=work)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""GGUF models through llama.cpp (llama-cpp-python), the CPU engine of choice.
+
+Measured on the 2-core reference machine for Gemma 3 270M Q4_K_M: 0.7 s load
+and ~50 tok/s, against 53 s and 18 tok/s for transformers on the same file.
+llama.cpp also keeps the KV cache of the longest common token prefix between
+calls, so continuing a trajectory after an output block only evaluates the
+new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from tora.backends.base import Done, FinishReason, GenerationRequest, StreamEvent
+from tora.backends.threaded import stream_in_thread
+from tora.errors import BackendError, ModelSpecError
+
+
+class LlamaCppBackend:
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, *, n_ctx: int = 8192, n_threads: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelSpecError(f"GGUF file not found: {path}")
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise BackendError("llama-cpp-python is not installed: pip install llama-cpp-python") from exc
+        try:
+            self._llm: Any = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=n_threads or os.cpu_count() or 1,
+                verbose=False,
+            )
+        except Exception as exc:
+            raise ModelSpecError(f"{path}: llama.cpp could not load this file as a GGUF model ({exc})") from exc
+        self.model = path.name
+        self.path = path
+        self.n_ctx = n_ctx
+        # One llama.cpp context serves one generation at a time.
+        self._lock = asyncio.Lock()
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise BackendError(f"{self.model} has no chat template; use a completion prompt (e.g. --prompt tora-gsm8k)")
+        eos = self._llm.detokenize([self._llm.token_eos()]).decode(errors="ignore")
+        bos = self._llm.detokenize([self._llm.token_bos()]).decode(errors="ignore")
+        formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        prompt: str = formatter(messages=messages).prompt  # type: ignore[arg-type]
+        return prompt
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self._llm.tokenize(text.encode(), add_bos=True, special=True)
+        return tokens
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        async with self._lock:
+            tokens = self.tokenize(request.prompt)
+            budget = min(request.max_tokens, self.n_ctx - len(tokens))
+            if budget <= 0:
+                yield Done("length", None, len(tokens), 0)
+                return
+            ended = {"reason": "eos"}
+
+            def produce(cancel: threading.Event) -> Iterator[tuple[str, int]]:
+                kwargs: dict[str, Any] = {
+                    "max_tokens": budget,
+                    "temperature": request.temperature,
+                    "top_p": request.top_p,
+                    "stream": True,
+                }
+                if request.seed is not None:
+                    kwargs["seed"] = request.seed
+                for chunk in self._llm.create_completion(tokens, **kwargs):
+                    choice = chunk["choices"][0]
+                    if choice.get("finish_reason") == "length":
+                        ended["reason"] = "length"
+                    yield choice["text"], 0 if choice.get("finish_reason") else 1
+                    if cancel.is_set():
+                        return
+
+            def natural_finish() -> FinishReason:
+                return "length" if ended["reason"] == "length" else "eos"
+
+            async for event in stream_in_thread(
+                produce, request.stop, prompt_tokens=len(tokens), natural_finish=natural_finish
+            ):
+                yield event
+
+    async def aclose(self) -> None:
+        close = getattr(self._llm, "close", None)
+        if close is not None:
+            close()

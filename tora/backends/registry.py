@@ -1,0 +1,81 @@
+"""Model specs: one string names a model and its backend.
+
+    embedded            the shipped Gemma 3 270M (default)
+    gguf:/path/x.gguf   any GGUF file through llama.cpp
+    hf:/path/dir        a local Hugging Face model directory through transformers
+    replay:FILE         plays back recorded trajectories (tora's or ToRA's format)
+
+Third-party packages add backends through the `tora.backends` entry point
+group: `name = "pkg.module:factory"`, where `factory(arg: str) -> Backend`
+serves the spec `name:arg`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from tora.backends.base import Backend
+from tora.errors import ModelSpecError
+
+DEFAULT_SPEC = "embedded"
+
+
+def _embedded(arg: str) -> Backend:
+    from tora.backends.embedded import load_embedded
+
+    if arg:
+        raise ModelSpecError("the spec 'embedded' takes no argument")
+    return load_embedded()
+
+
+def _gguf(arg: str) -> Backend:
+    from tora.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(Path(arg).expanduser())
+
+
+def _hf(arg: str) -> Backend:
+    from tora.backends.transformers import TransformersBackend
+
+    return TransformersBackend(Path(arg).expanduser())
+
+
+def _replay(arg: str) -> Backend:
+    from tora.backends.replay import ReplayBackend
+
+    return ReplayBackend(Path(arg).expanduser())
+
+
+BUILTIN: dict[str, Callable[[str], Backend]] = {
+    "embedded": _embedded,
+    "gguf": _gguf,
+    "hf": _hf,
+    "replay": _replay,
+}
+
+
+def _plugins() -> dict[str, Callable[[str], Backend]]:
+    found: dict[str, Callable[[str], Backend]] = {}
+    for ep in entry_points(group="tora.backends"):
+        found[ep.name] = ep.load()
+    return found
+
+
+def known_kinds() -> list[str]:
+    return sorted({*BUILTIN, *_plugins()})
+
+
+def load_backend(spec: str | None) -> Backend:
+    """Build the backend a spec names; ModelSpecError (exit 2) if it names none."""
+    spec = (spec or DEFAULT_SPEC).strip()
+    kind, sep, arg = spec.partition(":")
+    if not sep and kind not in BUILTIN:
+        raise ModelSpecError(f"model spec {spec!r} has no kind; write KIND:ARG with KIND one of {', '.join(known_kinds())}")
+    factory = BUILTIN.get(kind) or _plugins().get(kind)
+    if factory is None:
+        raise ModelSpecError(f"unknown model kind {kind!r} in {spec!r}; known kinds: {', '.join(known_kinds())}")
+    if kind != "embedded" and not arg:
+        raise ModelSpecError(f"model spec {spec!r} needs a path after '{kind}:'")
+    return factory(arg)

@@ -1,0 +1,77 @@
+"""Run a blocking token generator in a thread and stream it into asyncio.
+
+CPU engines (llama.cpp, transformers) generate synchronously. Running them in
+a worker thread keeps the event loop free for every other trajectory's
+kernel; a `threading.Event` lets a cancelled consumer stop the engine at the
+next token instead of letting it run to max_tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from tora.backends.base import Delta, Done, FinishReason, StopScanner, StreamEvent
+
+# A producer yields (text piece, token count) and returns how it ended.
+Producer = Callable[[threading.Event], Iterator[tuple[str, int]]]
+
+_END = object()
+
+
+async def stream_in_thread(
+    produce: Producer,
+    stops: list[str],
+    *,
+    prompt_tokens: int = 0,
+    natural_finish: Callable[[], FinishReason],
+) -> AsyncIterator[StreamEvent]:
+    """Stream a producer's pieces, cut at the first stop string.
+
+    `natural_finish` is asked, after the producer ran out, whether it stopped
+    on the model's end of text ("eos") or on the token limit ("length").
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    cancel = threading.Event()
+    scanner = StopScanner(stops)
+    counted = [0]
+
+    def work() -> None:
+        try:
+            for piece, n_tokens in produce(cancel):
+                counted[0] += n_tokens
+                out = scanner.feed(piece)
+                if out:
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                if scanner.matched is not None or cancel.is_set():
+                    break
+            rest = scanner.flush()
+            if rest:
+                loop.call_soon_threadsafe(queue.put_nowait, rest)
+        except BaseException as exc:  # surfaced in the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, str)
+            yield Delta(item)
+        await worker
+        if scanner.matched is not None:
+            yield Done("stop", scanner.matched, prompt_tokens, counted[0])
+        else:
+            yield Done(natural_finish(), None, prompt_tokens, counted[0])
+    finally:
+        # Consumer cancelled or closed us early: stop the engine, then wait
+        # for the thread so that the model is free for the next caller.
+        cancel.set()
+        await asyncio.shield(worker)

@@ -1,0 +1,53 @@
+"""Flags shared by the verbs that run the loop (solve, eval, curate)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from tora.engine import SolveConfig
+from tora.render import RENDERERS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def loop_options(func: F) -> F:
+    """--model, --prompt and the budgets; each flag also reads TORA_<NAME>."""
+    opts = [
+        click.option("--model", "-m", "model", envvar="TORA_MODEL", default="embedded", show_default=True,
+                     help="Model spec: embedded | gguf:FILE | hf:DIR | replay:FILE."),
+        click.option("--prompt", "-p", "prompt", envvar="TORA_PROMPT", default=None,
+                     help="Prompt template name (see prompts/) or file [default: tora-gsm8k, or chat for chat models]."),
+        click.option("--max-tool-calls", type=click.IntRange(0), default=4, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(1), default=2048, show_default=True,
+                     help="Completion token budget for the whole trajectory."),
+        click.option("--max-tokens-per-call", type=click.IntRange(1), default=1024, show_default=True),
+        click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=10.0, show_default=True,
+                     help="Wall-time limit per code cell, seconds."),
+        click.option("--render", "render_policy", type=click.Choice(sorted(RENDERERS)), default="default",
+                     show_default=True, help="How execution results are shown to the model."),
+        click.option("--fresh-namespace", is_flag=True,
+                     help="Run each code block alone in a fresh kernel (what ToRA-trained models expect)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def config_from(kw: dict[str, Any]) -> SolveConfig:
+    return SolveConfig(
+        max_tool_calls=kw["max_tool_calls"],
+        max_tokens=kw["max_tokens"],
+        max_tokens_per_call=kw["max_tokens_per_call"],
+        temperature=kw["temperature"],
+        top_p=kw["top_p"],
+        seed=kw["seed"],
+        timeout_s=kw["timeout_s"],
+        render_policy=kw["render_policy"],
+        fresh_namespace=kw["fresh_namespace"],
+    )

@@ -1,0 +1,184 @@
+"""The trajectory record: the canonical, lossless form of one solve.
+
+Every training format is a pure function of a `Trajectory`. The invariant that
+makes that true: concatenating `prompt` with each step's `context_text()` gives
+back, byte for byte, the text the model was conditioned on at the end.
+
+- a `text` step holds exactly what the model emitted in one call (fences
+  included), so nothing about its formatting is lost;
+- a `code` step holds the code that was executed (parsed from the text before
+  it), for consumers that want the program without re-parsing;
+- an `execution` step holds the structured result and `observation`, the exact
+  text appended to the model's context (the ```output block).
+
+Field names `problem.id`, `sample_index`, `steps`, `result.final_answer` and
+`result.finish` are a public interface: scripts depend on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1.0"
+
+Finish = Literal["answered", "no_answer", "max_tool_calls", "max_tokens", "error", "interrupted"]
+ExecStatus = Literal["ok", "error", "timeout", "died"]
+
+
+class _Record(BaseModel):
+    # Readers ignore unknown fields so that a newer minor version stays readable.
+    model_config = ConfigDict(extra="ignore")
+
+
+class Problem(_Record):
+    id: str
+    text: str
+    answer: str | None = None
+    source: str | None = None
+    split: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class PromptRef(_Record):
+    name: str
+    sha256: str
+
+
+class Sampling(_Record):
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 2048
+    max_tokens_per_call: int = 1024
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class Generation(_Record):
+    backend: str
+    model: str
+    spec: str
+    prompt_template: PromptRef
+    sampling: Sampling
+    max_tool_calls: int
+
+
+class Runtime(_Record):
+    executor: str = "ipykernel"
+    python: str = ""
+    kernel: dict[str, Any] = Field(default_factory=dict)
+    render_policy: str = "default"
+    fresh_namespace: bool = False
+    tora_version: str = ""
+
+
+class TextStep(_Record):
+    type: Literal["text"] = "text"
+    content: str
+    t_start: float = 0.0
+    t_end: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def context_text(self) -> str:
+        return self.content
+
+
+class CodeStep(_Record):
+    type: Literal["code"] = "code"
+    language: str = "python"
+    content: str
+
+    def context_text(self) -> str:
+        return ""  # already inside the preceding text step
+
+
+class ExecError(_Record):
+    ename: str
+    evalue: str
+    traceback: list[str] = Field(default_factory=list)
+
+
+class ExecutionStep(_Record):
+    type: Literal["execution"] = "execution"
+    status: ExecStatus
+    stdout: str = ""
+    stderr: str = ""
+    display: list[str] = Field(default_factory=list)
+    error: ExecError | None = None
+    truncated: bool = False
+    duration_s: float = 0.0
+    render_policy: str = "default"
+    rendered: str
+    observation: str
+
+    def context_text(self) -> str:
+        return self.observation
+
+
+Step = Annotated[TextStep | CodeStep | ExecutionStep, Field(discriminator="type")]
+
+
+class Result(_Record):
+    final_answer: str | None = None
+    extracted_by: str | None = None
+    finish: Finish
+    error: str | None = None
+    correct: bool | None = None
+    grader: str | None = None
+    grade_status: str | None = None
+
+
+class Stats(_Record):
+    tool_calls: int = 0
+    exec_errors: int = 0
+    wall_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Trajectory(_Record):
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    schema_version: str = SCHEMA_VERSION
+    run_id: str | None = None
+    created_at: str = Field(default_factory=_now)
+    problem: Problem
+    sample_index: int = 0
+    origin: Literal["greedy", "sampled", "teacher_corrected", "interactive", "replayed"] = "greedy"
+    parent: str | None = None
+    generation: Generation
+    runtime: Runtime
+    prompt: str
+    steps: list[Step] = Field(default_factory=list)
+    result: Result
+    stats: Stats = Field(default_factory=Stats)
+    content_hash: str = ""
+
+    def completion(self) -> str:
+        """The model's side plus observations, as it stood in the context."""
+        return "".join(step.context_text() for step in self.steps)
+
+    def context(self) -> str:
+        return self.prompt + self.completion()
+
+    def compute_content_hash(self) -> str:
+        """Dedupe key: the normalised problem text and the rendered steps."""
+        payload = json.dumps([" ".join(self.problem.text.split()), self.completion()])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def check_version(raw: dict[str, Any]) -> None:
+    """Reject records whose major version this reader does not know."""
+    version = str(raw.get("schema_version", ""))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise ValueError(f"schema_version {version!r} is not supported (this tora reads {SCHEMA_VERSION})")
