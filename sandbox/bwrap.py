@@ -14,6 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from sandbox.cgroups import PidsCgroups
+from sandbox.dirs import KernelDirs
+from sandbox.launch import INSIDE_SCRIPT, SubprocessLauncher
 from sandbox.policy import SandboxPolicy
 
 RUN_DIR = "/sandbox/run"
@@ -103,6 +106,10 @@ def bwrap_argv(
         WORK_DIR,
         "--chdir",
         WORK_DIR,
+        # bwrap's root is an unbounded tmpfs; without this, files written
+        # outside /tmp and the work dir would eat the host's memory.
+        "--remount-ro",
+        "/",
         "--clearenv",
     ]
     if new_session:
@@ -110,3 +117,29 @@ def bwrap_argv(
     for key, value in env.items():
         argv += ["--setenv", key, value]
     return argv
+
+
+class BwrapLauncher(SubprocessLauncher):
+    """Cold start of one kernel in its own bubblewrap sandbox."""
+
+    tier = "bwrap"
+
+    def __init__(self, policy: SandboxPolicy, python: str | None = None) -> None:
+        super().__init__(policy, python)
+        self.cgroups = PidsCgroups.create()
+
+    def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
+        return RUN_DIR, WORK_DIR, f"{SCRIPT_DIR}/{INSIDE_SCRIPT.name}"
+
+    def new_cgroup(self) -> Path | None:
+        return self.cgroups.new(self.policy.max_procs) if self.cgroups else None
+
+    def command(
+        self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None
+    ) -> tuple[list[str], dict[str, str]]:
+        argv = bwrap_argv(self.policy, dirs.run, dirs.work, INSIDE_SCRIPT, self.python, env)
+        argv.append("--")
+        if cgroup is not None:
+            # Join the group before bwrap forks, so the kernel and all it starts are counted.
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *argv]
+        return argv, {"PATH": "/usr/bin:/bin"}

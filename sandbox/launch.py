@@ -131,33 +131,41 @@ class SubprocessLauncher:
         self.policy = policy
         self.python = python or sys.executable
 
-    def wrap(self, dirs: KernelDirs, argv: list[str]) -> tuple[list[str], str, str, str]:
-        """Return (argv, run dir as the kernel sees it, work dir as the kernel sees it, die-with-parent)."""
-        return argv, str(dirs.run), str(dirs.work), "1"
+    def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
+        """Run dir, work dir and inside.py as the kernel sees them."""
+        return str(dirs.run), str(dirs.work), str(INSIDE_SCRIPT)
 
-    def inside_script(self) -> str:
-        return str(INSIDE_SCRIPT)
+    def command(
+        self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None
+    ) -> tuple[list[str], dict[str, str]]:
+        """The argv prefix before ``python`` and the environment to start it with."""
+        return [], env
+
+    def new_cgroup(self) -> Path | None:
+        return None
 
     async def spawn(self) -> Spawned:
         dirs = await asyncio.to_thread(KernelDirs.create)
         key = new_key()
-        base_argv: list[str] = [self.python, "-s", self.inside_script(), "kernel"]
-        argv, run_in, work_in, pdeath = self.wrap(dirs, base_argv)
+        run_in, work_in, script = self.views(dirs)
         write_connection_file(dirs.run / "conn.json", f"{run_in}/k", key)
         config = {
             "connection_file": f"{run_in}/conn.json",
             "workdir": work_in,
             "limits": kernel_limits(self.policy),
-            "die_with_parent": pdeath == "1",
-            "parent_pid": os.getpid(),
+            "die_with_parent": True,
+            "parent_pid": 0 if self.tier != "none" else os.getpid(),
+            "landlock": self.landlock_paths(dirs),
         }
-        argv = [*argv, json.dumps(config)]
         env = kernel_env(self.policy, work_in, str(Path(self.python).parent))
+        cgroup = self.new_cgroup()
+        prefix, env = self.command(dirs, env, cgroup)
+        argv = [*prefix, self.python, "-s", script, "kernel", json.dumps(config)]
         log = open(dirs.run / "kernel.log", "wb")  # noqa: SIM115
         try:
             popen = subprocess.Popen(
                 argv,
-                env=self.spawn_env(env),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -170,11 +178,11 @@ class SubprocessLauncher:
             raise KernelStartError(f"cannot start {argv[0]}: {exc}") from exc
         finally:
             log.close()
-        handle = ProcessHandle(popen.pid, popen, group=True)
+        handle = ProcessHandle(popen.pid, popen, group=True, cgroup=cgroup)
         return await connect_and_handshake(handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy)
 
-    def spawn_env(self, env: dict[str, str]) -> dict[str, str]:
-        return env
+    def landlock_paths(self, dirs: KernelDirs) -> dict[str, list[str]] | None:
+        return None
 
     def pass_fds(self) -> Sequence[int]:
         return ()

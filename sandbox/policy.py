@@ -18,15 +18,21 @@ class SandboxPolicy(BaseModel):
 
     timeout_s: float = Field(default=10.0, gt=0, description="wall time per cell")
     interrupt_grace_s: float = Field(
-        default=1.0, ge=0, description="after a timeout, how long an interrupt may take before the kernel is killed"
+        default=1.0,
+        ge=0,
+        description="after a timeout, how long an interrupt may take before the kernel is killed",
     )
     start_timeout_s: float = Field(default=60.0, gt=0, description="how long a kernel may take to come up")
     memory_mb: int = Field(default=2048, ge=64, description="address space of the kernel process (RLIMIT_AS)")
-    max_output_bytes: int = Field(default=1_000_000, ge=256, description="stdout+stderr+display kept per cell")
+    max_output_bytes: int = Field(
+        default=1_000_000, ge=256, description="stdout+stderr+display kept per cell"
+    )
     max_procs: int = Field(default=64, ge=4, description="processes and threads per kernel")
     max_file_mb: int = Field(default=256, ge=1, description="largest file a kernel may write (RLIMIT_FSIZE)")
     tmp_mb: int = Field(default=256, ge=1, description="size of the kernel's private /tmp")
-    cpu_time_s: int = Field(default=3600, ge=1, description="total CPU seconds over a kernel's life (RLIMIT_CPU)")
+    cpu_time_s: int = Field(
+        default=3600, ge=1, description="total CPU seconds over a kernel's life (RLIMIT_CPU)"
+    )
     max_open_files: int = Field(default=256, ge=64, description="RLIMIT_NOFILE")
     isolation: Isolation = "auto"
     env_allow: tuple[str, ...] = DEFAULT_ENV_ALLOW

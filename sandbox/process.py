@@ -12,12 +12,22 @@ import contextlib
 import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
+
+from sandbox import cgroups
 
 
 class ProcessHandle:
-    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None = None, group: bool = False) -> None:
+    def __init__(
+        self,
+        pid: int,
+        popen: subprocess.Popen[bytes] | None = None,
+        group: bool = False,
+        cgroup: Path | None = None,
+    ) -> None:
         self.pid = pid
+        self.cgroup = cgroup
         # The process leads its own session: killing the group also takes
         # what user code started (the only cleanup a tier without a pid
         # namespace has).
@@ -68,6 +78,10 @@ class ProcessHandle:
         self.kill()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.wait(), timeout)
+        if self.cgroup is not None:
+            # Whatever user code started and detached from the kernel.
+            await asyncio.to_thread(cgroups.kill_all, self.cgroup)
+            self.cgroup = None
 
 
 async def wait_first(*futures: asyncio.Future[Any], timeout: float | None) -> set[asyncio.Future[Any]]:

@@ -10,6 +10,7 @@ new tokens.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,25 @@ from tora.backends.threaded import stream_in_thread
 from tora.errors import BackendError, ModelSpecError
 
 
+_LOG_SINK: object = None
+
+
+def _silence_llama_log() -> None:
+    """llama.cpp writes load notes (e.g. about its SWA cache) straight to
+    stderr whatever the verbosity, which pollutes `--json` consumers' streams."""
+    global _LOG_SINK
+    if _LOG_SINK is not None:
+        return
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def sink(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        return None
+
+    _LOG_SINK = sink  # the C side holds a raw pointer: keep the callback alive
+    llama_cpp.llama_log_set(sink, ctypes.c_void_p(0))
+
+
 class LlamaCppBackend:
     name = "llama.cpp"
 
@@ -30,6 +50,8 @@ class LlamaCppBackend:
             raise ModelSpecError(f"GGUF file not found: {path}")
         try:
             from llama_cpp import Llama
+
+            _silence_llama_log()
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise BackendError("llama-cpp-python is not installed: pip install llama-cpp-python") from exc
         try:

@@ -1,0 +1,36 @@
+"""Shared fixtures. TORA_HOME points at a temporary folder in every test so
+nothing touches the user's data dir (the embedded model file is shared
+through one session-wide cache so it is assembled once per test run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+RELEASED_GSM8K = DATA / "released" / "tora-code-34b-v1.0" / "gsm8k" / "test_tora_-1_seed0_t0.0_s0_e1319.jsonl"
+TORA = [sys.executable, "-m", "tora.cli.main"]
+
+
+@pytest.fixture(autouse=True)
+def tora_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.mktemp("tora_home")
+    shared_models = Path(os.environ.get("TORA_TEST_MODELS", tmp_path_factory.getbasetemp() / "models"))
+    (home / "models").symlink_to(shared_models, target_is_directory=True)
+    shared_models.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("TORA_HOME", str(home))
+    return home
+
+
+def write_released(path: Path, items: list[dict[str, Any]]) -> Path:
+    """A file in ToRA's released format: the simplest way to script a replay."""
+    with path.open("w") as f:
+        for item in items:
+            f.write(json.dumps(item) + "\n")
+    return path

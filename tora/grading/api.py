@@ -1,0 +1,181 @@
+"""`grade` and `grade_many`: one entry point for both graders.
+
+Plain numbers (most GSM8K-style answers) are decided in the calling process
+with exact arithmetic, in the way each grader would decide them; everything
+else goes to a shared worker pool where a hang costs one timeout, not the batch.
+A result is never a silent False: a side that does not parse is `unparsed`, a
+comparison out of time is `timeout`, a crash is `error`; each has `equal=None`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from tora.grading.extract import is_plain_number, normalize_answer
+from tora.grading.pool import ProcessPool
+from tora.grading.tora_compat import quick_equal, tora_strip
+
+GraderName = Literal["math-verify", "tora-compat"]
+GradeStatus = Literal["ok", "unparsed", "timeout", "error"]
+GRADERS: tuple[GraderName, ...] = ("math-verify", "tora-compat")
+DEFAULT_GRADER: GraderName = "math-verify"
+DEFAULT_TIMEOUT = 5.0
+
+
+class GradeResult(BaseModel):
+    """The verdict on one (prediction, reference) pair."""
+
+    model_config = ConfigDict(frozen=True)
+
+    equal: bool | None
+    status: GradeStatus
+    grader: GraderName
+    detail: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.equal is True
+
+
+def check_grader(name: str) -> GraderName:
+    for grader in GRADERS:
+        if name == grader:
+            return grader
+    raise ValueError(f"unknown grader {name!r}; choose one of: {', '.join(GRADERS)}")
+
+
+# --- fast paths (in process, no sympy) ---------------------------------------
+
+
+def _digits(s: str) -> int:
+    return sum(ch.isdigit() for ch in s)
+
+
+def _mv_fast(pred: str, ref: str) -> bool | None:
+    """Math-Verify's verdict on two plain numbers, or None when only Math-Verify can tell.
+
+    Math-Verify compares integers exactly and, when a decimal is involved,
+    after rounding both to 6 places: equal values are equal under either rule,
+    and values 1e-6 or more apart are unequal under both. Closer pairs, and
+    numbers beyond a float's 15 digits, go to the real thing.
+    """
+    p, r = normalize_answer(pred), normalize_answer(ref)
+    if not (is_plain_number(p) and is_plain_number(r)) or max(_digits(p), _digits(r)) > 15:
+        return None
+    try:
+        dp, dr = Decimal(p), Decimal(r)
+    except InvalidOperation:
+        return None
+    if dp == dr:
+        return True
+    if "." not in p and "." not in r:
+        return False
+    if abs(dp - dr) >= Decimal("1e-6"):
+        return False
+    return None
+
+
+def _fast(grader: GraderName, pred: str, ref: str) -> GradeResult | None:
+    if not pred.strip():
+        # No answer is a wrong answer, not a parse failure.
+        return GradeResult(equal=False, status="ok", grader=grader, detail="empty prediction")
+    if not ref.strip():
+        return GradeResult(equal=None, status="unparsed", grader=grader, detail="empty reference")
+    verdict = _mv_fast(pred, ref) if grader == "math-verify" else quick_equal(pred, ref)
+    if verdict is None:
+        return None
+    return GradeResult(equal=verdict, status="ok", grader=grader)
+
+
+# --- the shared pool ---------------------------------------------------------
+
+_pool: ProcessPool[tuple[str, str, str, float], tuple[bool | None, str, str | None]] | None = None
+_pool_lock = threading.Lock()
+
+
+def _get_pool() -> ProcessPool[tuple[str, str, str, float], tuple[bool | None, str, str | None]]:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            from tora.grading.worker import run_task
+
+            _pool = ProcessPool(run_task, preload=["tora.grading._preload"])
+            atexit.register(shutdown)
+        return _pool
+
+
+def shutdown() -> None:
+    """Stop the grading workers (also done at exit)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.close()
+            _pool = None
+
+
+def pool_replacements() -> int:
+    """How many workers were killed and replaced (timeouts, crashes) so far."""
+    return _pool.replaced if _pool is not None else 0
+
+
+# --- entry points ------------------------------------------------------------
+
+
+def _prepare(grader: GraderName, pred: str | None, ref: str | None) -> tuple[str, str]:
+    pred, ref = (pred or "").strip(), (ref or "").strip()
+    if grader == "tora-compat":
+        # ToRA cleans predictions and ground truths alike before comparing.
+        return tora_strip(pred), tora_strip(ref)
+    return pred, ref
+
+
+def grade_many(
+    pairs: Sequence[tuple[str | None, str | None]],
+    grader: str = DEFAULT_GRADER,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[GradeResult]:
+    """Grade (prediction, reference) pairs; results in input order.
+
+    `timeout` bounds each slow-path comparison; one that runs over is reported
+    as `timeout` and does not delay the others beyond it.
+    """
+    name = check_grader(grader)
+    results: list[GradeResult | None] = []
+    slow: list[int] = []
+    tasks: list[tuple[str, str, str, float]] = []
+    # The worker's own deadline fires first; the pool's outer one is the backstop.
+    inner = max(0.05, timeout * 0.8)
+    for pred, ref in pairs:
+        p, r = _prepare(name, pred, ref)
+        fast = _fast(name, p, r)
+        results.append(fast)
+        if fast is None:
+            slow.append(len(results) - 1)
+            tasks.append((name, p, r, inner))
+    if tasks:
+        outcomes = _get_pool().map(tasks, timeout)
+        for index, outcome in zip(slow, outcomes, strict=True):
+            if outcome.status == "ok" and outcome.value is not None:
+                equal, status, detail = outcome.value
+                results[index] = GradeResult(equal=equal, status=check_status(status), grader=name, detail=detail)
+            else:
+                results[index] = GradeResult(equal=None, status=check_status(outcome.status), grader=name, detail=outcome.error)
+    return [r for r in results if r is not None]
+
+
+def check_status(status: str) -> GradeStatus:
+    for known in ("ok", "unparsed", "timeout", "error"):
+        if status == known:
+            return known
+    return "error"
+
+
+def grade(pred: str | None, ref: str | None, grader: str = DEFAULT_GRADER, timeout: float = DEFAULT_TIMEOUT) -> GradeResult:
+    """Grade one prediction against one reference answer."""
+    return grade_many([(pred, ref)], grader, timeout)[0]

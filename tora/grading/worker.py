@@ -1,0 +1,58 @@
+"""What a grading worker process runs: one comparison under one deadline.
+
+The deadline is a SIGALRM timer set by us (the worker's main thread owns
+signals), raising an exception derived from BaseException so that the
+`except Exception` clauses inside sympy and Math-Verify do not swallow it. If
+C code ignores the signal, the pool's outer timeout kills the worker.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from tora.grading.math_verify import mv_equal
+from tora.grading.tora_compat import math_equal
+
+# (grader, pred, ref, seconds) -> (equal, status, detail)
+Task = tuple[str, str, str, float]
+Reply = tuple[bool | None, str, str | None]
+
+
+class Deadline(BaseException):
+    """The worker's own time budget for one item ran out."""
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise Deadline
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_task(task: Task) -> Reply:
+    grader, pred, ref, seconds = task
+    try:
+        with deadline(seconds):
+            if grader == "math-verify":
+                return mv_equal(pred, ref)
+            equal, status = math_equal(pred, ref)
+            return equal, status, None
+    except Deadline:
+        return None, "timeout", f"no verdict within {seconds:g} s"
+
+
+def warm_up() -> None:
+    """Import and exercise the parsers once, so the first real item is not slow."""
+    run_task(("math-verify", "\\frac{1}{2}", "0.5", 30.0))
+    run_task(("tora-compat", "\\frac{1}{2}", "x", 30.0))
