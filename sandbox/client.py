@@ -92,10 +92,20 @@ class KernelClient:
         return str(msg["header"]["msg_id"])
 
     async def _recv(self, socket: zmq.asyncio.Socket) -> Msg:
-        frames: list[bytes] = await socket.recv_multipart(copy=True)
-        _, parts = self.session.feed_identities(frames, copy=True)
-        msg: Msg = self.session.deserialize(parts, content=True, copy=True)
-        return msg
+        """The next well-formed, correctly signed message; anything else is dropped.
+
+        User code can write garbage to the kernel's sockets (a forked kernel
+        shares them), and that must not break the runtime's side.
+        """
+        while True:
+            frames: list[bytes] = await socket.recv_multipart(copy=True)
+            try:
+                _, parts = self.session.feed_identities(frames, copy=True)
+                msg: Msg = self.session.deserialize(parts, content=True, copy=True)
+                if isinstance(msg.get("content"), dict) and isinstance(msg.get("parent_header"), dict):
+                    return msg
+            except Exception:
+                continue
 
     async def handshake(self) -> None:
         """Return once the kernel answers on shell AND we receive its iopub messages.
@@ -183,7 +193,14 @@ class KernelClient:
             into.error = CellError(
                 ename=str(content.get("ename", "")),
                 evalue=str(content.get("evalue", "")),
-                traceback=[strip_ansi(str(line)) for line in content.get("traceback", [])],
+                traceback=_cap_traceback([strip_ansi(str(line)) for line in content.get("traceback", [])]),
             )
         elif kind == "status" and content.get("execution_state") == "idle":
             into.idle = True
+
+
+def _cap_traceback(lines: list[str], keep: int = 20) -> list[str]:
+    """Deep recursion yields thousands of identical frames: keep both ends."""
+    if len(lines) <= 2 * keep:
+        return lines
+    return [*lines[:keep], f"... [{len(lines) - 2 * keep} traceback entries omitted] ...\n", *lines[-keep:]]

@@ -1,4 +1,9 @@
-"""A pool of warm, never-used kernels, refilled in the background."""
+"""A pool of warm, never-used kernels, refilled in the background.
+
+With the bwrap tier the pool forks kernels from a zygote (``sandbox.zygote``);
+other tiers cold-start them. ``acquire`` hands out a kernel nobody has used; a
+released kernel is shut down, never reused.
+"""
 
 from __future__ import annotations
 
@@ -12,81 +17,118 @@ from sandbox.launch import Launcher, Spawned
 from sandbox.policy import SandboxPolicy
 
 
+def pool_launcher(policy: SandboxPolicy) -> Launcher:
+    from sandbox.tiers import choose_tier, launcher_for
+    from sandbox.zygote import ZygoteLauncher
+
+    if choose_tier(policy) == "bwrap":
+        return ZygoteLauncher(policy)
+    return launcher_for(policy)
+
+
 class KernelPool:
-    def __init__(self, policy: SandboxPolicy | None = None, size: int = 2) -> None:
+    def __init__(self, policy: SandboxPolicy | None = None, size: int = 2, max_starting: int = 4) -> None:
         self.policy = policy or SandboxPolicy()
         self.size = max(1, size)
+        # Kernels starting at once in the background: enough to hide each
+        # start's latency, few enough not to starve running cells of CPU.
+        self.max_starting = max(1, max_starting)
         self._launcher: Launcher | None = None
         self._ready: asyncio.Queue[Spawned] = asyncio.Queue()
-        self._refill: asyncio.Task[None] | None = None
-        self._wanted = asyncio.Event()
+        self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._error: BaseException | None = None
+        self._failures = 0
+        self.last_error: BaseException | None = None
         self._live: set[Kernel] = set()
 
+    @property
+    def launcher(self) -> Launcher:
+        if self._launcher is None:
+            raise SandboxError("the pool is not started; use `async with KernelPool(...)` or await start()")
+        return self._launcher
+
     async def start(self) -> None:
-        from sandbox.tiers import launcher_for
-
-        if self._launcher is not None:
-            return
-        self._launcher = launcher_for(self.policy)
-        self._refill = asyncio.create_task(self._refill_loop())
-        self._wanted.set()
-
-    async def _refill_loop(self) -> None:
-        assert self._launcher is not None
-        while not self._closed:
-            await self._wanted.wait()
-            self._wanted.clear()
-            while not self._closed and self._ready.qsize() < self.size:
-                try:
-                    spawned = await self._launcher.spawn()
-                except SandboxError as exc:
-                    self._error = exc
-                    await asyncio.sleep(0.5)
-                    continue
-                self._error = None
-                if self._closed:
-                    await spawned.destroy()
-                    return
-                self._ready.put_nowait(spawned)
-
-    async def acquire(self) -> Kernel:
         if self._closed:
             raise KernelClosedError("the kernel pool is closed")
-        if self._launcher is None:
-            await self.start()
-        assert self._launcher is not None
+        if self._launcher is not None:
+            return
+        self._launcher = pool_launcher(self.policy)
+        # Fail here, with the reason, if kernels cannot start at all.
+        first = await self._launcher.spawn()
+        self._ready.put_nowait(first)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        if self._closed or self._launcher is None:
+            return
+        while self._ready.qsize() + len(self._starting) < self.size and len(self._starting) < self.max_starting:
+            task = asyncio.create_task(self._start_one())
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _start_one(self) -> None:
+        try:
+            spawned = await self.launcher.spawn()
+        except SandboxError as exc:
+            self.last_error = exc
+            self._failures += 1
+            # Back off so a broken machine is not hammered in a tight loop.
+            await asyncio.sleep(min(0.1 * 2**self._failures, 5.0))
+            self._schedule_top_up()
+            return
+        self._failures = 0
+        if self._closed:
+            await spawned.destroy()
+            return
+        self._ready.put_nowait(spawned)
+        self._schedule_top_up()
+
+    def _schedule_top_up(self) -> None:
+        # After this task has left _starting.
+        asyncio.get_running_loop().call_soon(self._top_up)
+
+    async def acquire(self) -> Kernel:
+        """A fresh kernel nobody has used; starts one on the spot if none is ready."""
+        if self._closed:
+            raise KernelClosedError("the kernel pool is closed")
+        await self.start()
         while True:
             try:
                 spawned = self._ready.get_nowait()
             except asyncio.QueueEmpty:
-                spawned = await self._launcher.spawn()
-            self._wanted.set()
+                spawned = await self.launcher.spawn()
+            self._top_up()
             if spawned.handle.exited:
                 await spawned.destroy()
                 continue
-            kernel = Kernel(spawned, self._launcher)
+            kernel = Kernel(spawned, self.launcher)
             self._live.add(kernel)
             return kernel
 
     async def release(self, kernel: Kernel) -> None:
+        """Shut the kernel down; kernels are never reused."""
         self._live.discard(kernel)
         await kernel.shutdown()
+
+    @property
+    def ready(self) -> int:
+        return self._ready.qsize()
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._wanted.set()
-        if self._refill is not None:
-            self._refill.cancel()
+        for task in list(self._starting):
+            task.cancel()
+        for task in list(self._starting):
             with contextlib.suppress(BaseException):
-                await self._refill
+                await task
         pending: list[Spawned] = []
         while not self._ready.empty():
             pending.append(self._ready.get_nowait())
-        await asyncio.gather(*(s.destroy() for s in pending), *(k.shutdown() for k in list(self._live)))
+        await asyncio.gather(
+            *(s.destroy() for s in pending), *(k.shutdown() for k in list(self._live)), return_exceptions=True
+        )
         self._live.clear()
         if self._launcher is not None:
             await self._launcher.close()

@@ -12,6 +12,7 @@ its cell and leaves a partial trajectory marked `interrupted`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import platform
 import time
 from collections.abc import AsyncIterator
@@ -162,12 +163,15 @@ class Episode:
                 )
                 step = TextStep(content="", t_start=self._elapsed())
                 self.steps.append(step)
-                async for event in self.backend.stream(request):
-                    if isinstance(event, Delta):
-                        step.content += event.text
-                        yield TextDelta(event.text)
-                    else:
-                        done = event
+                # aclosing: a cancelled episode must stop the model *now*, not
+                # whenever the garbage collector finalises the stream.
+                async with contextlib.aclosing(self.backend.stream(request)) as stream:
+                    async for event in stream:
+                        if isinstance(event, Delta):
+                            step.content += event.text
+                            yield TextDelta(event.text)
+                        else:
+                            done = event
                 step.t_end = self._elapsed()
                 step.finish_reason = done.finish_reason
                 step.prompt_tokens, step.completion_tokens = done.prompt_tokens, done.completion_tokens

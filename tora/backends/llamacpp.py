@@ -10,6 +10,7 @@ new tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import threading
@@ -103,21 +104,29 @@ class LlamaCppBackend:
                 }
                 if request.seed is not None:
                     kwargs["seed"] = request.seed
-                for chunk in self._llm.create_completion(tokens, **kwargs):
-                    choice = chunk["choices"][0]
-                    if choice.get("finish_reason") == "length":
-                        ended["reason"] = "length"
-                    yield choice["text"], 0 if choice.get("finish_reason") else 1
-                    if cancel.is_set():
-                        return
+                chunks = self._llm.create_completion(tokens, **kwargs)
+                try:
+                    for chunk in chunks:
+                        choice = chunk["choices"][0]
+                        if choice.get("finish_reason") == "length":
+                            ended["reason"] = "length"
+                        yield choice["text"], 0 if choice.get("finish_reason") else 1
+                        if cancel.is_set():
+                            return
+                finally:
+                    chunks.close()
 
             def natural_finish() -> FinishReason:
                 return "length" if ended["reason"] == "length" else "eos"
 
-            async for event in stream_in_thread(
-                produce, request.stop, prompt_tokens=len(tokens), natural_finish=natural_finish
-            ):
-                yield event
+            # aclosing: the worker thread must be finished before the lock is
+            # released, even when our consumer stops early; left to the garbage
+            # collector, the next generation raced it and llama.cpp aborted.
+            async with contextlib.aclosing(
+                stream_in_thread(produce, request.stop, prompt_tokens=len(tokens), natural_finish=natural_finish)
+            ) as events:
+                async for event in events:
+                    yield event
 
     async def aclose(self) -> None:
         close = getattr(self._llm, "close", None)

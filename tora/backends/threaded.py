@@ -39,14 +39,20 @@ async def stream_in_thread(
     counted = [0]
 
     def work() -> None:
+        pieces = produce(cancel)
         try:
-            for piece, n_tokens in produce(cancel):
+            for piece, n_tokens in pieces:
                 counted[0] += n_tokens
                 out = scanner.feed(piece)
                 if out:
                     loop.call_soon_threadsafe(queue.put_nowait, out)
                 if scanner.matched is not None or cancel.is_set():
                     break
+            # Close the engine's generator here, in this thread, while we still
+            # hold the model. Left to the garbage collector, its clean-up ran
+            # later in another thread, concurrently with the next generation,
+            # and llama.cpp aborted (GGML_ASSERT in get_rows).
+            pieces.close()
             rest = scanner.flush()
             if rest:
                 loop.call_soon_threadsafe(queue.put_nowait, rest)

@@ -7,6 +7,7 @@ Install with the `hf` extra. On a CPU machine install torch first
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -96,10 +97,14 @@ class TransformersBackend:
             def natural_finish() -> FinishReason:
                 return "length" if produced["tokens"] >= budget else "eos"
 
-            async for event in stream_in_thread(produce, request.stop, prompt_tokens=n_prompt, natural_finish=natural_finish):
-                if isinstance(event, Done):
-                    event = Done(event.finish_reason, event.stop_string, n_prompt, produced["tokens"])
-                yield event
+            # aclosing: finish the worker before releasing the lock (see llamacpp.py).
+            async with contextlib.aclosing(
+                stream_in_thread(produce, request.stop, prompt_tokens=n_prompt, natural_finish=natural_finish)
+            ) as events:
+                async for event in events:
+                    if isinstance(event, Done):
+                        event = Done(event.finish_reason, event.stop_string, n_prompt, produced["tokens"])
+                    yield event
 
     async def aclose(self) -> None:
         return None

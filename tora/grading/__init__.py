@@ -20,7 +20,15 @@ from tora.grading.api import (
     shutdown,
 )
 from tora.grading.extract import Extraction, extract_answer, normalize_answer
-from tora.grading.items import ItemGrade, Prediction, grade_released, grade_trajectories, grade_trajectory, predict
+from tora.grading.items import (
+    ItemGrade,
+    Prediction,
+    grade_released,
+    grade_trajectories,
+    grade_trajectory,
+    predict,
+    with_grade,
+)
 
 __all__ = [
     "DEFAULT_GRADER",
@@ -42,4 +50,5 @@ __all__ = [
     "normalize_answer",
     "predict",
     "shutdown",
+    "with_grade",
 ]

@@ -92,8 +92,9 @@ def _strip_math_delimiters(s: str) -> str:
 # are dropped; these are the exceptions that carry mathematical meaning.
 _MATH_WORDS = {"pi", "e", "i", "sqrt", "inf", "infty", "infinity", "or", "and", "mod"}
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_TRAILING_TEXT = re.compile(r"^(.+?)\s*\\(?:text|mbox|mathrm)\s*\{\s*[A-Za-z][^{}]*\}\s*$")
-_NUM_THEN_WORDS = re.compile(r"^([-+]?[\d.,]*\d(?:\.\d*)?)\s*([A-Za-z][A-Za-z .'/-]*)$")
+_TRAILING_TEXT = re.compile(r"^(.+?)\s*\\(?:text|mbox|mathrm)\s*\{\s*[A-Za-z][^{}]*\}(?:\^\{?\d\}?)?\s*$")
+# A number then words of two or more letters ("18 dollars", "5 sq ft"); "2k" or "3 x" keep their letter.
+_NUM_THEN_WORDS = re.compile(r"^([-+]?[\d.,]*\d(?:\.\d*)?)\s*((?:[A-Za-z][A-Za-z'-]+\.?\s*)+)(?:\^\{?\d\}?)?$")
 _PLAIN_NUMBER = re.compile(r"^[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?$|^[-+]?\.\d+$")
 _SHORT_LHS = re.compile(r"^\s*[A-Za-z](?:_\{?\w\}?)?\s*=\s*(?=\S)")
 
@@ -108,6 +109,7 @@ def normalize_answer(s: str) -> str:
     numbers without thousands separators and trailing zeros.
     """
     s = _strip_math_delimiters(s.replace("\n", " ").strip())
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, but "\\ " is a row break then a space
     s = s.rstrip(".").strip()
     for old, new in (
         ("\\left", ""),
@@ -117,7 +119,6 @@ def normalize_answer(s: str) -> str:
         ("\\,", " "),
         ("\\;", " "),
         ("\\:", " "),
-        ("\\ ", " "),
         ("~", " "),
         ("\\dfrac", "\\frac"),
         ("\\tfrac", "\\frac"),
@@ -165,7 +166,7 @@ def _plain_number(s: str) -> str:
 
 
 def _fix_frac(s: str) -> str:
-    r"""`\frac12` -> `\frac{1}{2}`, `\frac1{x}` -> `\frac{1}{x}`: one-token arguments get braces."""
+    r"""`\frac12` -> `\frac{1}{2}`, `\frac\pi4` -> `\frac{\pi}{4}`: one-token arguments get braces."""
     out: list[str] = []
     parts = s.split("\\frac")
     out.append(parts[0])
@@ -185,8 +186,11 @@ def _fix_frac(s: str) -> str:
                 else:
                     break
             elif rest:
-                args.append("{" + rest[0] + "}")
-                rest = rest[1:]
+                # One token: a control word such as \pi, or one character.
+                token = re.match(r"\\[A-Za-z]+|.", rest, re.DOTALL)
+                assert token is not None
+                args.append("{" + token.group(0) + "}")
+                rest = rest[token.end() :]
         out.append("\\frac" + "".join(args) + rest)
     return "".join(out)
 

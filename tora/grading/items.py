@@ -79,6 +79,27 @@ def grade_trajectory(trajectory: Trajectory, grader: str = DEFAULT_GRADER, timeo
     return grade_trajectories([trajectory], grader, timeout)[0]
 
 
+def with_grade(trajectory: Trajectory, graded: ItemGrade) -> Trajectory:
+    """A copy of `trajectory` whose `result` carries the verdict (correct, grader, grade_status).
+
+    `final_answer` is filled from the grader's prediction only when the engine
+    recorded none, so the engine's own reading is never overwritten.
+    """
+    result = trajectory.result.model_copy(
+        update={
+            "correct": graded.result.equal,
+            "grader": graded.result.grader,
+            "grade_status": graded.result.status,
+            **(
+                {"final_answer": graded.pred, "extracted_by": graded.extracted_by}
+                if trajectory.result.final_answer is None and graded.pred is not None
+                else {}
+            ),
+        }
+    )
+    return trajectory.model_copy(update={"result": result})
+
+
 def grade_released(
     items: Sequence[ReleasedItem], grader: str = DEFAULT_GRADER, timeout: float = DEFAULT_TIMEOUT
 ) -> list[ItemGrade]:

@@ -3,8 +3,10 @@ r"""HF Math-Verify as a grader.
 `verify(gold, pred)` is not symmetric (assignments and intervals follow the
 gold), so the reference always goes first. Both sides are wrapped in
 `\boxed{}` so that Math-Verify's LaTeX extraction takes the whole answer and
-not a number inside it. If a side does not parse as written, its normalised
-form (see `extract.normalize_answer`) is tried before reporting `unparsed`.
+not a number inside it. Each side is parsed as written and in its normalised
+form (see `extract.normalize_answer`: units, `x =`, trailing periods dropped);
+the pair is equal if any reading of the prediction matches any reading of the
+reference, and `unparsed` if no reading of a side is an expression.
 
 Math-Verify's own timeouts use SIGALRM, which only works on a main thread and
 cannot interrupt C code. This module is meant to run inside a worker process
@@ -37,13 +39,12 @@ def _has_expr(parsed: list[Any]) -> bool:
 
 
 def _parse_side(answer: str) -> list[Any]:
+    # Math-Verify reads "8\\sqrt{3} \\text{ square inches}" as a product with the
+    # letters of the unit; the normalised form drops it. Any reading may match.
     parsed = _parse(answer)
-    if not _has_expr(parsed):
-        normalised = normalize_answer(answer)
-        if normalised and normalised != answer:
-            again = _parse(normalised)
-            if _has_expr(again):
-                return again
+    normalised = normalize_answer(answer)
+    if normalised and normalised != answer:
+        parsed += _parse(normalised)
     return parsed
 
 

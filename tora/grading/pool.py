@@ -32,6 +32,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 OutcomeStatus = Literal["ok", "timeout", "error"]
+_STARTUP_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def _worker_main(conn: Connection, func: Callable[[Any], Any], memory_limit: int
         # A runaway expansion fails with MemoryError here instead of swapping the machine.
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+    conn.send("ready")
     while True:
         try:
             message = conn.recv()
@@ -58,6 +60,7 @@ def _worker_main(conn: Connection, func: Callable[[Any], Any], memory_limit: int
         if message is None:
             return
         index, item = message
+        reply: tuple[int, str, Any, str | None]
         try:
             reply = (index, "ok", func(item), None)
         except BaseException as exc:  # the item failed, not the worker
@@ -79,6 +82,15 @@ class _Worker:
         self.conn: Connection = parent
         self.index: int | None = None
         self.deadline = 0.0
+        # Item deadlines must not include start-up (a cold fork server imports
+        # sympy first), so wait here until the worker says it is ready.
+        try:
+            ready = parent.poll(_STARTUP_TIMEOUT) and parent.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self.kill()
+            raise RuntimeError(f"grading worker did not start within {_STARTUP_TIMEOUT:g} s")
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):

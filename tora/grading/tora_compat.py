@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 Verdict = tuple[bool | None, Literal["ok", "unparsed"]]
@@ -210,8 +211,9 @@ def math_equal(pred: str, ref: str) -> Verdict:
     if quick is not None:
         return quick, "ok"
     pred, ref = pred.strip(), ref.strip()
-    if _elementwise(pred, ref):
-        return True, "ok"
+    parts = _elementwise(pred, ref)
+    if parts is not None:
+        return parts, "ok"
     lhs_dropped = _drop_short_lhs(pred, ref)
     if lhs_dropped is not None:
         pred, ref = lhs_dropped
@@ -221,16 +223,21 @@ def math_equal(pred: str, ref: str) -> Verdict:
     return symbolic_equal(pred, ref)
 
 
-def _elementwise(pred: str, ref: str) -> bool:
+def _elementwise(pred: str, ref: str) -> bool | None:
+    """Tuples, intervals and matrices compared part by part.
+
+    True when every part is equal, False when the shapes agree and some part
+    is not, None when the two are not tuples/matrices of the same shape.
+    """
     pairs = (("[", "]"), ("(", ")"))
     if any(pred.startswith(o) and pred.endswith(c) and ref.startswith(o) and ref.endswith(c) for o, c in pairs):
         ps, rs = _split_top(pred[1:-1]), _split_top(ref[1:-1])
-        if len(ps) == len(rs) and all(math_equal(p, r)[0] is True for p, r in zip(ps, rs, strict=True)):
-            return True
+        if len(ps) == len(rs) and len(ps) > 1:
+            return all(math_equal(p, r)[0] is True for p, r in zip(ps, rs, strict=True))
     pm, rm = _matrix_cells(pred), _matrix_cells(ref)
     if pm is not None and rm is not None and [len(row) for row in pm] == [len(row) for row in rm]:
         return all(math_equal(p, r)[0] is True for prow, rrow in zip(pm, rm, strict=True) for p, r in zip(prow, rrow, strict=True))
-    return False
+    return None
 
 
 def _split_top(s: str) -> list[str]:
@@ -255,7 +262,9 @@ def _matrix_cells(s: str) -> list[list[str]] | None:
     m = _MATRIX.match(s.strip())
     if not m:
         return None
-    rows = [row for row in re.split(r"\\\\", m.group(2)) if row.strip()]
+    # Rows end at a row break (two backslashes), or at one backslash not starting a
+    # command once ToRA's clean-up has halved the breaks.
+    rows = [row for row in re.split(r"\\\\|\\(?![A-Za-z])", m.group(2)) if row.strip()]
     return [[cell.strip() for cell in row.split("&")] for row in rows]
 
 
@@ -309,7 +318,7 @@ def symbolic_equal(pred: str, ref: str) -> Verdict:
     a, b = _parse(pred), _parse(ref)
     if a is None or b is None:
         return None, "unparsed"
-    checks = [lambda: str(a) == str(b) or bool(a == b), lambda: _zero(sympy.simplify(a - b))]
+    checks: list[Callable[[], bool]] = [lambda: str(a) == str(b) or bool(a == b), lambda: _zero(sympy.simplify(a - b))]
     if equation:
         checks.append(lambda: _zero(sympy.simplify(a + b)))
     checks += [lambda: _close(a, b), lambda: _matrix_close(a, b)]

@@ -53,6 +53,9 @@ def run_task(task: Task) -> Reply:
 
 
 def warm_up() -> None:
-    """Import and exercise the parsers once, so the first real item is not slow."""
+    """Build the LaTeX parser once (about 1 s), so that no worker pays for it on its first item.
+
+    sympy's `simplify` has a similar first-call cost; it is left to the first
+    item that needs it, since most batches never do.
+    """
     run_task(("math-verify", "\\frac{1}{2}", "0.5", 30.0))
-    run_task(("tora-compat", "\\frac{1}{2}", "x", 30.0))

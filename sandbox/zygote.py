@@ -1,0 +1,197 @@
+"""Fast fresh kernels: fork them from a pre-imported zygote inside one bwrap sandbox.
+
+A cold kernel spends ~0.6 s of CPU importing numpy, sympy, IPython and
+ipykernel. The zygote does that once; each kernel is then a fork (a few ms)
+plus building the IPython shell in the child.
+
+Isolation tradeoff, compared with one bwrap per kernel (``BwrapLauncher``):
+all kernels of one zygote share the zygote's bwrap sandbox (its read-only
+binds, cleared environment and, unless ``net_per_kernel``, its empty network
+namespace). Each kernel still gets, from the forked child itself, its own user,
+mount, pid, ipc and uts namespaces: its own run and work dirs (the other
+kernels' dirs are hidden under a tmpfs), its own size-limited /tmp, its own
+/proc, no capabilities, no_new_privs, rlimits, and its own pids cgroup (the
+runtime places the kernel's init there before the kernel exists). Kernels of
+one zygote share the zygote's pre-import state as it was at fork time, never
+each other's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+from sandbox import cgroups
+from sandbox.bwrap import SANDBOX_UID, bwrap_argv
+from sandbox.cgroups import PidsCgroups
+from sandbox.client import new_key, write_connection_file
+from sandbox.dirs import KernelDirs, base_dir
+from sandbox.errors import KernelStartError
+from sandbox.launch import INSIDE_SCRIPT, Spawned, connect_and_handshake, kernel_env, kernel_limits
+from sandbox.policy import SandboxPolicy
+from sandbox.process import ProcessHandle
+
+_zygote_ids = itertools.count()
+
+
+class ZygoteLauncher:
+    tier = "bwrap"
+
+    def __init__(self, policy: SandboxPolicy, python: str | None = None, net_per_kernel: bool = False) -> None:
+        self.policy = policy
+        self.python = python or sys.executable
+        self.net_per_kernel = net_per_kernel
+        self._ids = itertools.count()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._server: asyncio.Server | None = None
+        self._hellos: dict[str, asyncio.Future[tuple[int, asyncio.StreamWriter]]] = {}
+        self._start_lock = asyncio.Lock()
+        self._cgroups = PidsCgroups.create()
+        self._root: Path | None = None
+        self._closed = False
+
+    async def _ensure_started(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            return
+        async with self._start_lock:
+            if self._proc is not None and self._proc.returncode is None:
+                return
+            await self._start()
+
+    async def _start(self) -> None:
+        root = base_dir() / f"z{next(_zygote_ids)}"
+        kernels, ctl, zwork = root / "kernels", root / "ctl", root / "work"
+        for d in (root, kernels, ctl, zwork):
+            d.mkdir(mode=0o755, exist_ok=True)
+        self._root = root
+        if self._server is not None:
+            self._server.close()
+        self._server = await asyncio.start_unix_server(self._on_hello, path=str(ctl / "sock"))
+        (ctl / "sock").chmod(0o777)
+        config = {
+            "uid": SANDBOX_UID,
+            "gid": SANDBOX_UID,
+            "tmp_bytes": self.policy.tmp_mb * 1024 * 1024,
+            "limits": kernel_limits(self.policy),
+            "preimport": list(self.policy.preimport),
+            "net_per_kernel": self.net_per_kernel,
+        }
+        env = kernel_env(self.policy, "/sandbox/work", str(Path(self.python).parent))
+        argv = bwrap_argv(self.policy, root / "run-unused", zwork, INSIDE_SCRIPT, self.python, env)
+        argv = _rebind(argv, root)
+        argv += ["--", self.python, "-s", f"/sandbox/lib/{INSIDE_SCRIPT.name}", "zygote", json.dumps(config)]
+        (root / "run-unused").mkdir(exist_ok=True)
+        self._proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(root / "zygote.log", "wb"),  # noqa: SIM115
+            env={"PATH": "/usr/bin:/bin"},
+            start_new_session=True,
+        )
+        assert self._proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._proc.stdout.readline(), self.policy.start_timeout_s)
+        except TimeoutError:
+            line = b""
+        if line.strip() != b"ready":
+            self._proc.kill()
+            await self._proc.wait()
+            log = (root / "zygote.log").read_text(errors="replace")[-2000:]
+            raise KernelStartError(f"the kernel zygote did not start. Its output:\n{log}")
+
+    async def _on_hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, _, _ = struct.unpack("3i", creds)
+        try:
+            kid = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+        except (TimeoutError, OSError):
+            writer.close()
+            return
+        fut = self._hellos.get(kid)
+        if fut is None or fut.done():
+            writer.close()
+            return
+        fut.set_result((pid, writer))
+
+    async def spawn(self) -> Spawned:
+        await self._ensure_started()
+        assert self._proc is not None and self._proc.stdin is not None and self._root is not None
+        kid = f"k{next(self._ids)}"
+        kroot = self._root / "kernels" / kid
+        dirs = KernelDirs(root=kroot, run=kroot / "run", work=kroot / "work")
+        key = new_key()
+        await asyncio.to_thread(_make_dirs, dirs, key)
+        hello: asyncio.Future[tuple[int, asyncio.StreamWriter]] = asyncio.get_running_loop().create_future()
+        self._hellos[kid] = hello
+        try:
+            self._proc.stdin.write(kid.encode() + b"\n")
+            await self._proc.stdin.drain()
+            pid, writer = await asyncio.wait_for(hello, self.policy.start_timeout_s)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            await asyncio.to_thread(dirs.remove)
+            log = _read(dirs.run / "kernel.log") or _read(self._root / "zygote.log")
+            raise KernelStartError(f"the zygote did not start a kernel ({exc!r}). {log}") from exc
+        finally:
+            self._hellos.pop(kid, None)
+        cgroup = self._cgroups.new(self.policy.max_procs) if self._cgroups else None
+        handle = ProcessHandle(pid, None, cgroup=cgroup)
+        if cgroup is not None:
+            try:
+                cgroups.add(cgroup, pid)
+            except OSError:
+                handle.kill()
+        writer.write(b"go\n")
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+        return await connect_and_handshake(handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+        if self._server is not None:
+            self._server.close()
+        if self._root is not None:
+            root = self._root
+            await asyncio.to_thread(lambda: KernelDirs(root, root, root).remove())
+
+
+def _make_dirs(dirs: KernelDirs, key: str) -> None:
+    dirs.root.mkdir(mode=0o755)
+    dirs.run.mkdir(mode=0o755)
+    dirs.work.mkdir(mode=0o755)
+    write_connection_file(dirs.run / "conn.json", "/sandbox/run/k", key)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[-2000:]
+    except OSError:
+        return ""
+
+
+def _rebind(argv: list[str], root: Path) -> list[str]:
+    """Turn the one-kernel bwrap command into the zygote's: all kernels' dirs plus the control socket."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--bind" and argv[i + 2] == "/sandbox/run":
+            out += ["--bind", str(root / "kernels"), "/sandbox/kernels"]
+            out += ["--bind", str(root / "ctl"), "/sandbox/ctl"]
+            out += ["--dir", "/sandbox/run"]
+            i += 3
+            continue
+        out.append(argv[i])
+        i += 1
+    return out

@@ -1,0 +1,174 @@
+"""`tora grade`: formats, --json shape, --pairs, --diff, exit codes on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tora.cli.main import main
+from tora.record.schema import Generation, Problem, PromptRef, Result, Runtime, Sampling, TextStep, Trajectory
+
+HEAD5 = Path(__file__).parent / "data" / "released_gsm8k_head5.jsonl"
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    code = info.value.code
+    return (code if isinstance(code, int) else 0), out, err
+
+
+def json_lines(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines()]  # every stdout line must be JSON
+
+
+def _trajectory(pid: str, answer: str | None, text: str, final: str | None) -> Trajectory:
+    return Trajectory(
+        problem=Problem(id=pid, text="q", answer=answer, source="test"),
+        generation=Generation(
+            backend="replay", model="m", spec="replay:x", prompt_template=PromptRef(name="t", sha256="0"),
+            sampling=Sampling(), max_tool_calls=4,
+        ),
+        runtime=Runtime(),
+        prompt="",
+        steps=[TextStep(content=text)],
+        result=Result(final_answer=final, extracted_by="boxed" if final else None, finish="answered" if final else "no_answer"),
+    )
+
+
+@pytest.fixture
+def trajectories(tmp_path: Path) -> Path:
+    f = tmp_path / "run.jsonl"
+    records = [
+        _trajectory("a", "18", "So $\\boxed{18}$.", "18"),
+        _trajectory("b", "0.5", "Half: $\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}"),
+        _trajectory("c", "7", "I think it is 6", None),  # re-extracted: last number
+        _trajectory("d", "3", "no idea", None),  # empty
+        _trajectory("e", None, "$\\boxed{4}$", "4"),  # no reference
+    ]
+    f.write_text("".join(t.model_dump_json() + "\n" for t in records))
+    return f
+
+
+def test_released_json_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["grade", str(HEAD5), "--grader", "tora-compat", "--json"], capsys)
+    assert code == 0
+    lines = json_lines(out)
+    summary = lines[-1]
+    assert len(lines) == 6  # five items, then the summary
+    assert {"accuracy", "total", "correct", "wrong", "empty", "unparsed", "timeout", "error"} <= set(summary)
+    assert summary["format"] == "released" and summary["total"] == 5
+    assert summary["accuracy"] == summary["correct"] / 5
+    assert summary["pred_mismatches"] == 0
+    assert {"id", "pred", "ref", "equal", "status", "extracted_by"} <= set(lines[0])
+
+
+def test_trajectories(trajectories: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["grade", str(trajectories), "--json"], capsys)
+    assert code == 0
+    *items, summary = json_lines(out)
+    assert [(i["id"], i["pred"], i["equal"], i["extracted_by"]) for i in items] == [
+        ("a", "18", True, "boxed"),
+        ("b", "\\frac{1}{2}", True, "boxed"),
+        ("c", "6", False, "last_number"),
+        ("d", None, False, None),
+        ("e", "4", None, "boxed"),
+    ]
+    assert summary["format"] == "trajectories"
+    assert (summary["correct"], summary["wrong"], summary["empty"], summary["no_reference"]) == (2, 1, 1, 1)
+    assert summary["accuracy"] == 0.5  # over the four items that have a reference
+
+
+def test_plain_output_when_not_a_terminal(trajectories: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["grade", str(trajectories)], capsys)
+    assert code == 0
+    assert "accuracy_pct: 50.0" in out
+    assert "\x1b[" not in out
+
+
+def test_diff_lists_disagreements(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "released.jsonl"
+    rows = [
+        {"idx": 1, "question": "q", "gt": "5", "code": ["The answer: $\\boxed{0.05}$"], "pred": ["0.05"]},
+        {"idx": 2, "question": "q", "gt": "18", "code": ["$\\boxed{18}$"], "pred": ["18"]},
+        {"idx": 3, "question": "q", "gt": "18", "code": ["$\\boxed{18 \\text{ dollars}}$ and 18 dollars"], "pred": ["18"]},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = run(["grade", str(f), "--diff", "--json"], capsys)
+    assert code == 0
+    *diffs, summary = json_lines(out)
+    assert [d["id"] for d in diffs] == ["1"]
+    assert diffs[0]["math-verify"]["equal"] is False and diffs[0]["tora-compat"]["equal"] is True
+    assert summary["disagreements"] == 1
+    code, out, _ = run(["grade", str(f), "--diff"], capsys)
+    assert code == 0 and "1#0" in out and "disagreements: 1" in out
+
+
+def test_pairs_json_one_line_per_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "pairs.jsonl"
+    pairs = [
+        {"pred": "\\frac12", "ref": "0.5"},
+        {"pred": "0.33", "ref": "\\frac{1}{3}"},
+        {"pred": 18, "ref": "18.0"},
+        {"pred": None, "ref": "4"},
+        {"pred": "\\frac{", "ref": "4"},
+    ]
+    f.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    code, out, _ = run(["grade", "--pairs", str(f), "--json"], capsys)
+    assert code == 0
+    lines = json_lines(out)
+    assert [(line["equal"], line["status"]) for line in lines] == [
+        (True, "ok"), (False, "ok"), (True, "ok"), (False, "ok"), (False, "unparsed"),
+    ]
+    assert all(isinstance(line["equal"], bool) for line in lines)
+    code, out, _ = run(["grade", "--pairs", str(f), "--json", "--grader", "tora-compat"], capsys)
+    assert [line["grader"] for line in json_lines(out)] == ["tora-compat"] * 5
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "expected"),
+    [
+        ('{"pred": "1", "ref": "1"}\n{"pred": "2"\n', ["--pairs"], ":2:"),
+        ('{"pred": "1", "ref": "1"}\n{"pred": "2"}\n', ["--pairs"], ":2: field 'ref'"),
+        ('{"ref": "1"}\n', ["--pairs"], ":1: field 'pred'"),
+        ('{"pred": [1], "ref": "1"}\n', ["--pairs"], ":1: field 'pred'"),
+        ('{"pred": "1", "ref": "1"}\n', [], ":1: neither"),
+        ('{"idx": 1, "question": "q", "code": "x"}\n{"idx": 2, "question": "q"}\n', [], ":2: field 'code'"),
+        ('{"schema_version": "1.0", "problem": {}}\n', [], ":1: field 'problem.id'"),
+        ("", [], "empty file"),
+    ],
+)
+def test_bad_input_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, args: list[str], expected: str
+) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    code, out, err = run(["grade", str(f), *args], capsys)
+    assert code == 2
+    assert expected in err and str(f) in err
+    assert len(err.strip().splitlines()) == 1
+    assert out == ""
+
+
+def test_missing_file_and_bad_grader(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["grade", str(tmp_path / "nope.jsonl")], capsys)
+    assert code == 2 and "nope.jsonl" in err
+    code, _, err = run(["grade", str(HEAD5), "--grader", "sympy"], capsys)
+    assert code == 2 and "sympy" in err
+
+
+def test_real_command_line() -> None:
+    """Through the installed entry point: exit code and JSON on stdout only."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tora.cli.main", "grade", str(HEAD5), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["grader"] == "math-verify" and 0.0 <= summary["accuracy"] <= 1.0

@@ -1,0 +1,66 @@
+"""The real embedded model (Gemma 3 270M through llama.cpp), end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import TORA
+from tora.backends.base import Delta, Done, GenerationRequest
+from tora.backends.registry import load_backend
+
+pytestmark = pytest.mark.model
+
+NATALIA = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+           "How many clips did Natalia sell altogether in April and May?")
+
+
+def test_greedy_solve_executes_code_and_feeds_the_output_back() -> None:
+    proc = subprocess.run([*TORA, "solve", "--json", NATALIA], capture_output=True, text=True, timeout=300,
+                          env=os.environ.copy())
+    assert proc.returncode in (0, 3), proc.stderr
+    t = json.loads(proc.stdout)
+    assert t["generation"]["backend"] == "llama.cpp" and "gemma" in t["generation"]["model"]
+    executed = [s for s in t["steps"] if s["type"] == "execution"]
+    assert executed, "the model wrote no code block"
+    # The output went back into the context, and the model continued after it.
+    context = t["prompt"] + "".join(s["content"] if s["type"] == "text" else s.get("observation", "") for s in t["steps"])
+    assert f"```output\n{executed[0]['rendered']}\n```\n" in context
+    assert t["steps"][-1]["type"] == "text" and t["stats"]["completion_tokens"] > 0
+    assert t["result"]["finish"] in {"answered", "no_answer", "max_tool_calls", "max_tokens"}
+
+
+def test_stop_strings_cut_generation_and_cancel_is_prompt() -> None:
+    backend = load_backend("embedded")
+
+    async def go() -> tuple[str, Done, float]:
+        text, done = "", None
+        req = GenerationRequest(prompt="Question: What is 3+4?\nSolution:\n```python\nprint(3 + 4)\n```\n",
+                                stop=["```output"], max_tokens=64)
+        async for ev in backend.stream(req):
+            if isinstance(ev, Delta):
+                text += ev.text
+            else:
+                done = ev
+        assert done is not None
+        # Cancelling mid-stream must free the model quickly for the next caller.
+        t0 = time.monotonic()
+        stream = backend.stream(GenerationRequest(prompt="Count: 1, 2, 3,", max_tokens=500))
+        async for _ev in stream:
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        async for _ev in backend.stream(GenerationRequest(prompt="Hi", max_tokens=1)):
+            pass
+        return text, done, time.monotonic() - t0
+
+    text, done, cancel_s = asyncio.run(go())
+    assert "```output" not in text
+    assert done.finish_reason in ("stop", "length") and done.prompt_tokens > 10
+    if done.finish_reason == "stop":
+        assert done.stop_string == "```output"
+    assert cancel_s < 3.0

@@ -1,0 +1,268 @@
+"""`tora eval DATASET|FILE --model SPEC`: the loop over a data set, graded.
+
+OUT (default trajectories/eval-<dataset>-<timestamp>/) receives
+trajectories.jsonl (appended as each trajectory finishes), manifest.json
+(written first) and metrics.json (written last, also on Ctrl-C, marked
+incomplete). `--resume` continues a killed run: pairs already recorded are
+skipped. Exit: 0 the run completed (wrong answers are data), 2 usage or bad
+data, 1 infrastructure failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sandbox import KernelPool, SandboxError
+from tora.backends.base import Backend
+from tora.backends.registry import load_backend
+from tora.cli.options import config_from, loop_options
+from tora.cli.progress import BatchProgress
+from tora.data import load_problems
+from tora.engine import Episode, SolveConfig
+from tora.errors import ToraError, UsageError
+from tora.evaluate import BatchRunner, Graded, load_finished, regrade, work_list
+from tora.grading import DEFAULT_GRADER, GRADERS
+from tora.kernels import policy_for
+from tora.metrics import compute_metrics
+from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
+from tora.record import Problem, TrajectoryWriter
+from tora.run_dir import (
+    MANIFEST,
+    METRICS,
+    TRAJECTORIES,
+    default_out,
+    latest_out,
+    package_versions,
+    read_json,
+    sha256_file,
+    write_json,
+)
+
+_MATH_SETS = {"math", "math500"}
+
+
+def dataset_file(dataset: str) -> Path | None:
+    """The file a data set name or path reads (for the manifest's sha256)."""
+    if Path(dataset).is_file():
+        return Path(dataset).resolve()
+    import tora.data as data
+
+    find = getattr(data, "dataset_path", None)  # public helper, if the data module grows one
+    if find is not None:
+        found: Path = find(dataset)
+        return found
+    builders: dict[str, tuple[str, Any]] = getattr(data, "_BUILDERS", {})
+    if dataset in builders:
+        return (data.data_dir() / builders[dataset][0]).resolve()
+    return None
+
+
+def _check_unique(problems: list[Problem]) -> None:
+    seen: set[str] = set()
+    for p in problems:
+        if p.id in seen:
+            raise UsageError(f"problem id {p.id!r} occurs twice; results and --resume need unique ids (see --id-field)")
+        seen.add(p.id)
+
+
+@click.command("eval")
+@click.argument("dataset")
+@loop_options
+@click.option("--limit", "-n", type=click.IntRange(1), default=None, help="Only the first N problems.")
+@click.option("--samples", "-k", type=click.IntRange(1), default=1, show_default=True,
+              help="Trajectories per problem (maj@k, pass@k).")
+@click.option("--grader", type=click.Choice(GRADERS), default=DEFAULT_GRADER, show_default=True)
+@click.option("--concurrency", "-c", type=click.IntRange(1), default=4, show_default=True,
+              help="Trajectories in flight at once (each holds one kernel).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: trajectories/eval-<dataset>-<timestamp>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out (or this data set's latest run).")
+@click.option("--question-field", default=None, help="JSONL files: the field holding the question.")
+@click.option("--answer-field", default=None, help="JSONL files: the field holding the reference answer.")
+@click.option("--id-field", default=None, help="JSONL files: the field holding a unique problem id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON line on stdout, nothing else.")
+def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, concurrency: int, out: Path | None,
+             resume: bool, question_field: str | None, answer_field: str | None, id_field: str | None,
+             as_json: bool, **kw: Any) -> int:
+    """Evaluate a model on DATASET (gsm8k, math, math500, gsm-hard, svamp, asdiv, mawps) or a JSONL FILE."""
+    config = config_from(kw)
+    err = Console(stderr=True)
+    problems = load_problems(dataset, question_field=question_field, answer_field=answer_field,
+                             id_field=id_field, limit=limit)
+    if not problems:
+        raise UsageError(f"{dataset}: no problems to evaluate")
+    _check_unique(problems)
+    out = _resolve_out(dataset, out, resume)
+    traj_path = out / TRAJECTORIES
+    previous = _previous(out, resume, kw["model"], dataset)
+    selected = {(p.id, k) for p in problems for k in range(samples)}
+    finished = {pair: t for pair, t in load_finished(traj_path).items() if pair in selected} if resume else {}
+    template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
+    with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
+        backend = load_backend(kw["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(previous, dataset, problems, samples, grader, concurrency, config, kw["model"], backend,
+                         template, skipped=len(finished), out=out)
+    write_json(out / MANIFEST, manifest)
+    work = work_list(problems, samples, finished)
+    if finished:
+        err.print(f"resuming {out}: {len(finished)} of {len(selected)} trajectories already recorded", highlight=False)
+    new: list[Graded] = []
+    t0 = time.monotonic()
+    writer = TrajectoryWriter(traj_path)
+    interrupted = False
+    try:
+        asyncio.run(_run(work, backend, template, config, kw["model"], grader, concurrency, manifest["run_id"],
+                         samples, writer, new, err, len(selected), len(finished),
+                         sum(t.result.correct is True for t in finished.values())))
+    except KeyboardInterrupt:
+        interrupted = True
+    except SandboxError as exc:
+        raise ToraError(f"sandbox failure: {exc}") from exc
+    finally:
+        writer.close()
+    graded = regrade(list(finished.values()), grader) + new
+    metrics = compute_metrics(graded, problems, samples=samples, grader=grader, wall_s=time.monotonic() - t0)
+    metrics.update({"dataset": dataset, "model": kw["model"], "run_id": manifest["run_id"], "out": str(out),
+                    "complete": metrics["missing"] == 0, "resumed": len(finished)})
+    write_json(out / METRICS, metrics)
+    _report(metrics, Console(stderr=as_json), as_json)
+    if interrupted:
+        err.print(f"interrupted: continue with --resume --out {out}", highlight=False)
+        raise KeyboardInterrupt
+    if new and all(g.trajectory.result.finish == "error" for g in new):
+        raise ToraError(f"every trajectory failed; the first: {new[0].trajectory.result.error}")
+    return 0
+
+
+def _resolve_out(dataset: str, out: Path | None, resume: bool) -> Path:
+    if out is None:
+        if not resume:
+            return default_out(dataset)
+        found = latest_out(dataset)
+        if found is None:
+            raise UsageError(f"--resume: no earlier run of {dataset} found; name it with --out")
+        return found
+    records = out / TRAJECTORIES
+    if not resume and records.is_file() and records.stat().st_size > 0:
+        raise UsageError(f"{out} already holds trajectories; add --resume to continue that run, or pick another --out")
+    return out
+
+
+def _previous(out: Path, resume: bool, model: str, dataset: str) -> dict[str, Any] | None:
+    if not resume:
+        return None
+    previous = read_json(out / MANIFEST)
+    if previous is None:
+        return None
+    if previous.get("model") != model:
+        raise UsageError(f"--resume: {out} was run with --model {previous.get('model')}, not {model}")
+    data_name = previous.get("dataset", {}).get("name")
+    if data_name != dataset:
+        raise UsageError(f"--resume: {out} evaluated {data_name}, not {dataset}")
+    return previous
+
+
+def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Problem], samples: int, grader: str,
+              concurrency: int, config: SolveConfig, model: str, backend: Backend, template: PromptTemplate,
+              *, skipped: int, out: Path) -> dict[str, Any]:
+    path = dataset_file(dataset)
+    run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "skipped": skipped}
+    return {
+        "command": "eval",
+        "run_id": (previous or {}).get("run_id", out.name),
+        "argv": sys.argv[1:] if previous is None else previous.get("argv"),
+        "dataset": {"name": dataset, "path": str(path) if path else None,
+                    "sha256": sha256_file(path) if path else None, "problems": len(problems)},
+        "model": model,
+        "backend": {"name": backend.name, "model": backend.model},
+        "prompt": {"name": template.name, "sha256": template.sha256},
+        "samples": samples,
+        "grader": grader,
+        "concurrency": concurrency,
+        "config": dataclasses.asdict(config),
+        "versions": package_versions(),
+        "runs": [*(previous or {}).get("runs", []), run],
+    }
+
+
+async def _run(work: list[tuple[Problem, int]], backend: Backend, template: PromptTemplate, config: SolveConfig,
+               spec: str, grader: str, concurrency: int, run_id: str, samples: int, writer: TrajectoryWriter,
+               new: list[Graded], err: Console, total: int, already: int, already_hits: int) -> None:
+    origin = "replayed" if backend.name == "replay" else ("sampled" if config.temperature > 0 else "greedy")
+
+    def make_episode(problem: Problem, k: int) -> Episode:
+        cfg = config
+        if config.seed is not None and samples > 1:
+            cfg = dataclasses.replace(config, seed=config.seed + k)  # distinct, reproducible samples
+        return Episode(problem, backend=backend, template=template, kernels=pool, config=cfg, spec=spec,
+                       sample_index=k, origin=origin, run_id=run_id)
+
+    pool = KernelPool(policy_for(config.timeout_s), size=min(concurrency, 4))
+    runner = BatchRunner(make_episode, grader=grader, concurrency=concurrency)
+    try:
+        await pool.start()
+        with BatchProgress(err, "eval", total, done=already, hits=already_hits) as progress:
+            stream = runner.run(work)
+            try:
+                async for graded in stream:
+                    await writer.append(graded.trajectory)
+                    new.append(graded)
+                    progress.advance(graded.correct)
+            finally:
+                await stream.aclose()
+    finally:
+        await pool.close()
+        await backend.aclose()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _report(m: dict[str, Any], console: Console, as_json: bool) -> None:
+    table = Table(title=f"{m['dataset']} · {m['model']} · grader {m['grader']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows: list[tuple[str, str]] = [("accuracy", f"{_pct(m['accuracy'])}  ({m['correct']}/{m['trajectories']})")]
+    if "maj_at_k" in m:
+        rows += [(f"maj@{m['samples']}", _pct(m["maj_at_k"])), (f"pass@{m['samples']}", _pct(m["pass_at_k"]))]
+    rows += [
+        ("problems", str(m["problems"])),
+        ("missing", str(m["missing"])),
+        ("empty answers", str(m["empty_answers"])),
+        ("errors", str(m["errors"])),
+        ("trajectories with a cell timeout", str(m["timeouts"])),
+        ("grading unparsed / timeout", f"{m['unparsed']} / {m['grade_timeouts']}"),
+        ("mean tool calls", "-" if m["mean_tool_calls"] is None else f"{m['mean_tool_calls']:.2f}"),
+        ("exec error rate", _pct(m["exec_error_rate"])),
+        ("wall", f"{m.get('wall_s', 0):.1f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    for key in ("by_type", "by_level"):
+        if key in m:
+            sub = Table(title=key.replace("_", " "))
+            sub.add_column(key[3:])
+            sub.add_column("n", justify="right")
+            sub.add_column("accuracy", justify="right")
+            for name, cell in m[key].items():
+                sub.add_row(name, str(cell["n"]), _pct(cell["accuracy"]))
+            console.print(sub)
+    console.print(f"[dim]written to {m['out']}[/dim]")
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps(m) + "\n")
+        sys.stdout.flush()

@@ -1,0 +1,131 @@
+"""`tora sandbox check` and `tora sandbox exec`: see and exercise the code sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.panel import Panel
+from rich.text import Text
+
+from sandbox import CellResult, SandboxError, SandboxPolicy, start_kernel
+from sandbox.tiers import check
+
+ISOLATION = click.Choice(["auto", "bwrap", "landlock", "none"])
+STATUS_STYLE = {"ok": "green", "error": "red", "timeout": "yellow", "died": "magenta"}
+
+
+class InputError(click.ClickException):
+    """A bad argument: one line on stderr, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class RuntimeFailure(click.ClickException):
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@click.group("sandbox")
+def sandbox() -> None:
+    """Inspect and exercise the sandbox that runs model-written code."""
+
+
+@sandbox.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--isolation", type=ISOLATION, default="auto", show_default=True, help="Tier to check.")
+def check_cmd(as_json: bool, isolation: str) -> None:
+    """Print which protections are in force here, and why the others are not."""
+    report = check(SandboxPolicy(isolation=isolation))  # type: ignore[arg-type]
+    if as_json:
+        click.echo(report.model_dump_json())
+        return
+    console = Console(highlight=False)
+    title = f"tier [bold]{report.tier}[/bold]" + ("" if report.isolated else " [bold red](NOT ISOLATED)[/bold red]")
+    console.print(title)
+    for p in report.protections:
+        mark = "[green]on [/green]" if p.active else "[red]off[/red]"
+        console.print(f"  {mark} [bold]{p.name}[/bold]: {p.detail}")
+    console.print(
+        f"  bwrap: {report.bwrap or 'unavailable'}; Landlock ABI: {report.landlock_abi or 'none'}; "
+        f"pids cgroup: {'yes' if report.pids_cgroup else 'no'}; Linux {report.kernel_release}"
+    )
+
+
+@sandbox.command("exec")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds per cell.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every cell's result.")
+@click.option("--isolation", type=ISOLATION, default="auto", show_default=True)
+def exec_cmd(files: tuple[Path, ...], timeout: float | None, as_json: bool, isolation: str) -> None:
+    """Run each FILE as one cell, in order, in one fresh sandboxed kernel.
+
+    Exits 0 even when cells fail: the results say how each one ended.
+    """
+    sources: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            sources.append((path, path.read_text()))
+        except FileNotFoundError:
+            raise InputError(f"no such file: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read {path}: {exc}") from None
+    fields: dict[str, Any] = {"isolation": isolation}
+    if timeout is not None:
+        fields["timeout_s"] = timeout
+    policy = SandboxPolicy(**fields)
+    try:
+        info, results = asyncio.run(_run(policy, [code for _, code in sources]))
+    except SandboxError as exc:
+        raise RuntimeFailure(str(exc)) from None
+    if as_json:
+        cells = [{"file": str(path), **r.model_dump()} for (path, _), r in zip(sources, results, strict=True)]
+        click.echo(json.dumps({"kernel": info, "cells": cells}))
+        return
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"kernel: tier {info['tier']}, python {info['python']}", style="dim")
+    for (path, _), r in zip(sources, results, strict=True):
+        console.print(_panel(path, r))
+
+
+async def _run(policy: SandboxPolicy, cells: list[str]) -> tuple[dict[str, Any], list[CellResult]]:
+    async with await start_kernel(policy) as kernel:
+        info = kernel.info
+        results = [await kernel.execute(code) for code in cells]
+    return info, results
+
+
+def _panel(path: Path, r: CellResult) -> Panel:
+    body = Text()
+    if r.stdout:
+        body.append(r.stdout.rstrip("\n") + "\n")
+    if r.stderr:
+        body.append(r.stderr.rstrip("\n") + "\n", style="yellow")
+    for d in r.display:
+        body.append(d + "\n", style="cyan")
+    if r.error is not None:
+        lines = r.error.traceback or [f"{r.error.ename}: {r.error.evalue}"]
+        body.append("".join(line if line.endswith("\n") else line + "\n" for line in lines), style="red")
+    body.rstrip()
+    style = STATUS_STYLE[r.status]
+    flags = [f"{r.duration_s * 1000:.0f} ms"]
+    if r.truncated:
+        flags.append("output truncated")
+    if r.restarted:
+        flags.append("kernel restarted")
+    title = f"{path}  [{style}]{r.status}[/{style}]"
+    return Panel(body if body.plain else Text("(no output)", style="dim"), title=title, subtitle=", ".join(flags))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sandbox(sys.argv[1:])

@@ -1,0 +1,262 @@
+"""Evaluation data sets as `Problem` records.
+
+Built-in sets are read in place from the shared data folder: `$TORA_DATA_DIR`
+if set, else `../shared/data` beside the repository root (or the current
+directory). Question text and reference answer are built the way ToRA builds
+them (see that folder's README). Any other JSONL file works with named
+question/answer/id fields. Bad data raises `DataError` naming file, line and
+field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tora.errors import DataError
+from tora.fences import boxed_contents
+from tora.record.schema import Problem
+
+Row = dict[str, Any]
+
+
+def data_dir() -> Path:
+    """Where the built-in sets live; the first candidate that exists, else the first."""
+    env = os.environ.get("TORA_DATA_DIR")
+    if env:
+        return Path(env)
+    candidates = [Path(__file__).resolve().parents[1] / ".." / "shared" / "data", Path.cwd() / ".." / "shared" / "data"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    return candidates[0]
+
+
+def _text(path: Path, line: int, row: Row, field: str) -> str:
+    value = row.get(field)
+    if value is None:
+        raise DataError(path, line, field, "missing")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DataError(path, line, field, f"expected text or a number, got {type(value).__name__}")
+    text = _number_text(value) if isinstance(value, int | float) else value
+    if not text.strip():
+        raise DataError(path, line, field, "empty")
+    return text
+
+
+def _number_text(value: float) -> str:
+    """145.0 -> "145"; other floats keep their shortest exact form."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _level(value: Any) -> Any:
+    """MATH writes "Level 3", MATH-500 writes 3: both become 3 so per-level tables line up."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*(?:Level\s*)?(\d+)\s*", str(value))
+    return int(m.group(1)) if m else value
+
+
+def _row_id(path: Path, line: int, row: Row, field: str) -> str:
+    value = row.get(field)
+    if value is None or isinstance(value, bool) or not isinstance(value, str | int):
+        raise DataError(path, line, field, "missing or not a string/integer id")
+    return str(value)
+
+
+# Each built-in set: file (relative to the data folder) and a row -> Problem builder.
+
+
+def _gsm8k(path: Path, line: int, row: Row) -> Problem:
+    solution = _text(path, line, row, "answer")
+    if "####" not in solution:
+        raise DataError(path, line, "answer", "no '#### <answer>' at the end")
+    return Problem(
+        id=_row_id(path, line, row, "idx"),
+        text=_text(path, line, row, "question"),
+        answer=solution.split("####")[-1].strip(),
+        source="gsm8k",
+    )
+
+
+def _math(path: Path, line: int, row: Row) -> Problem:
+    solution = _text(path, line, row, "solution")
+    boxed = boxed_contents(solution)
+    if not boxed:
+        raise DataError(path, line, "solution", "no \\boxed{} answer")
+    meta: dict[str, Any] = {}
+    if row.get("level") is not None:
+        meta["level"] = _level(row["level"])
+    if isinstance(row.get("type"), str):
+        meta["type"] = row["type"]
+    return Problem(
+        id=_row_id(path, line, row, "idx"),
+        text=_text(path, line, row, "problem"),
+        answer=boxed[-1].strip(),
+        source="math",
+        meta=meta,
+    )
+
+
+def _math500(path: Path, line: int, row: Row) -> Problem:
+    meta: dict[str, Any] = {}
+    if row.get("level") is not None:
+        meta["level"] = _level(row["level"])
+    if isinstance(row.get("subject"), str):
+        meta["subject"] = row["subject"]
+    if "subject" in meta:
+        meta["type"] = meta["subject"]  # the key MATH uses, so per-type tables line up
+    return Problem(
+        id=_row_id(path, line, row, "unique_id"),
+        text=_text(path, line, row, "problem"),
+        answer=_text(path, line, row, "answer").strip(),
+        source="math500",
+        meta=meta,
+    )
+
+
+def _gsm_hard(path: Path, line: int, row: Row) -> Problem:
+    return Problem(
+        id=_row_id(path, line, row, "idx"),
+        text=_text(path, line, row, "input"),
+        answer=_text(path, line, row, "target"),
+        source="gsm-hard",
+    )
+
+
+def _svamp(path: Path, line: int, row: Row) -> Problem:
+    body = _text(path, line, row, "Body").strip()
+    if not body.endswith("."):
+        body += "."
+    meta: dict[str, Any] = {key: row[key] for key in ("Type", "Equation", "ID") if key in row}
+    if "Type" in meta:
+        meta["type"] = meta.pop("Type")
+    return Problem(
+        id=_row_id(path, line, row, "idx"),
+        text=body + " " + _text(path, line, row, "Question").strip(),
+        answer=_text(path, line, row, "Answer"),
+        source="svamp",
+        meta=meta,
+    )
+
+
+def _asdiv(path: Path, line: int, row: Row) -> Problem:
+    answer = re.sub(r"\s*\([^()]*\)\s*$", "", _text(path, line, row, "answer")).strip()
+    if not answer:
+        raise DataError(path, line, "answer", "empty once the unit is removed")
+    meta = {"type": row["solution_type"]} if isinstance(row.get("solution_type"), str) else {}
+    return Problem(
+        id=_row_id(path, line, row, "idx"),
+        text=_text(path, line, row, "body").strip() + " " + _text(path, line, row, "question").strip(),
+        answer=answer,
+        source="asdiv",
+        meta=meta,
+    )
+
+
+def _mawps(path: Path, line: int, row: Row) -> Problem:
+    meta = {"type": row["type"]} if isinstance(row.get("type"), str) else {}
+    return Problem(
+        id=_row_id(path, line, row, "idx"),
+        text=_text(path, line, row, "input"),
+        answer=_text(path, line, row, "target"),
+        source="mawps",
+        meta=meta,
+    )
+
+
+_BUILDERS: dict[str, tuple[str, Callable[[Path, int, Row], Problem]]] = {
+    "gsm8k": ("gsm8k/test.jsonl", _gsm8k),
+    "math": ("math/test.jsonl", _math),
+    "math500": ("math500/test.jsonl", _math500),
+    "gsm-hard": ("gsm-hard/test.jsonl", _gsm_hard),
+    "svamp": ("svamp/test.jsonl", _svamp),
+    "asdiv": ("asdiv/test.jsonl", _asdiv),
+    "mawps": ("mawps/test.jsonl", _mawps),
+}
+DATASETS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Row]]:
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(path, None, None, f"cannot read: {exc.strerror}") from exc
+    with handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, line_no, None, f"not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise DataError(path, line_no, None, "expected a JSON object")
+            yield line_no, row
+
+
+_QUESTION_FIELDS = ("question", "problem", "input", "query")
+_ANSWER_FIELDS = ("answer", "target", "gt", "reference")
+_ID_FIELDS = ("id", "idx", "unique_id")
+
+
+def _user_file(
+    path: Path, question_field: str | None, answer_field: str | None, id_field: str | None, limit: int | None
+) -> list[Problem]:
+    problems: list[Problem] = []
+    for line_no, row in _rows(path):
+        # Unnamed fields are guessed from common names on each row; named ones must be present.
+        q_field = question_field or next((f for f in _QUESTION_FIELDS if f in row), _QUESTION_FIELDS[0])
+        a_field = answer_field or next((f for f in _ANSWER_FIELDS if f in row), None)
+        i_field = id_field or next((f for f in _ID_FIELDS if f in row), None)
+        problems.append(
+            Problem(
+                id=_row_id(path, line_no, row, i_field) if i_field else f"{path.stem}-{line_no}",
+                text=_text(path, line_no, row, q_field),
+                answer=_text(path, line_no, row, a_field).strip() if a_field else None,
+                source=str(path),
+                meta={k: _level(v) if k == "level" else v for k, v in row.items() if k in ("level", "type", "subject")},
+            )
+        )
+        if limit is not None and len(problems) >= limit:
+            break
+    return problems
+
+
+def load_problems(
+    name_or_path: str | Path,
+    *,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    limit: int | None = None,
+) -> list[Problem]:
+    """Problems of a built-in set (by name) or of a JSONL file (by path), in file order."""
+    if limit is not None and limit < 0:
+        raise DataError(name_or_path, None, None, "limit must be >= 0")
+    name = str(name_or_path)
+    if name in _BUILDERS and not Path(name).is_file():
+        if question_field or answer_field or id_field:
+            raise DataError(name, None, None, "field options apply to JSONL files, not to built-in data sets")
+        relative, build = _BUILDERS[name]
+        path = data_dir() / relative
+        if not path.is_file():
+            raise DataError(path, None, None, f"data set '{name}' not found; set TORA_DATA_DIR to the data folder")
+        problems: list[Problem] = []
+        for line_no, row in _rows(path):
+            if limit is not None and len(problems) >= limit:
+                break
+            problems.append(build(path, line_no, row))
+        return problems
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise DataError(
+            path, None, None, f"no such file, and not a data set name (known: {', '.join(DATASETS)})"
+        )
+    return _user_file(path, question_field, answer_field, id_field, limit)
