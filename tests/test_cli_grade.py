@@ -172,3 +172,15 @@ def test_real_command_line() -> None:
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["grader"] == "math-verify" and 0.0 <= summary["accuracy"] <= 1.0
+
+
+def test_grade_trajectory_api_for_eval() -> None:
+    from tora.grading import grade_trajectory, with_grade
+
+    t = _trajectory("x", "0.5", "```python\nprint(1/2)\n```\n```output\n0.5\n```\nSo $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}")
+    for grader in ("math-verify", "tora-compat"):
+        graded = grade_trajectory(t, grader)
+        assert (graded.id, graded.extracted_by, graded.result.equal) == ("x", "boxed", True)
+        updated = with_grade(t, graded)
+        assert (updated.result.correct, updated.result.grader, updated.result.grade_status) == (True, grader, "ok")
+        assert updated.result.final_answer == "\\frac{1}{2}" and t.result.correct is None

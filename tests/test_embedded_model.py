@@ -9,8 +9,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import TORA
+
 from tora.backends.base import Delta, Done, GenerationRequest
 from tora.backends.registry import load_backend
 

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import RELEASED_GSM8K, write_released
+
 from tora.backends.replay import ReplayBackend, split_completion
 from tora.engine import Episode, SolveConfig
-from tora.events import CodeBlockClosed, ExecutionFinished, Finished, TextDelta
+from tora.events import CodeBlockClosed, Finished, TextDelta
 from tora.kernels import FreshKernels, SandboxPolicy
 from tora.prompts import load_prompt
 from tora.record import Problem, Trajectory

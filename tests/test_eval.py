@@ -152,11 +152,19 @@ def test_usage_and_data_errors_exit_2(tmp_path: Path) -> None:
     assert len(broken.stderr.strip().splitlines()) == 1
 
 
+def test_a_run_where_every_trajectory_fails_exits_1(tmp_path: Path) -> None:
+    other = write_released(tmp_path / "other.jsonl", [{"idx": "zz", "question": "Unrelated?", "code": ["x"]}])
+    proc = run(["eval", "gsm8k", "--limit", "2", "--model", f"replay:{other}", "--out", str(tmp_path / "o"), "--json"])
+    assert proc.returncode == 1 and "no recorded trajectory" in proc.stderr
+    assert json.loads(proc.stdout)["errors"] == 2  # still measured and recorded
+    assert len(records(tmp_path / "o" / "trajectories.jsonl")) == 2
+
+
 @pytest.mark.model
 def test_real_embedded_model_on_two_gsm8k_problems(tmp_path: Path) -> None:
     out = tmp_path / "o"
-    # The token budget keeps the test short; the point is that the run completes and is recorded.
-    proc = run(["eval", "gsm8k", "--limit", "2", "--max-tokens", "200", "--out", str(out), "--json"], timeout=600)
+    # Accuracy will be low; the point is that the run completes and every trajectory is recorded and graded.
+    proc = run(["eval", "gsm8k", "--limit", "2", "--out", str(out), "--json"], timeout=600)
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout)
     assert m["trajectories"] == 2 and m["complete"] is True and m["grader"] == "math-verify"

@@ -82,6 +82,7 @@ def test_nothing_to_extract() -> None:
         ("18 dollars", "18"),
         ("2k", "2k"),  # a variable, not a unit
         ("\\text{Evelyn}", "Evelyn"),
+        ("\\text{Monday}, \\text{Tuesday}", "Monday,Tuesday"),  # a list of words, not a unit
         ("\\dfrac{1}{2}", "\\frac{1}{2}"),
         ("\\frac12", "\\frac{1}{2}"),
         ("\\frac \\pi4", "\\frac{\\pi}{4}"),

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TORA
 
 if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import platform
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,7 +132,7 @@ class Episode:
 
     # -- the loop -------------------------------------------------------------
 
-    async def run(self) -> AsyncIterator[Event]:
+    async def run(self) -> AsyncGenerator[Event, None]:
         cfg = self.config
         stops = [fences.OUTPUT_FENCE, *self.template.stop, *cfg.extra_stop]
         completion = ""

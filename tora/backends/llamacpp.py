@@ -14,14 +14,13 @@ import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 from typing import Any
 
 from tora.backends.base import Done, FinishReason, GenerationRequest, StreamEvent
 from tora.backends.threaded import stream_in_thread
 from tora.errors import BackendError, ModelSpecError
-
 
 _LOG_SINK: object = None
 
@@ -34,7 +33,7 @@ def _silence_llama_log() -> None:
         return
     import llama_cpp
 
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    @llama_cpp.llama_log_callback  # type: ignore[misc, untyped-decorator]
     def sink(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         return None
 
@@ -86,7 +85,7 @@ class LlamaCppBackend:
         tokens: list[int] = self._llm.tokenize(text.encode(), add_bos=True, special=True)
         return tokens
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         async with self._lock:
             tokens = self.tokenize(request.prompt)
             budget = min(request.max_tokens, self.n_ctx - len(tokens))
@@ -95,7 +94,7 @@ class LlamaCppBackend:
                 return
             ended = {"reason": "eos"}
 
-            def produce(cancel: threading.Event) -> Iterator[tuple[str, int]]:
+            def produce(cancel: threading.Event) -> Generator[tuple[str, int], None, None]:
                 kwargs: dict[str, Any] = {
                     "max_tokens": budget,
                     "temperature": request.temperature,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator
 
 from tora.backends.base import Delta, Done, FinishReason, StopScanner, StreamEvent
 
 # A producer yields (text piece, token count) and returns how it ended.
-Producer = Callable[[threading.Event], Iterator[tuple[str, int]]]
+Producer = Callable[[threading.Event], Generator[tuple[str, int], None, None]]
 
 _END = object()
 
@@ -26,7 +26,7 @@ async def stream_in_thread(
     *,
     prompt_tokens: int = 0,
     natural_finish: Callable[[], FinishReason],
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncGenerator[StreamEvent, None]:
     """Stream a producer's pieces, cut at the first stop string.
 
     `natural_finish` is asked, after the producer ran out, whether it stopped

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class TransformersBackend:
             self.tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self._model: Any = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, torch_dtype="auto"
-            ).to(self.device)
+            ).to(self.device)  # type: ignore[arg-type]
         except Exception as exc:
             raise ModelSpecError(f"{path}: transformers could not load this model ({exc})") from exc
         self._model.eval()
@@ -51,7 +51,7 @@ class TransformersBackend:
         text: str = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         async with self._lock:
@@ -64,7 +64,7 @@ class TransformersBackend:
                 return
             produced = {"tokens": 0}
 
-            def produce(cancel: threading.Event) -> Iterator[tuple[str, int]]:
+            def produce(cancel: threading.Event) -> Generator[tuple[str, int], None, None]:
                 class _Cancel(StoppingCriteria):  # type: ignore[misc]
                     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
                         produced["tokens"] = int(input_ids.shape[1]) - n_prompt

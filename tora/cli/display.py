@@ -8,6 +8,7 @@ block is what makes rich Live flicker and corrupt scroll-back).
 from __future__ import annotations
 
 import sys
+from typing import TextIO
 
 from rich.console import Console
 from rich.panel import Panel
@@ -21,12 +22,12 @@ from tora.record.schema import Trajectory
 class PlainPrinter:
     """Writes the transcript exactly as the model saw it: text and ```output blocks."""
 
-    def __init__(self, stream: object = None) -> None:
-        self.out = stream or sys.stdout
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.out: TextIO = stream or sys.stdout
         self._last = ""
 
     def __call__(self, event: Event) -> None:
-        write = self.out.write  # type: ignore[attr-defined]
+        write = self.out.write
         if isinstance(event, TextDelta):
             write(event.text)
             self._last = event.text
@@ -35,7 +36,7 @@ class PlainPrinter:
         elif isinstance(event, Finished):
             answer = event.trajectory.result.final_answer
             write(f"\nanswer: {answer if answer is not None else '(none)'}  [{event.trajectory.result.finish}]\n")
-        self.out.flush()  # type: ignore[attr-defined]
+        self.out.flush()
 
 
 class RichPrinter:

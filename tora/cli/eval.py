@@ -231,7 +231,9 @@ def _pct(x: float | None) -> str:
 
 
 def _report(m: dict[str, Any], console: Console, as_json: bool) -> None:
-    table = Table(title=f"{m['dataset']} · {m['model']} · grader {m['grader']}", show_header=False)
+    kind, _, arg = str(m["model"]).partition(":")
+    model = f"{kind}:{Path(arg).name}" if "/" in arg else m["model"]  # a path in a title wraps badly
+    table = Table(title=f"{m['dataset']} · {model} · grader {m['grader']}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows: list[tuple[str, str]] = [("accuracy", f"{_pct(m['accuracy'])}  ({m['correct']}/{m['trajectories']})")]

@@ -123,7 +123,7 @@ def _panel(path: Path, r: CellResult) -> Panel:
         flags.append("output truncated")
     if r.restarted:
         flags.append("kernel restarted")
-    title = f"{path}  [{style}]{r.status}[/{style}]"
+    title = f"[{style}]{r.status}[/{style}]  {path}"
     return Panel(body if body.plain else Text("(no output)", style="dim"), title=title, subtitle=", ".join(flags))
 
 

@@ -44,10 +44,11 @@ async def run_episode(
     """Drive one episode, feed every subscriber, record the result (even when interrupted)."""
     trajectory: Trajectory | None = None
     try:
-        async for event in episode.run():
-            _publish(subscribers, event)
-            if isinstance(event, Finished):
-                trajectory = event.trajectory
+        async with contextlib.aclosing(episode.run()) as events:
+            async for event in events:
+                _publish(subscribers, event)
+                if isinstance(event, Finished):
+                    trajectory = event.trajectory
     except (asyncio.CancelledError, KeyboardInterrupt):
         if writer is not None and episode.trajectory is not None:
             writer.append_sync(episode.trajectory)

@@ -124,7 +124,6 @@ def normalize_answer(s: str) -> str:
         ("\\tfrac", "\\frac"),
         ("^{\\circ}", ""),
         ("^\\circ", ""),
-        ("\\circ", ""),
         ("°", ""),
         ("\\degree", ""),
         ("\\$", ""),
@@ -137,7 +136,7 @@ def normalize_answer(s: str) -> str:
     s = s.strip()
     # Units written as trailing text: "10 \text{ cm}" -> "10", but "\text{Evelyn}" stays.
     m = _TRAILING_TEXT.match(s)
-    if m and m.group(1).strip():
+    if m and m.group(1).strip() and "\\text" not in m.group(1) and "\\mbox" not in m.group(1):
         s = m.group(1).strip()
     s = _TEXT_CMD.sub(lambda mm: mm.group(1), s).strip()
     m = _NUM_THEN_WORDS.match(s)

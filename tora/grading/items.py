@@ -82,22 +82,11 @@ def grade_trajectory(trajectory: Trajectory, grader: str = DEFAULT_GRADER, timeo
 def with_grade(trajectory: Trajectory, graded: ItemGrade) -> Trajectory:
     """A copy of `trajectory` whose `result` carries the verdict (correct, grader, grade_status).
 
-    `final_answer` is filled from the grader's prediction only when the engine
-    recorded none, so the engine's own reading is never overwritten.
+    `final_answer` is left alone: it is the engine's reading of the answer,
+    while `graded.pred` may come from ToRA's looser extraction.
     """
-    result = trajectory.result.model_copy(
-        update={
-            "correct": graded.result.equal,
-            "grader": graded.result.grader,
-            "grade_status": graded.result.status,
-            **(
-                {"final_answer": graded.pred, "extracted_by": graded.extracted_by}
-                if trajectory.result.final_answer is None and graded.pred is not None
-                else {}
-            ),
-        }
-    )
-    return trajectory.model_copy(update={"result": result})
+    update = {"correct": graded.result.equal, "grader": graded.result.grader, "grade_status": graded.result.status}
+    return trajectory.model_copy(update={"result": trajectory.result.model_copy(update=update)})
 
 
 def grade_released(

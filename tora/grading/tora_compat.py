@@ -159,11 +159,6 @@ def _tora_fix_slash(s: str) -> str:
     return f"\\frac{{{a}}}{{{b}}}"
 
 
-def tora_normalize_ref(ref: str) -> str:
-    """A reference answer as ToRA reads it (its ground truths go through the same clean-up)."""
-    return tora_strip(ref)
-
-
 # --- equivalence ------------------------------------------------------------
 
 
