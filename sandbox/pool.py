@@ -64,7 +64,7 @@ class KernelPool:
         while self._ready.qsize() + len(self._starting) < self.size and len(self._starting) < self.max_starting:
             task = asyncio.create_task(self._start_one())
             self._starting.add(task)
-            task.add_done_callback(self._starting.discard)
+            task.add_done_callback(self._started)
 
     async def _start_one(self) -> None:
         try:
@@ -74,18 +74,16 @@ class KernelPool:
             self._failures += 1
             # Back off so a broken machine is not hammered in a tight loop.
             await asyncio.sleep(min(0.1 * 2**self._failures, 5.0))
-            self._schedule_top_up()
             return
         self._failures = 0
         if self._closed:
             await spawned.destroy()
             return
         self._ready.put_nowait(spawned)
-        self._schedule_top_up()
 
-    def _schedule_top_up(self) -> None:
-        # After this task has left _starting.
-        asyncio.get_running_loop().call_soon(self._top_up)
+    def _started(self, task: asyncio.Task[None]) -> None:
+        self._starting.discard(task)
+        self._top_up()
 
     async def acquire(self) -> Kernel:
         """A fresh kernel nobody has used; starts one on the spot if none is ready."""

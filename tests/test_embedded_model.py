@@ -64,3 +64,29 @@ def test_stop_strings_cut_generation_and_cancel_is_prompt() -> None:
     if done.finish_reason == "stop":
         assert done.stop_string == "```output"
     assert cancel_s < 3.0
+
+
+def test_cached_prefix_state_gives_the_same_greedy_text(tora_home: object) -> None:
+    from pathlib import Path
+
+    from tora.prompts import load_prompt
+
+    template = load_prompt("tora-gsm8k")
+    prompt = template.fill("What is 12 times 13?")
+
+    async def greedy(backend: object) -> str:
+        text = ""
+        async for ev in backend.stream(GenerationRequest(prompt=prompt, max_tokens=40)):  # type: ignore[attr-defined]
+            if isinstance(ev, Delta):
+                text += ev.text
+        return text
+
+    cold = load_backend("embedded")
+    expected = asyncio.run(greedy(cold))
+    cold.prepare(template.prefix)  # type: ignore[attr-defined]  # computes and saves the state
+    saved = list((Path(str(tora_home)) / "cache" / "kv").glob("*.state"))
+    assert len(saved) == 1 and saved[0].stat().st_size > 1_000_000
+    warm = load_backend("embedded")
+    warm.prepare(template.prefix)  # type: ignore[attr-defined]  # loads it
+    assert warm._llm.n_tokens > 100  # type: ignore[attr-defined]
+    assert asyncio.run(greedy(warm)) == expected

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import os
 import threading
 from collections.abc import AsyncGenerator, Generator
@@ -21,6 +22,7 @@ from typing import Any
 from tora.backends.base import Done, FinishReason, GenerationRequest, StreamEvent
 from tora.backends.threaded import stream_in_thread
 from tora.errors import BackendError, ModelSpecError
+from tora.paths import home
 
 _LOG_SINK: object = None
 
@@ -80,6 +82,42 @@ class LlamaCppBackend:
         formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         prompt: str = formatter(messages=messages).prompt  # type: ignore[arg-type]
         return prompt
+
+    def prepare(self, prefix: str) -> None:
+        """Make `prefix` (a template's text before the question) cost nothing.
+
+        Its KV state is computed once and kept on disk under the user data
+        dir; later processes load it instead of re-reading the few-shot
+        examples (~0.8 s of prompt evaluation on 2 cores), and llama.cpp's
+        prefix matching then evaluates only the question.
+        """
+        import llama_cpp
+
+        tokens = self.tokenize(prefix)
+        if len(tokens) < 16:
+            return
+        st = self.path.stat()
+        ident = f"{self.path.name}:{st.st_size}:{st.st_mtime_ns}:{self.n_ctx}:{llama_cpp.__version__}:"
+        key = hashlib.sha256(ident.encode() + prefix.encode()).hexdigest()[:32]
+        cache = home() / "cache" / "kv" / f"{key}.state"
+        ctx = self._llm._ctx.ctx
+        if cache.is_file():
+            data = cache.read_bytes()
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if llama_cpp.llama_state_set_data(ctx, buf, len(data)) == len(data):
+                self._llm.input_ids[: len(tokens)] = tokens
+                self._llm.n_tokens = len(tokens)
+                self._llm._requires_eval = True  # logits are not restored
+                return
+        self._llm.reset()
+        self._llm.eval(tokens)
+        size = llama_cpp.llama_state_get_size(ctx)
+        buf = (ctypes.c_uint8 * size)()
+        used = llama_cpp.llama_state_get_data(ctx, buf, size)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+        partial.write_bytes(bytes(buf)[:used])
+        os.replace(partial, cache)
 
     def tokenize(self, text: str) -> list[int]:
         tokens: list[int] = self._llm.tokenize(text.encode(), add_bos=True, special=True)

@@ -115,6 +115,8 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, concurr
                          template, skipped=len(finished), out=out)
     write_json(out / MANIFEST, manifest)
     work = work_list(problems, samples, finished)
+    if samples > 1 and config.temperature == 0 and backend.name != "replay":
+        err.print("[yellow]warning:[/yellow] --samples > 1 at temperature 0: greedy samples are all alike")
     if finished:
         err.print(f"resuming {out}: {len(finished)} of {len(selected)} trajectories already recorded", highlight=False)
     new: list[Graded] = []

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from tora.backends.base import Backend
-from tora.backends.registry import load_backend
+from tora.backends.registry import load_backend, warm_prefix
 from tora.cli.display import PlainPrinter, RichPrinter
 from tora.cli.solve import problem_from_text, run_episode
 from tora.engine import Episode, SolveConfig
@@ -45,6 +45,7 @@ class Session:
         self.console = console
         self.template: PromptTemplate = load_prompt(prompt or DEFAULT_PROMPT)
         self.backend: Backend = load_backend(spec)
+        warm_prefix(self.backend, self.template.prefix)
         self.kernels = FreshKernels(policy_for(config.timeout_s))
         self.kernel: Any = None
         self.writer = TrajectoryWriter(record) if record else None
@@ -83,11 +84,13 @@ class Session:
             backend = load_backend(arg)
             await self.backend.aclose()
             self.backend, self.spec = backend, arg
+            warm_prefix(self.backend, self.template.prefix)
             self.console.print(f"model: {self.backend.model} ({self.backend.name})")
         elif name == "model":
             self.console.print(f"model: {self.backend.model} ({self.backend.name}, spec {self.spec})")
         elif name == "prompt" and arg:
             self.template = load_prompt(arg)
+            warm_prefix(self.backend, self.template.prefix)
             self.console.print(f"prompt: {self.template.name}")
         else:
             self.console.print(f"unknown command /{name}; /help lists them")

@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 
 from tora.backends.base import Backend
-from tora.backends.registry import load_backend
+from tora.backends.registry import load_backend, warm_prefix
 from tora.cli.display import PlainPrinter, RichPrinter
 from tora.cli.options import config_from, loop_options
 from tora.engine import Episode, KernelSource, SolveConfig
@@ -93,6 +93,7 @@ def solve(problem: str | None, answer: str | None, as_json: bool, no_record: boo
     with err.status("loading model…") if err.is_terminal and not as_json else contextlib.nullcontext():
         backend = load_backend(kw["model"])
     template = load_prompt(kw["prompt"] or DEFAULT_PROMPT)
+    warm_prefix(backend, template.prefix)
     writer = TrajectoryWriter(record_path) if record_path else None
     try:
         trajectory = asyncio.run(
