@@ -112,18 +112,20 @@ class KernelClient:
 
         A reply on shell alone is not enough: until our iopub subscription has
         reached the kernel, what it publishes (the first cell's output) is lost.
-        So send kernel_info requests until the iopub status of one of them
+        One kernel_info request waits, queued by zmq, until the kernel is up;
+        then requests are repeated only until the iopub status of one of them
         arrives. The caller bounds the total time.
         """
-        wait = 0.01
+        ids = {self._send(self.shell, "kernel_info_request", {})}
         while True:
-            msg_id = self._send(self.shell, "kernel_info_request", {})
-            if await self._iopub_saw(msg_id, wait):
+            msg = await self._recv(self.shell)
+            if msg["parent_header"].get("msg_id") in ids:
                 break
-            wait = min(wait * 2, 0.2)
+        while not await self._iopub_saw(ids, 0.05):
+            ids.add(self._send(self.shell, "kernel_info_request", {}))
         await self._drain(self.shell)
 
-    async def _iopub_saw(self, msg_id: str, wait: float) -> bool:
+    async def _iopub_saw(self, ids: set[str], wait: float) -> bool:
         loop = asyncio.get_running_loop()
         end = loop.time() + wait
         while True:
@@ -133,7 +135,7 @@ class KernelClient:
             if not await self.iopub.poll(timeout=int(left * 1000) + 1):
                 return False
             msg = await self._recv(self.iopub)
-            if msg["parent_header"].get("msg_id") == msg_id:
+            if msg["parent_header"].get("msg_id") in ids:
                 return True
 
     async def _drain(self, socket: zmq.asyncio.Socket) -> None:

@@ -142,12 +142,11 @@ class ZygoteLauncher:
             raise KernelStartError(f"the zygote did not start a kernel ({exc!r}). {log}") from exc
         finally:
             self._hellos.pop(kid, None)
-        cgroup = self._cgroups.new(self.policy.max_procs) if self._cgroups else None
-        handle = ProcessHandle(pid, None, cgroup=cgroup)
-        if cgroup is not None:
-            try:
-                cgroups.add(cgroup, pid)
-            except OSError:
+        handle = ProcessHandle(pid, None)
+        if self._cgroups is not None:
+            # cgroup writes take milliseconds (attach waits for RCU): off the loop.
+            handle.cgroup = await asyncio.to_thread(_cage, self._cgroups, self.policy.max_procs, pid)
+            if handle.cgroup is None:
                 handle.kill()
         writer.write(b"go\n")
         with contextlib.suppress(OSError):
@@ -165,6 +164,18 @@ class ZygoteLauncher:
         if self._root is not None:
             root = self._root
             await asyncio.to_thread(lambda: KernelDirs(root, root, root).remove())
+
+
+def _cage(groups: PidsCgroups, max_procs: int, pid: int) -> Path | None:
+    group = groups.new(max_procs)
+    if group is None:
+        return None
+    try:
+        cgroups.add(group, pid)
+    except OSError:
+        cgroups.kill_all(group)
+        return None
+    return group
 
 
 def _make_dirs(dirs: KernelDirs, key: str) -> None:

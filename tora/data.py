@@ -183,6 +183,13 @@ _BUILDERS: dict[str, tuple[str, Callable[[Path, int, Row], Problem]]] = {
 DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 
 
+def dataset_path(name: str) -> Path | None:
+    """The file a built-in data set reads, or None for a name that is not one."""
+    if name not in _BUILDERS:
+        return None
+    return (data_dir() / _BUILDERS[name][0]).resolve()
+
+
 def _rows(path: Path) -> Iterator[tuple[int, Row]]:
     try:
         handle = path.open(encoding="utf-8")

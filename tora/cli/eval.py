@@ -24,7 +24,7 @@ from rich.table import Table
 
 from sandbox import KernelPool, SandboxError
 from tora.backends.base import Backend
-from tora.backends.registry import load_backend
+from tora.backends.registry import load_backend, warm_prefix
 from tora.cli.options import config_from, loop_options
 from tora.cli.progress import BatchProgress
 from tora.data import load_problems
@@ -55,16 +55,9 @@ def dataset_file(dataset: str) -> Path | None:
     """The file a data set name or path reads (for the manifest's sha256)."""
     if Path(dataset).is_file():
         return Path(dataset).resolve()
-    import tora.data as data
+    from tora.data import dataset_path
 
-    find = getattr(data, "dataset_path", None)  # public helper, if the data module grows one
-    if find is not None:
-        found: Path = find(dataset)
-        return found
-    builders: dict[str, tuple[str, Any]] = getattr(data, "_BUILDERS", {})
-    if dataset in builders:
-        return (data.data_dir() / builders[dataset][0]).resolve()
-    return None
+    return dataset_path(dataset)
 
 
 def _check_unique(problems: list[Problem]) -> None:
@@ -110,6 +103,7 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, concurr
     template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
     with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
         backend = load_backend(kw["model"])
+        warm_prefix(backend, template.prefix)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(previous, dataset, problems, samples, grader, concurrency, config, kw["model"], backend,
                          template, skipped=len(finished), out=out)

@@ -96,6 +96,10 @@ class Session:
             self.console.print(f"unknown command /{name}; /help lists them")
         return True
 
+    def status(self) -> str:
+        kernel = "kernel live" if self.kernel is not None else "no kernel yet"
+        return f"{self.backend.model} · prompt {self.template.name} · {kernel}"
+
     async def close_kernel(self) -> None:
         if self.kernel is not None:
             await self.kernels.release(self.kernel)
@@ -108,13 +112,23 @@ class Session:
             self.writer.close()
 
 
-async def _lines_tty() -> Any:
+async def _lines_tty(toolbar: Any) -> Any:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event: KeyPressEvent) -> None:
+        event.current_buffer.insert_text("\n")
 
     path = history_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    session: PromptSession[str] = PromptSession(history=FileHistory(str(path)))
+    session: PromptSession[str] = PromptSession(
+        history=FileHistory(str(path)), key_bindings=bindings,
+        bottom_toolbar=lambda: f" {toolbar()} · Esc Enter: new line · /help",
+    )
     while True:
         try:
             text = await session.prompt_async("tora> ")
@@ -143,7 +157,7 @@ async def _repl(spec: str, prompt: str | None, config: SolveConfig, record: Path
     if tty:
         console.print(f"tora · {session.backend.model} · prompt {session.template.name} · /help for commands")
     try:
-        async for raw in _lines_tty() if tty else _lines_pipe():
+        async for raw in _lines_tty(session.status) if tty else _lines_pipe():
             line = raw.strip()
             if not line:
                 continue
