@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sandbox import Kernel, KernelPool, SandboxPolicy, start_kernel  # noqa: E402
-from sandbox.tiers import check  # noqa: E402
-from sandbox.zygote import ZygoteLauncher  # noqa: E402
+from sandbox import Kernel, KernelPool, SandboxPolicy, start_kernel
+from sandbox.tiers import check
+from sandbox.zygote import ZygoteLauncher
 
 
 def pct(values: list[float], q: float) -> float:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sandbox import CellResult, KernelPool, SandboxPolicy, start_kernel  # noqa: E402
-from sandbox.tiers import check  # noqa: E402
+from sandbox import CellResult, KernelPool, SandboxPolicy, start_kernel
+from sandbox.tiers import check
 
 DEFAULT = (
     Path(__file__).resolve().parents[2]

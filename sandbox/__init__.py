@@ -9,6 +9,7 @@ from sandbox.kernel import Kernel, start_kernel
 from sandbox.policy import SandboxPolicy
 from sandbox.pool import KernelPool
 from sandbox.result import CellError, CellResult, CellStatus
+from sandbox.tiers import SandboxReport, check
 
 __all__ = [
     "CellError",
@@ -18,5 +19,7 @@ __all__ = [
     "KernelPool",
     "SandboxError",
     "SandboxPolicy",
+    "SandboxReport",
+    "check",
     "start_kernel",
 ]

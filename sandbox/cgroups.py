@@ -7,6 +7,7 @@ fork bomb. Every kernel gets its own, so one bomb cannot starve the others.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -60,7 +61,18 @@ class PidsCgroups:
             groups.parent.mkdir(exist_ok=True)
         except OSError:
             return None
+        atexit.register(groups.remove)
         return groups
+
+    def remove(self) -> None:
+        """Kill what is left in this runtime's groups and remove them."""
+        if not self.parent.exists():
+            return
+        for child in self.parent.iterdir():
+            if child.is_dir():
+                kill_all(child)
+        with contextlib.suppress(OSError):
+            self.parent.rmdir()
 
     def new(self, max_procs: int) -> Path | None:
         path = self.parent / f"k{next(_counter)}"

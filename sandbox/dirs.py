@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -41,6 +42,7 @@ def base_dir() -> Path:
         _sweep_stale(root)
         path = root / f"{_PREFIX}{os.getpid()}"
         path.mkdir(mode=0o711, exist_ok=True)
+        atexit.register(shutil.rmtree, path, True)
         _base = path
     return _base
 

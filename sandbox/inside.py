@@ -272,6 +272,8 @@ def _spawn_kernel(kid: str, config: dict[str, Any], warm: Any) -> None:
         # I: pid 1 of the kernel's namespace.
         _mount_kernel_view(kid, config["tmp_bytes"])
         _hello(kid)
+        # The kernel must not be able to talk to the runtime's control socket.
+        _mount("tmpfs", "/sandbox/ctl", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
         child = os.fork()
         if child != 0:
             _init_loop(child)

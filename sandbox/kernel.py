@@ -78,8 +78,13 @@ class Kernel:
             self._cleanup = asyncio.ensure_future(self._settle_quietly(collect, into))
             raise
         if collect in done:
-            collect.result()
-            return self._result(into, started, None)
+            if not collect.cancelled() and collect.exception() is None:
+                return self._result(into, started, None)
+            if self._closed:
+                raise KernelClosedError("this kernel was shut down while running a cell")
+            # The client side broke (sockets closed under it): same as a death.
+            await self._replace()
+            return self._result(into, started, "died")
         if died in done:
             await _cancel(collect)
             await self._replace()
@@ -109,6 +114,9 @@ class Kernel:
         old = self._spawned
         self._restarts += 1
         await old.destroy()
+        if self._closed:
+            # shutdown() ran while a cell was in flight: do not start a new process.
+            raise KernelClosedError("this kernel was shut down while running a cell")
         self._spawned = await self._launcher.spawn()
 
     def _result(

@@ -38,7 +38,7 @@ class KernelPool:
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
         self._failures = 0
-        self.last_error: BaseException | None = None
+        self.last_error: Exception | None = None
         self._live: set[Kernel] = set()
 
     @property
@@ -69,7 +69,11 @@ class KernelPool:
     async def _start_one(self) -> None:
         try:
             spawned = await self.launcher.spawn()
-        except SandboxError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Kept for whoever wonders why the pool is empty; acquire() starts
+            # a kernel itself and raises the real error there.
             self.last_error = exc
             self._failures += 1
             # Back off so a broken machine is not hammered in a tight loop.

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import secrets
 import socket
 import struct
 import subprocess
@@ -36,7 +37,7 @@ from sandbox.dirs import KernelDirs, base_dir
 from sandbox.errors import KernelStartError
 from sandbox.launch import INSIDE_SCRIPT, Spawned, connect_and_handshake, kernel_env, kernel_limits
 from sandbox.policy import SandboxPolicy
-from sandbox.process import ProcessHandle
+from sandbox.process import ProcessHandle, wait_first
 
 _zygote_ids = itertools.count()
 
@@ -56,6 +57,7 @@ class ZygoteLauncher:
         self._cgroups = PidsCgroups.create()
         self._root: Path | None = None
         self._closed = False
+        self._exited: asyncio.Future[int] | None = None
 
     async def _ensure_started(self) -> None:
         if self._proc is not None and self._proc.returncode is None:
@@ -97,6 +99,7 @@ class ZygoteLauncher:
             start_new_session=True,
         )
         assert self._proc.stdout is not None
+        self._exited = asyncio.ensure_future(self._proc.wait())
         try:
             line = await asyncio.wait_for(self._proc.stdout.readline(), self.policy.start_timeout_s)
         except TimeoutError:
@@ -125,7 +128,7 @@ class ZygoteLauncher:
     async def spawn(self) -> Spawned:
         await self._ensure_started()
         assert self._proc is not None and self._proc.stdin is not None and self._root is not None
-        kid = f"k{next(self._ids)}"
+        kid = f"k{next(self._ids)}-{secrets.token_hex(6)}"
         kroot = self._root / "kernels" / kid
         dirs = KernelDirs(root=kroot, run=kroot / "run", work=kroot / "work")
         key = new_key()
@@ -135,8 +138,13 @@ class ZygoteLauncher:
         try:
             self._proc.stdin.write(kid.encode() + b"\n")
             await self._proc.stdin.drain()
-            pid, writer = await asyncio.wait_for(hello, self.policy.start_timeout_s)
-        except (TimeoutError, OSError, ConnectionError) as exc:
+            assert self._exited is not None
+            done = await wait_first(hello, self._exited, timeout=self.policy.start_timeout_s)
+            if hello not in done:
+                why = "the zygote exited" if self._exited in done else "no answer in time"
+                raise KernelStartError(why)
+            pid, writer = hello.result()
+        except (KernelStartError, OSError, ConnectionError) as exc:
             await asyncio.to_thread(dirs.remove)
             log = _read(dirs.run / "kernel.log") or _read(self._root / "zygote.log")
             raise KernelStartError(f"the zygote did not start a kernel ({exc!r}). {log}") from exc

@@ -161,13 +161,13 @@ def test_a_run_where_every_trajectory_fails_exits_1(tmp_path: Path) -> None:
 
 
 @pytest.mark.model
-def test_real_embedded_model_on_two_gsm8k_problems(tmp_path: Path) -> None:
+def test_real_embedded_model_on_twenty_gsm8k_problems(tmp_path: Path) -> None:
     out = tmp_path / "o"
     # Accuracy will be low; the point is that the run completes and every trajectory is recorded and graded.
-    proc = run(["eval", "gsm8k", "--limit", "2", "--out", str(out), "--json"], timeout=600)
+    proc = run(["eval", "gsm8k", "--limit", "20", "--out", str(out), "--json"], timeout=900)
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout)
-    assert m["trajectories"] == 2 and m["complete"] is True and m["grader"] == "math-verify"
+    assert m["trajectories"] == 20 and m["complete"] is True and m["grader"] == "math-verify"
     recs = records(out / "trajectories.jsonl")
-    assert len(recs) == 2 and {r["generation"]["backend"] for r in recs} == {"llama.cpp"}
+    assert len(recs) == 20 and {r["generation"]["backend"] for r in recs} == {"llama.cpp"}
     assert all(r["result"]["grade_status"] is not None for r in recs)

@@ -148,3 +148,16 @@ async def test_info_describes_the_kernel(kernel: Kernel) -> None:
     assert info["pid"] > 0 and info["pid"] != os.getpid()
     assert {"tier", "python", "limits"} <= set(info)
     assert info["limits"]["timeout_s"] == FAST.timeout_s
+
+
+async def test_shutdown_during_a_running_cell_starts_nothing_new() -> None:
+    before = descendants()
+    k = await start_kernel(FAST)
+    task = asyncio.create_task(k.execute("import time\ntime.sleep(30)", timeout=30))
+    await asyncio.sleep(0.3)
+    await k.shutdown()
+    with pytest.raises(Exception, match="shut down"):
+        await task
+    await asyncio.sleep(0.2)
+    left = [p for p in descendants() - before if psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert left == []
