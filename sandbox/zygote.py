@@ -110,6 +110,11 @@ class ZygoteLauncher:
             log = (root / "zygote.log").read_text(errors="replace")[-2000:]
             raise KernelStartError(f"the kernel zygote did not start. Its output:\n{log}")
 
+    @property
+    def zygote_pid(self) -> int | None:
+        """The host pid of the zygote's bwrap process (for measurements)."""
+        return self._proc.pid if self._proc is not None else None
+
     async def _on_hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -10,7 +10,6 @@ field.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from typing import Any
 
 from tora.errors import DataError
 from tora.fences import boxed_contents
+from tora.jsonl import iter_objects
 from tora.record.schema import Problem
 
 Row = dict[str, Any]
@@ -191,21 +191,7 @@ def dataset_path(name: str) -> Path | None:
 
 
 def _rows(path: Path) -> Iterator[tuple[int, Row]]:
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(path, None, None, f"cannot read: {exc.strerror}") from exc
-    with handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, line_no, None, f"not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DataError(path, line_no, None, "expected a JSON object")
-            yield line_no, row
+    return iter_objects(path)
 
 
 _QUESTION_FIELDS = ("question", "problem", "input", "query")

@@ -7,7 +7,6 @@ completions, each the model's text with ```output blocks inline) and `pred`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from tora.errors import DataError
+from tora.jsonl import iter_objects
 
 
 class ReleasedItem(BaseModel):
@@ -32,35 +32,23 @@ def is_released_record(raw: dict[str, Any]) -> bool:
 
 
 def read_released(path: Path) -> Iterator[ReleasedItem]:
-    path = Path(path)
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(path, None, None, f"cannot read: {exc.strerror}") from exc
-    with handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, None, f"not valid JSON ({exc.msg})") from exc
-            for field in ("idx", "question", "code"):
-                if field not in raw:
-                    raise DataError(path, lineno, field, "missing (ToRA released format needs idx, question, code)")
-            code = raw["code"]
-            if isinstance(code, str):
-                code = [code]
-            if not isinstance(code, list) or not all(isinstance(c, str) for c in code):
-                raise DataError(path, lineno, "code", "must be a list of completion strings")
-            gt = raw.get("gt")
-            pred = raw.get("pred") or []
-            yield ReleasedItem(
-                idx=raw["idx"],
-                question=str(raw["question"]),
-                gt=None if gt is None else str(gt),
-                code=code,
-                pred=pred if isinstance(pred, list) else [pred],
-                line=lineno,
-                raw=raw,
-            )
+    for lineno, raw in iter_objects(path):
+        for field in ("idx", "question", "code"):
+            if field not in raw:
+                raise DataError(path, lineno, field, "missing (ToRA released format needs idx, question, code)")
+        code = raw["code"]
+        if isinstance(code, str):
+            code = [code]
+        if not isinstance(code, list) or not all(isinstance(c, str) for c in code):
+            raise DataError(path, lineno, "code", "must be a list of completion strings")
+        gt = raw.get("gt")
+        pred = raw.get("pred") or []
+        yield ReleasedItem(
+            idx=raw["idx"],
+            question=str(raw["question"]),
+            gt=None if gt is None else str(gt),
+            code=code,
+            pred=pred if isinstance(pred, list) else [pred],
+            line=lineno,
+            raw=raw,
+        )

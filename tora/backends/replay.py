@@ -12,14 +12,14 @@ question text (whitespace-normalised).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tora import fences
 from tora.backends.base import Delta, Done, GenerationRequest, StreamEvent
-from tora.errors import BackendError, DataError, ModelSpecError
+from tora.errors import BackendError, ModelSpecError
+from tora.jsonl import first_object
 from tora.record.schema import ExecutionStep, TextStep, Trajectory
 from tora.record.writer import read_trajectories
 from tora.released import read_released
@@ -60,20 +60,9 @@ def _norm(text: str) -> str:
 
 def replay_source(path: Path) -> list[tuple[str, str, list[list[Segment]]]]:
     """(id, question, segments per sample) for each problem of a recorded file."""
-    path = Path(path)
-    try:
-        with path.open(encoding="utf-8") as handle:
-            first = next((line for line in handle if line.strip()), "")
-    except OSError as exc:
-        raise DataError(path, None, None, f"cannot read: {exc.strerror}") from exc
-    if not first:
-        raise DataError(path, None, None, "the file holds no records")
-    try:
-        head = json.loads(first)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, 1, None, f"not valid JSON ({exc.msg})") from exc
+    _, head = first_object(path)
     problems: dict[str, tuple[str, str, dict[int, list[Segment]]]] = {}
-    if isinstance(head, dict) and "schema_version" in head:
+    if "schema_version" in head:
         for t in read_trajectories(path):
             entry = problems.setdefault(t.problem.id, (t.problem.id, t.problem.text, {}))
             entry[2][t.sample_index] = segments_of(t)

@@ -30,31 +30,13 @@ from tora.grading import (
     grade_trajectories,
 )
 from tora.grading.api import GradeResult
+from tora.jsonl import first_object, iter_objects
 from tora.record.writer import read_trajectories
 from tora.released import is_released_record, read_released
 
 
-def _first_record(path: Path) -> tuple[int, dict[str, Any]]:
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(path, None, None, f"cannot read: {exc.strerror}") from exc
-    with handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, line_no, None, f"not valid JSON ({exc.msg})") from exc
-            if not isinstance(raw, dict):
-                raise DataError(path, line_no, None, "expected a JSON object")
-            return line_no, raw
-    raise DataError(path, None, None, "empty file: nothing to grade")
-
-
 def _load_items(path: Path, grader: str, timeout: float) -> tuple[str, list[ItemGrade]]:
-    line_no, first = _first_record(path)
+    line_no, first = first_object(path)
     if "schema_version" in first:
         return "trajectories", grade_trajectories(list(read_trajectories(path)), grader, timeout)
     if is_released_record(first):
@@ -83,25 +65,12 @@ def _answer_text(path: Path, line_no: int, row: dict[str, Any], field: str, requ
 def read_pairs(path: Path) -> list[tuple[int, str | None, str | None]]:
     """(line, pred, ref) for each line `{"pred": ..., "ref": ...}`; `pred` may be null (no answer)."""
     pairs: list[tuple[int, str | None, str | None]] = []
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(path, None, None, f"cannot read: {exc.strerror}") from exc
-    with handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, line_no, None, f"not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DataError(path, line_no, None, 'expected a JSON object {"pred": ..., "ref": ...}')
-            pred = _answer_text(path, line_no, row, "pred", required=True)
-            ref = _answer_text(path, line_no, row, "ref", required=True)
-            if ref is None or not ref.strip():
-                raise DataError(path, line_no, "ref", "empty: a pair needs a reference answer")
-            pairs.append((line_no, pred, ref))
+    for line_no, row in iter_objects(path):
+        pred = _answer_text(path, line_no, row, "pred", required=True)
+        ref = _answer_text(path, line_no, row, "ref", required=True)
+        if ref is None or not ref.strip():
+            raise DataError(path, line_no, "ref", "empty: a pair needs a reference answer")
+        pairs.append((line_no, pred, ref))
     if not pairs:
         raise DataError(path, None, None, "empty file: nothing to grade")
     return pairs

@@ -8,7 +8,6 @@ written and never one already recorded. Files are never rewritten in place.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tora.errors import DataError, RecordError
+from tora.jsonl import iter_objects
 from tora.record.schema import Trajectory, check_version
 
 
@@ -73,32 +73,17 @@ def read_trajectories(path: Path, *, skip_invalid: bool = False) -> Iterator[Tra
     A malformed line raises `DataError` naming file, line and field, unless
     `skip_invalid` (used by resume, which must survive a torn last line).
     """
-    path = Path(path)
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(path, None, None, f"cannot read: {exc.strerror}") from exc
-    with handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
+    for lineno, raw in iter_objects(path, skip_invalid=skip_invalid):
+        try:
+            check_version(raw)
+            yield Trajectory.model_validate(raw)
+        except ValidationError as exc:
+            if skip_invalid:
                 continue
-            try:
-                raw = json.loads(line)
-                if not isinstance(raw, dict):
-                    raise DataError(path, lineno, None, "expected a JSON object")
-                check_version(raw)
-                yield Trajectory.model_validate(raw)
-            except json.JSONDecodeError as exc:
-                if skip_invalid:
-                    continue
-                raise DataError(path, lineno, None, f"not valid JSON ({exc.msg})") from exc
-            except ValueError as exc:
-                if skip_invalid:
-                    continue
-                if isinstance(exc, ValidationError):
-                    err = exc.errors()[0]
-                    field = ".".join(str(p) for p in err["loc"])
-                    raise DataError(path, lineno, field, err["msg"]) from exc
-                if isinstance(exc, DataError):
-                    raise
-                raise DataError(path, lineno, "schema_version", str(exc)) from exc
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise DataError(path, lineno, field, err["msg"]) from exc
+        except ValueError as exc:
+            if skip_invalid:
+                continue
+            raise DataError(path, lineno, "schema_version", str(exc)) from exc
