@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import RELEASED_GSM8K, TORA
 
 pytestmark = pytest.mark.slow

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tora.concurrency import bounded_as_completed
 from tora.engine import Episode
 from tora.events import Finished
 from tora.grading import DEFAULT_TIMEOUT, ItemGrade, grade_trajectories, grade_trajectory
@@ -132,33 +133,16 @@ class BatchRunner:
         episode still running; those trajectories are not yielded.
         """
         loop = asyncio.get_running_loop()
-        sem = asyncio.Semaphore(self.concurrency)
-        done: asyncio.Queue[Graded | BaseException] = asyncio.Queue()
         grading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tora-grade")
 
-        async def one(problem: Problem, k: int) -> None:
-            try:
-                async with sem:
-                    trajectory = await drive(self.make_episode(problem, k))
-                item = await loop.run_in_executor(
-                    grading, grade_trajectory, trajectory, self.grader, self.grade_timeout
-                )
-                done.put_nowait(with_grade(trajectory, item))
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # surfaced to the consumer, who decides
-                done.put_nowait(exc)
+        async def one(pair: tuple[Problem, int]) -> Graded:
+            trajectory = await drive(self.make_episode(*pair))
+            item = await loop.run_in_executor(grading, grade_trajectory, trajectory, self.grader, self.grade_timeout)
+            return with_grade(trajectory, item)
 
-        tasks = [asyncio.create_task(one(p, k)) for p, k in work]
         try:
-            for _ in tasks:
-                got = await done.get()
-                if isinstance(got, BaseException):
-                    raise got
-                yield got
+            async with contextlib.aclosing(bounded_as_completed(work, one, self.concurrency)) as results:
+                async for graded in results:
+                    yield graded
         finally:
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.gather(*tasks, return_exceptions=True)
             grading.shutdown(wait=False, cancel_futures=True)

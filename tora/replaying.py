@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from tora import fences
+from tora.concurrency import bounded_as_completed
 from tora.engine import KernelSource
-from tora.errors import DataError
+from tora.jsonl import first_object
 from tora.record.schema import CodeStep, ExecutionStep, Trajectory
 from tora.record.writer import read_trajectories
 from tora.released import read_released
@@ -165,18 +165,7 @@ def load_jobs(path: Path, *, timeout_s: float | None = None, fresh_namespace: bo
 
 
 def _is_tora_file(path: Path) -> bool:
-    try:
-        with path.open(encoding="utf-8") as handle:
-            first = next((line for line in handle if line.strip()), "")
-    except OSError as exc:
-        raise DataError(path, None, None, f"cannot read: {exc.strerror}") from exc
-    if not first:
-        raise DataError(path, None, None, "the file holds no records")
-    try:
-        head = json.loads(first)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, 1, None, f"not valid JSON ({exc.msg})") from exc
-    return isinstance(head, dict) and "schema_version" in head
+    return "schema_version" in first_object(path)[1]
 
 
 # --- running ---------------------------------------------------------------------
@@ -220,27 +209,10 @@ async def run_job(job: Job, kernels: KernelSource) -> list[CellReport]:
 async def replay_jobs(jobs: Sequence[Job], kernels: KernelSource,
                       concurrency: int = 4) -> AsyncGenerator[tuple[Job, list[CellReport]], None]:
     """Yield (job, its cell reports) as each trajectory finishes; at most `concurrency` kernels at once."""
-    sem = asyncio.Semaphore(max(1, concurrency))
-    done: asyncio.Queue[tuple[Job, list[CellReport]] | BaseException] = asyncio.Queue()
 
-    async def one(job: Job) -> None:
-        try:
-            async with sem:
-                done.put_nowait((job, await run_job(job, kernels)))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            done.put_nowait(exc)
+    async def one(job: Job) -> tuple[Job, list[CellReport]]:
+        return job, await run_job(job, kernels)
 
-    tasks = [asyncio.create_task(one(job)) for job in jobs]
-    try:
-        for _ in tasks:
-            got = await done.get()
-            if isinstance(got, BaseException):
-                raise got
+    async with contextlib.aclosing(bounded_as_completed(jobs, one, concurrency)) as results:
+        async for got in results:
             yield got
-    finally:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.gather(*tasks, return_exceptions=True)
