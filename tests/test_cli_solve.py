@@ -101,3 +101,14 @@ def test_version_and_help() -> None:
     proc = run(["--help"])
     assert proc.returncode == 0 and "solve" in proc.stdout
     assert subprocess.run([sys.executable, "-m", "tora.cli.main", "--version"], capture_output=True, text=True).stdout.startswith("tora")
+
+
+def test_sandbox_limits_come_from_flags_and_environment(tmp_path: Path) -> None:
+    model = f"replay:{scripted(tmp_path, ANSWERED)}"
+    proc = run(["solve", "--model", model, "--json", "--no-record", "--isolation", "none", "--memory-mb", "512", "What is 6*7?"])
+    assert proc.returncode == 0, proc.stderr
+    kernel = json.loads(proc.stdout)["runtime"]["kernel"]
+    assert "512" in json.dumps(kernel) and "none" in json.dumps(kernel)
+    env = dict(os.environ, TORA_SANDBOX_NO_SUCH="1")
+    bad = subprocess.run([*TORA, "solve", "--model", model, "x"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "TORA_SANDBOX_NO_SUCH" in bad.stderr

@@ -77,6 +77,9 @@ class SolveConfig:
     render_policy: str = "default"
     fresh_namespace: bool = False  # ToRA-compat: each block runs alone
     extra_stop: list[str] = field(default_factory=list)
+    # SandboxPolicy fields set by flags (--isolation, --memory-mb); the engine
+    # itself never reads them, the verbs build their kernel source from them.
+    sandbox: dict[str, Any] = field(default_factory=dict)
 
 
 def extract_final(completion: str) -> tuple[str | None, str | None]:

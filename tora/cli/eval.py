@@ -204,7 +204,7 @@ async def _run(work: list[tuple[Problem, int]], backend: Backend, template: Prom
         return Episode(problem, backend=backend, template=template, kernels=pool, config=cfg, spec=spec,
                        sample_index=k, origin=origin, run_id=run_id)
 
-    pool = KernelPool(policy_for(config.timeout_s), size=min(concurrency, 4))
+    pool = KernelPool(policy_for(config), size=min(concurrency, 4))
     runner = BatchRunner(make_episode, grader=grader, concurrency=concurrency)
     try:
         await pool.start()

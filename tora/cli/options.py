@@ -19,7 +19,7 @@ def loop_options(func: F) -> F:
         click.option("--model", "-m", "model", envvar="TORA_MODEL", default="embedded", show_default=True,
                      help="Model spec: embedded | gguf:FILE | hf:DIR | replay:FILE."),
         click.option("--prompt", "-p", "prompt", envvar="TORA_PROMPT", default=None,
-                     help="Prompt template name (see prompts/) or file [default: tora-gsm8k, or chat for chat models]."),
+                     help="Prompt template name (see prompts/) or file [default: tora-gsm8k; tora-math for MATH sets]."),
         click.option("--max-tool-calls", type=click.IntRange(0), default=4, show_default=True),
         click.option("--max-tokens", type=click.IntRange(1), default=2048, show_default=True,
                      help="Completion token budget for the whole trajectory."),
@@ -33,6 +33,10 @@ def loop_options(func: F) -> F:
                      show_default=True, help="How execution results are shown to the model."),
         click.option("--fresh-namespace", is_flag=True,
                      help="Run each code block alone in a fresh kernel (what ToRA-trained models expect)."),
+        click.option("--isolation", type=click.Choice(["auto", "bwrap", "landlock", "none"]), default=None,
+                     envvar="TORA_ISOLATION", help="Sandbox tier [default: auto, the strongest available]."),
+        click.option("--memory-mb", type=click.IntRange(64), default=None, envvar="TORA_MEMORY_MB",
+                     help="Memory limit per kernel [default: 2048]. Other limits: TORA_SANDBOX_<FIELD>."),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -50,4 +54,5 @@ def config_from(kw: dict[str, Any]) -> SolveConfig:
         timeout_s=kw["timeout_s"],
         render_policy=kw["render_policy"],
         fresh_namespace=kw["fresh_namespace"],
+        sandbox={k: v for k in ("isolation", "memory_mb") if (v := kw.get(k)) is not None},
     )

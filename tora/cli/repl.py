@@ -46,7 +46,7 @@ class Session:
         self.template: PromptTemplate = load_prompt(prompt or DEFAULT_PROMPT)
         self.backend: Backend = load_backend(spec)
         warm_prefix(self.backend, self.template.prefix)
-        self.kernels = FreshKernels(policy_for(config.timeout_s))
+        self.kernels = FreshKernels(policy_for(config))
         self.kernel: Any = None
         self.writer = TrajectoryWriter(record) if record else None
         self.parent: str | None = None

@@ -121,7 +121,7 @@ async def _solve_once(
     as_json: bool,
     writer: TrajectoryWriter | None,
 ) -> Trajectory:
-    kernels: KernelSource = FreshKernels(policy_for(config.timeout_s))
+    kernels: KernelSource = FreshKernels(policy_for(config))
     episode = Episode(problem, backend=backend, template=template, kernels=kernels, config=config, spec=spec)
     subscribers: list[Any] = []
     if not as_json:
