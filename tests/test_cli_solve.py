@@ -112,3 +112,28 @@ def test_sandbox_limits_come_from_flags_and_environment(tmp_path: Path) -> None:
     env = dict(os.environ, TORA_SANDBOX_NO_SUCH="1")
     bad = subprocess.run([*TORA, "solve", "--model", model, "x"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "TORA_SANDBOX_NO_SUCH" in bad.stderr
+
+
+def test_repl_ctrl_c_interrupts_the_cell_and_keeps_the_session(tmp_path: Path, tora_home: Path) -> None:
+    script = write_released(tmp_path / "two.jsonl", [
+        {"idx": "a", "question": "first", "code": ["```python\nx = 5\nimport time\ntime.sleep(120)\n```\n```output\n\n```\n"]},
+        {"idx": "b", "question": "second", "code": ["```python\nprint(x + 1)\n```\n```output\n6\n```\nSo $\\boxed{6}$."]},
+    ])
+    proc = subprocess.Popen([*TORA, "solve", "--model", f"replay:{script}", "--timeout", "100"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("first\n")
+    proc.stdin.flush()
+    seen = ""
+    deadline = time.monotonic() + 60
+    while "```" not in seen and time.monotonic() < deadline:
+        seen += proc.stdout.read(1)
+    time.sleep(1.5)  # the sleeping cell is running
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    out, err = proc.communicate("second\n/quit\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert "interrupted; the session and its variables are kept" in out
+    assert "answer: 6" in out  # x survived the interrupt: same kernel
+    records = [json.loads(line) for line in (tora_home / "trajectories" / "solve.jsonl").read_text().splitlines()]
+    assert [r["result"]["finish"] for r in records] == ["interrupted", "answered"]
