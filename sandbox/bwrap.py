@@ -47,6 +47,34 @@ def python_roots(python: str) -> list[str]:
     return kept
 
 
+def _under_tmp(path: str) -> bool:
+    return path == "/tmp" or path.startswith("/tmp/")
+
+
+def python_mounts(python: str) -> list[tuple[str, str]]:
+    """(host path, path inside the sandbox) for each interpreter root.
+
+    Roots keep their own paths so shebangs and sys.prefix hold, except those
+    under /tmp: the sandbox's private /tmp would hide them (a checkout and its
+    venv in /tmp is common in CI), so they appear under /sandbox/py<N>, and
+    the interpreter is started from there (a venv finds its prefix from the
+    path it was started by).
+    """
+    return [(r, f"/sandbox/py{i}" if _under_tmp(r) else r) for i, r in enumerate(python_roots(python))]
+
+
+def sandbox_python(python: str) -> str:
+    """`python` as the sandbox sees it."""
+    path = os.path.abspath(python)
+    real_dir = os.path.realpath(os.path.dirname(path))
+    for host, inside in python_mounts(python):
+        for prefix in (host, os.path.realpath(host)):
+            for candidate in (path, os.path.join(real_dir, os.path.basename(path))):
+                if candidate.startswith(prefix + "/"):
+                    return inside + candidate[len(prefix) :]
+    return python
+
+
 def bwrap_argv(
     policy: SandboxPolicy,
     run_dir: Path,
@@ -84,8 +112,8 @@ def bwrap_argv(
             argv += ["--ro-bind", str(target), f"/{link}"]
     for name in _ETC_FILES:
         argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    for root in python_roots(python):
-        argv += ["--ro-bind", root, root]
+    for host, inside in python_mounts(python):
+        argv += ["--ro-bind", host, inside]
     argv += [
         "--ro-bind",
         str(script.parent),
@@ -127,6 +155,9 @@ class BwrapLauncher(SubprocessLauncher):
     def __init__(self, policy: SandboxPolicy, python: str | None = None) -> None:
         super().__init__(policy, python)
         self.cgroups = PidsCgroups.create()
+
+    def exec_python(self) -> str:
+        return sandbox_python(self.python)
 
     def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
         return RUN_DIR, WORK_DIR, f"{SCRIPT_DIR}/{INSIDE_SCRIPT.name}"

@@ -131,6 +131,10 @@ class SubprocessLauncher:
         self.policy = policy
         self.python = python or sys.executable
 
+    def exec_python(self) -> str:
+        """The interpreter's path as the kernel's own world sees it."""
+        return self.python
+
     def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
         """Run dir, work dir and inside.py as the kernel sees them."""
         return str(dirs.run), str(dirs.work), str(INSIDE_SCRIPT)
@@ -157,10 +161,11 @@ class SubprocessLauncher:
             "parent_pid": 0 if self.tier != "none" else os.getpid(),
             "landlock": self.landlock_paths(dirs),
         }
-        env = kernel_env(self.policy, work_in, str(Path(self.python).parent))
+        python = self.exec_python()
+        env = kernel_env(self.policy, work_in, str(Path(python).parent))
         cgroup = self.new_cgroup()
         prefix, env = self.command(dirs, env, cgroup)
-        argv = [*prefix, self.python, "-s", script, "kernel", json.dumps(config)]
+        argv = [*prefix, python, "-s", script, "kernel", json.dumps(config)]
         log = open(dirs.run / "kernel.log", "wb")  # noqa: SIM115
         try:
             popen = subprocess.Popen(

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from sandbox import cgroups
-from sandbox.bwrap import SANDBOX_UID, bwrap_argv
+from sandbox.bwrap import SANDBOX_UID, bwrap_argv, sandbox_python
 from sandbox.cgroups import PidsCgroups
 from sandbox.client import new_key, write_connection_file
 from sandbox.dirs import KernelDirs, base_dir
@@ -85,10 +85,11 @@ class ZygoteLauncher:
             "preimport": list(self.policy.preimport),
             "net_per_kernel": self.net_per_kernel,
         }
-        env = kernel_env(self.policy, "/sandbox/work", str(Path(self.python).parent))
+        python = sandbox_python(self.python)
+        env = kernel_env(self.policy, "/sandbox/work", str(Path(python).parent))
         argv = bwrap_argv(self.policy, root / "run-unused", zwork, INSIDE_SCRIPT, self.python, env)
         argv = _rebind(argv, root)
-        argv += ["--", self.python, "-s", f"/sandbox/lib/{INSIDE_SCRIPT.name}", "zygote", json.dumps(config)]
+        argv += ["--", python, "-s", f"/sandbox/lib/{INSIDE_SCRIPT.name}", "zygote", json.dumps(config)]
         (root / "run-unused").mkdir(exist_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
             *argv,

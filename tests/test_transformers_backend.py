@@ -54,3 +54,10 @@ def test_solve_records_a_trajectory_from_an_hf_model(model_dir: Path) -> None:
     assert proc.returncode in (0, 3), proc.stderr
     t = json.loads(proc.stdout)
     assert t["generation"]["backend"] == "transformers" and t["stats"]["completion_tokens"] > 0
+    # The chat path: the model's own chat template renders system + user messages.
+    proc = subprocess.run([*TORA, "solve", "--json", "--prompt", "chat", "--max-tokens", "10", "--model",
+                           f"hf:{model_dir}", "1+1?"], capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert proc.returncode in (0, 3), proc.stderr
+    chat = json.loads(proc.stdout)
+    assert chat["prompt"].startswith("<system>Integrate step-by-step reasoning") and chat["prompt"].endswith("<user>1+1?\n<assistant>")
+    assert chat["generation"]["prompt_template"]["name"] == "chat"

@@ -21,7 +21,7 @@ from typing import Any
 
 from tora.backends.base import Done, FinishReason, GenerationRequest, StreamEvent
 from tora.backends.threaded import stream_in_thread
-from tora.errors import BackendError, ModelSpecError
+from tora.errors import BackendError, ModelSpecError, PromptError
 from tora.paths import home
 
 _LOG_SINK: object = None
@@ -76,7 +76,7 @@ class LlamaCppBackend:
 
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
-            raise BackendError(f"{self.model} has no chat template; use a completion prompt (e.g. --prompt tora-gsm8k)")
+            raise PromptError(f"{self.model} has no chat template; use a completion prompt (e.g. --prompt tora-gsm8k)")
         eos = self._llm.detokenize([self._llm.token_eos()]).decode(errors="ignore")
         bos = self._llm.detokenize([self._llm.token_bos()]).decode(errors="ignore")
         formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)

@@ -15,7 +15,7 @@ from typing import Any
 
 from tora.backends.base import Done, FinishReason, GenerationRequest, StreamEvent
 from tora.backends.threaded import stream_in_thread
-from tora.errors import BackendError, ModelSpecError
+from tora.errors import BackendError, ModelSpecError, PromptError
 
 
 class TransformersBackend:
@@ -47,7 +47,7 @@ class TransformersBackend:
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise BackendError(f"{self.model} has no chat template; use a completion prompt (e.g. --prompt tora-gsm8k)")
+            raise PromptError(f"{self.model} has no chat template; use a completion prompt (e.g. --prompt tora-gsm8k)")
         text: str = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text
 
