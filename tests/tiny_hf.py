@@ -27,7 +27,7 @@ def build(out: Path) -> None:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                      max_position_embeddings=512, eos_token_id=vocab["<eos>"])
+                                      max_position_embeddings=4096, eos_token_id=vocab["<eos>"])
     transformers.LlamaForCausalLM(config).save_pretrained(out)
     fast.save_pretrained(out)
 

@@ -28,6 +28,9 @@ class TransformersBackend:
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # keep stderr quiet; a local load is quick
         except ImportError as exc:
             raise BackendError(
                 "the transformers backend needs the hf extra: pip install torch==2.13.0 'tora-tir[hf]'"
