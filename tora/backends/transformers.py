@@ -30,7 +30,7 @@ class TransformersBackend:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()  # keep stderr quiet; a local load is quick
+            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # quiet stderr
         except ImportError as exc:
             raise BackendError(
                 "the transformers backend needs the hf extra: pip install torch==2.13.0 'tora-tir[hf]'"
