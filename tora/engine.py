@@ -30,6 +30,7 @@ from tora.events import (
     TextDelta,
     TurnStarted,
 )
+from tora.grading.extract import extract_answer
 from tora.prompts import PromptTemplate
 from tora.record.schema import (
     CodeStep,
@@ -83,12 +84,7 @@ class SolveConfig:
 
 
 def extract_final(completion: str) -> tuple[str | None, str | None]:
-    """The final answer and the rule that found it."""
-    try:
-        from tora.grading.extract import extract_answer
-    except ImportError:  # grading not installed in a minimal build
-        boxed = fences.final_boxed(completion)
-        return (boxed, "boxed") if boxed is not None else (None, None)
+    """The final answer (normalised) and the rule that found it."""
     found = extract_answer(completion)
     return found.answer, found.rule
 
