@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -25,6 +26,8 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_kernel import TreeCpu
 
 from sandbox import CellResult, KernelPool, SandboxPolicy, start_kernel
 from sandbox.tiers import check
@@ -99,7 +102,9 @@ def run_tora_style(cells: list[tuple[int, str, str | None]]) -> tuple[float, dic
 # --- kernels ----------------------------------------------------------------------
 
 
-async def run_fresh_kernels(cells: list[tuple[int, str, str | None]], in_flight: int) -> tuple[float, dict[int, str]]:
+async def run_fresh_kernels(
+    cells: list[tuple[int, str, str | None]], in_flight: int, tree: TreeCpu
+) -> tuple[float, dict[int, str]]:
     out: dict[int, str] = {}
     policy = SandboxPolicy(timeout_s=5)
     async with KernelPool(policy, size=in_flight, max_starting=4) as pool:
@@ -115,9 +120,15 @@ async def run_fresh_kernels(cells: list[tuple[int, str, str | None]], in_flight:
                 finally:
                     await pool.release(k)
 
-        t = time.perf_counter()
+        t, c0 = time.perf_counter(), tree.seconds()
         await asyncio.gather(*(one(idx, code) for idx, code, _ in cells))
-        return time.perf_counter() - t, out
+        dt, c1 = time.perf_counter() - t, tree.seconds()
+        if c0 is not None and c1 is not None:
+            print(
+                f"fresh sandboxed kernels: {(c1 - c0) / len(cells) * 1000:.1f} ms of CPU per trajectory"
+                f" (whole tree, runtime included); load average {os.getloadavg()[0]:.1f}"
+            )
+        return dt, out
 
 
 async def run_reused_kernel(cells: list[tuple[int, str, str | None]]) -> tuple[float, dict[int, str]]:
@@ -143,7 +154,7 @@ async def main(path: Path, limit: int | None, in_flight: int) -> None:
     print(f"{len(cells)} cells from {path.name}; sandbox tier: {check().tier}")
     t_tora, o_tora = run_tora_style(cells)
     t_reuse, o_reuse = await run_reused_kernel(cells)
-    t_fresh, o_fresh = await run_fresh_kernels(cells, in_flight)
+    t_fresh, o_fresh = await run_fresh_kernels(cells, in_flight, TreeCpu())
     n = len(cells)
     print(f"ToRA-style exec in process pool : {t_tora:7.2f} s  {n / t_tora:7.1f} cells/s")
     print(f"one reused plain kernel         : {t_reuse:7.2f} s  {n / t_reuse:7.1f} cells/s")

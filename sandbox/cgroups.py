@@ -90,6 +90,21 @@ def add(group: Path, pid: int) -> None:
     (group / "cgroup.procs").write_text(str(pid))
 
 
+def remove(group: Path) -> None:
+    """Remove a kernel's group; kill what is still in it first if it is not empty.
+
+    A pool kernel's group empties by itself when its pid namespace's init dies
+    (the Linux kernel kills and reaps the whole namespace first), so the common
+    case is one rmdir, without reading ``cgroup.procs``.
+    """
+    try:
+        group.rmdir()
+    except FileNotFoundError:
+        return
+    except OSError:
+        kill_all(group)
+
+
 def kill_all(group: Path) -> None:
     """Kill every process left in the group, then remove it."""
     for _ in range(50):

@@ -113,8 +113,10 @@ class KernelClient:
         A reply on shell alone is not enough: until our iopub subscription has
         reached the kernel, what it publishes (the first cell's output) is lost.
         One kernel_info request waits, queued by zmq, until the kernel is up;
-        then requests are repeated only until the iopub status of one of them
-        arrives. The caller bounds the total time.
+        then iopub must show that our subscription arrived: the kernel's
+        ``iopub_welcome`` (sent when a subscription reaches it, ipykernel >= 7)
+        or the iopub status of one of our requests, which are repeated until
+        one arrives. The caller bounds the total time.
         """
         ids = {self._send(self.shell, "kernel_info_request", {})}
         while True:
@@ -135,7 +137,7 @@ class KernelClient:
             if not await self.iopub.poll(timeout=int(left * 1000) + 1):
                 return False
             msg = await self._recv(self.iopub)
-            if msg["parent_header"].get("msg_id") in ids:
+            if msg["parent_header"].get("msg_id") in ids or msg["header"].get("msg_type") == "iopub_welcome":
                 return True
 
     async def _drain(self, socket: zmq.asyncio.Socket) -> None:

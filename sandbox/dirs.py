@@ -64,5 +64,24 @@ class KernelDirs:
         return cls(root=root, run=run, work=work)
 
     def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            self._remove_flat()
+        except OSError:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    def _remove_flat(self) -> None:
+        """The common case in a few syscalls: run and work dirs holding only files (or nothing).
+
+        Raises OSError on anything else (a subdirectory, a dir laid out
+        differently), and ``rmtree`` takes over.
+        """
+        subdirs = [d for d in (self.run, self.work) if d != self.root]
+        for sub in subdirs:
+            with os.scandir(sub) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        raise IsADirectoryError(entry.path)
+                    os.unlink(entry.path)
+            os.rmdir(sub)
+        os.rmdir(self.root)

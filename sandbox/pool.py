@@ -40,6 +40,7 @@ class KernelPool:
         self._failures = 0
         self.last_error: Exception | None = None
         self._live: set[Kernel] = set()
+        self._teardowns: set[asyncio.Future[None]] = set()
 
     @property
     def launcher(self) -> Launcher:
@@ -108,9 +109,24 @@ class KernelPool:
             return kernel
 
     async def release(self, kernel: Kernel) -> None:
-        """Shut the kernel down; kernels are never reused."""
+        """Shut the kernel down; kernels are never reused.
+
+        The kernel is killed before this returns (SIGKILL to its pid namespace's
+        init: no graceful round trip, it would buy nothing); reaping it and
+        removing its cgroup and dirs go on in the background, and ``close``
+        waits for them.
+        """
         self._live.discard(kernel)
-        await kernel.shutdown()
+        task = asyncio.ensure_future(kernel.shutdown())
+        self._teardowns.add(task)
+        task.add_done_callback(self._torn_down)
+        # Let the task run up to its first wait: the kill has been sent.
+        await asyncio.sleep(0)
+
+    def _torn_down(self, task: asyncio.Future[None]) -> None:
+        self._teardowns.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.last_error = task.exception()  # type: ignore[assignment]
 
     @property
     def ready(self) -> int:
@@ -132,6 +148,8 @@ class KernelPool:
             *(s.destroy() for s in pending), *(k.shutdown() for k in list(self._live)), return_exceptions=True
         )
         self._live.clear()
+        if self._teardowns:
+            await asyncio.gather(*list(self._teardowns), return_exceptions=True)
         if self._launcher is not None:
             await self._launcher.close()
 

@@ -80,7 +80,7 @@ class ProcessHandle:
             await asyncio.wait_for(self.wait(), timeout)
         if self.cgroup is not None:
             # Whatever user code started and detached from the kernel.
-            await asyncio.to_thread(cgroups.kill_all, self.cgroup)
+            await asyncio.to_thread(cgroups.remove, self.cgroup)
             self.cgroup = None
 
 

@@ -1,8 +1,9 @@
 """Fast fresh kernels: fork them from a pre-imported zygote inside one bwrap sandbox.
 
 A cold kernel spends ~0.6 s of CPU importing numpy, sympy, IPython and
-ipykernel. The zygote does that once; each kernel is then a fork (a few ms)
-plus building the IPython shell in the child.
+ipykernel, and building the IPython shell. The zygote does that once; each
+kernel is then a clone into new namespaces, a fork, and opening the kernel's
+sockets and threads in the child.
 
 Isolation tradeoff, compared with one bwrap per kernel (``BwrapLauncher``):
 all kernels of one zygote share the zygote's bwrap sandbox (its read-only
@@ -87,6 +88,10 @@ class ZygoteLauncher:
         }
         python = sandbox_python(self.python)
         env = kernel_env(self.policy, "/sandbox/work", str(Path(python).parent))
+        # IPython's profile (six dirs and a file) is made once, by the zygote,
+        # in its own /tmp; a kernel that needs it later makes it in its private
+        # tmpfs /tmp: no disk inodes per kernel, nothing to remove.
+        env["IPYTHONDIR"] = "/tmp/.ipython"
         argv = bwrap_argv(self.policy, root / "run-unused", zwork, INSIDE_SCRIPT, self.python, env)
         argv = _rebind(argv, root)
         argv += ["--", python, "-s", f"/sandbox/lib/{INSIDE_SCRIPT.name}", "zygote", json.dumps(config)]
