@@ -28,6 +28,11 @@ SANDBOX_UID = 1000
 _ETC_FILES = ("ld.so.cache", "localtime", "nsswitch.conf", "host.conf", "mime.types", "ssl/openssl.cnf")
 
 
+# The namespaces every sandbox gets: no network, no view of host processes,
+# IPC objects or hostname. The probe in tiers.py checks exactly these.
+NAMESPACE_FLAGS = ("--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts")
+
+
 def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
@@ -87,11 +92,7 @@ def bwrap_argv(
     exe = bwrap_path() or "bwrap"
     argv = [
         exe,
-        "--unshare-user",
-        "--unshare-pid",
-        "--unshare-net",
-        "--unshare-ipc",
-        "--unshare-uts",
+        *NAMESPACE_FLAGS,
         "--unshare-cgroup-try",
         "--die-with-parent",
         "--uid",

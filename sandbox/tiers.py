@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from sandbox.bwrap import BwrapLauncher, bwrap_path
+from sandbox.bwrap import NAMESPACE_FLAGS, BwrapLauncher, bwrap_path
 from sandbox.cgroups import PidsCgroups
 from sandbox.errors import IsolationUnavailableError
 from sandbox.launch import Launcher, SubprocessLauncher
@@ -73,11 +73,7 @@ def bwrap_works() -> tuple[bool, str]:
         return False, "bubblewrap is not installed (apt-get install bubblewrap)"
     cmd = [
         exe,
-        "--unshare-user",
-        "--unshare-pid",
-        "--unshare-net",
-        "--unshare-ipc",
-        "--unshare-uts",
+        *NAMESPACE_FLAGS,
         "--die-with-parent",
         "--ro-bind",
         "/usr",
