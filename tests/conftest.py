@@ -24,6 +24,11 @@ def tora_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     shared_models = Path(os.environ.get("TORA_TEST_MODELS", tmp_path_factory.getbasetemp() / "models"))
     (home / "models").symlink_to(shared_models, target_is_directory=True)
     shared_models.mkdir(parents=True, exist_ok=True)
+    # Caches are keyed by what they hold (the CPU variant verdict, KV states):
+    # shared, so that each test does not probe the engine again.
+    shared_cache = tmp_path_factory.getbasetemp() / "cache"
+    shared_cache.mkdir(exist_ok=True)
+    (home / "cache").symlink_to(shared_cache, target_is_directory=True)
     monkeypatch.setenv("TORA_HOME", str(home))
     return home
 

@@ -4,26 +4,42 @@ An `Episode` solves one problem and yields typed events. It does no I/O of
 its own beyond the model and the kernel it is given, so the terminal, the
 recorder and batch runners are all just consumers of `Episode.run()`.
 
+When code runs (`RenderSettings.run_on`): by default a python block runs
+as soon as the model closes it (generation stops at a closing fence on its
+own line as well as at ```output), because weak or differently trained
+models close block after block and never ask for output themselves; any
+other closed fence lets generation go on. The context stays ToRA's either
+way: the block, then ```output ... ```. `run_on="output"` keeps ToRA's own
+protocol (run only when the model writes ```output).
+
 Everything awaits: hundreds of episodes can share one event loop, a model
-call and a cell are both cancellable, and cancelling an episode interrupts
-its cell and leaves a partial trajectory marked `interrupted`.
+call and a cell are both cancellable, and cancelling an episode (or a
+timeout around it) interrupts its cell, releases its kernel and leaves a
+partial trajectory marked `interrupted`. Backends are held to their stream
+contract (`checked_stream`); a failure becomes `finish="error"` with a typed
+`result.error`, never an exception out of `run()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import platform
 import time
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+import traceback
+import uuid
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
 
 from tora import __version__, fences
-from tora.backends.base import Backend, Delta, GenerationRequest
+from tora.backends.base import Backend, Delta, Done, GenerationRequest, StreamEvent, checked_stream
+from tora.errors import error_kind
 from tora.events import (
     CodeBlockClosed,
     Event,
+    EventBase,
     ExecutionFinished,
     FinalAnswer,
     Finished,
@@ -34,6 +50,7 @@ from tora.grading.extract import extract_answer
 from tora.prompts import PromptTemplate
 from tora.record.schema import (
     CodeStep,
+    ErrorInfo,
     ExecError,
     ExecutionStep,
     Finish,
@@ -41,6 +58,7 @@ from tora.record.schema import (
     Problem,
     PromptRef,
     Result,
+    RunOn,
     Runtime,
     Sampling,
     Stats,
@@ -52,41 +70,70 @@ from tora.render import CellLike, get_renderer, observation
 
 
 class KernelLike(Protocol):
-    async def execute(self, code: str, timeout: float | None = None) -> Any: ...
+    """A kernel as the loop sees it (sandbox.Kernel fits)."""
+
+    async def execute(self, code: str, timeout: float | None = None) -> CellLike: ...
 
     @property
-    def info(self) -> dict[str, Any]: ...
+    def info(self) -> Mapping[str, Any]: ...
 
 
-class KernelSource(Protocol):
-    """Hands out fresh kernels (sandbox.KernelPool fits)."""
-
-    async def acquire(self) -> Any: ...
-
-    async def release(self, kernel: Any) -> None: ...
+K = TypeVar("K", bound=KernelLike)
 
 
-@dataclass
-class SolveConfig:
-    max_tool_calls: int = 4
-    max_tokens: int = 2048  # completion tokens for the whole trajectory
-    max_tokens_per_call: int = 1024
+class KernelSource(Protocol[K]):
+    """Hands out fresh kernels and takes them back (sandbox.KernelPool fits)."""
+
+    async def acquire(self) -> K: ...
+
+    async def release(self, kernel: K) -> None: ...
+
+
+@dataclass(frozen=True)
+class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tool_calls: int = 4
+    max_tokens: int = 2048  # completion tokens for the whole trajectory
+    max_tokens_per_call: int = 1024
     timeout_s: float = 10.0  # wall time per cell
-    render_policy: str = "default"
-    fresh_namespace: bool = False  # ToRA-compat: each block runs alone
-    extra_stop: list[str] = field(default_factory=list)
-    # SandboxPolicy fields set by flags (--isolation, --memory-mb); the engine
-    # itself never reads them, the verbs build their kernel source from them.
-    sandbox: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How the model and the kernel meet: when code runs and how its result is shown.
+
+    All of it is part of the training data, so all of it is recorded.
+    """
+
+    policy: str = "default"  # see tora.render
+    run_on: RunOn = "close"  # run a python block at its closing fence, or only at ```output (ToRA)
+    fresh_namespace: bool = False  # ToRA-compat: each block runs alone in a fresh kernel
+    extra_stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    limits: Limits = field(default_factory=Limits)
+    render: RenderSettings = field(default_factory=RenderSettings)
+
+    def with_seed(self, seed: int | None) -> SolveConfig:
+        return replace(self, sampling=replace(self.sampling, seed=seed))
 
 
 def extract_final(completion: str) -> tuple[str | None, str | None]:
     """The final answer (normalised) and the rule that found it."""
     found = extract_answer(completion)
     return found.answer, found.rule
+
+
+E = TypeVar("E", bound=EventBase)
 
 
 class Episode:
@@ -98,16 +145,18 @@ class Episode:
         *,
         backend: Backend,
         template: PromptTemplate,
-        kernels: KernelSource,
+        kernels: KernelSource[Any],
         config: SolveConfig | None = None,
         spec: str = "",
         sample_index: int = 0,
         origin: str = "greedy",
         run_id: str | None = None,
         kernel: KernelLike | None = None,
+        prefetch_kernel: bool = False,
     ) -> None:
+        self.id = uuid.uuid4().hex
         self.problem = problem
-        self.backend = backend
+        self.backend = backend.for_episode(problem, sample_index)
         self.template = template
         self.kernels = kernels
         self.config = config or SolveConfig()
@@ -118,115 +167,155 @@ class Episode:
         # A caller-owned kernel (the REPL keeps one per session) is used as is
         # and never released here.
         self._given_kernel = kernel
-        self._render = get_renderer(self.config.render_policy)
+        # Otherwise the kernel is taken at the first code block (a trajectory
+        # waiting on the model holds none), or at the start when a cold start
+        # is worth hiding behind generation (`tora solve`).
+        self._prefetch = prefetch_kernel
+        self._kernel_task: asyncio.Future[Any] | None = None
+        self._render = get_renderer(self.config.render.policy)
         if template.kind == "chat":
-            self.prompt = backend.format_chat(template.messages(problem.text))
+            self.prompt = self.backend.format_chat(template.messages(problem.text))
         else:
             self.prompt = template.fill(problem.text)
         self.steps: list[Step] = []
         self.stats = Stats()
         self._t0 = time.monotonic()
+        self._seq = itertools.count()
         self._kernel_info: dict[str, Any] = {}
         self.trajectory: Trajectory | None = None
+
+    @property
+    def stops(self) -> list[str]:
+        render = self.config.render
+        close = [fences.CLOSE_FENCE] if render.run_on == "close" else []
+        return [fences.OUTPUT_FENCE, *close, *self.template.stop, *render.extra_stop]
+
+    def _event(self, cls: type[E], **fields: Any) -> E:
+        return cls(trajectory_id=self.id, seq=next(self._seq), **fields)
+
+    def _remaining(self) -> int:
+        return self.config.limits.max_tokens - self.stats.completion_tokens
 
     # -- the loop -------------------------------------------------------------
 
     async def run(self) -> AsyncGenerator[Event, None]:
-        cfg = self.config
-        stops = [fences.OUTPUT_FENCE, *self.template.stop, *cfg.extra_stop]
+        limits = self.config.limits
         completion = ""
         finish: Finish = "no_answer"
-        error: str | None = None
-        kernel_task: asyncio.Task[Any] | None = None
-        if self._given_kernel is None and not cfg.fresh_namespace:
-            # Start the kernel while the model writes its first block.
-            kernel_task = asyncio.create_task(self.kernels.acquire())
+        error: ErrorInfo | None = None
+        if self._prefetch and self._given_kernel is None and not self.config.render.fresh_namespace:
+            self._kernel_task = asyncio.ensure_future(self.kernels.acquire())
         try:
             turn = 0
             while True:
-                remaining = cfg.max_tokens - self.stats.completion_tokens
-                if remaining <= 0:
+                if self._remaining() <= 0:
                     finish = "max_tokens"
                     break
-                yield TurnStarted(turn)
-                request = GenerationRequest(
-                    prompt=self.prompt + completion,
-                    stop=stops,
-                    max_tokens=min(cfg.max_tokens_per_call, remaining),
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    seed=cfg.seed,
-                    problem=self.problem,
-                    sample_index=self.sample_index,
-                    turn=turn,
-                )
+                yield self._event(TurnStarted, turn=turn)
                 step = TextStep(content="", t_start=self._elapsed())
                 self.steps.append(step)
-                # aclosing: a cancelled episode must stop the model *now*, not
-                # whenever the garbage collector finalises the stream.
-                async with contextlib.aclosing(self.backend.stream(request)) as stream:
-                    async for event in stream:
+                done: Done | None = None
+                out_of_tokens = False
+                # One turn is one model call, or several when the model closes a
+                # fence that runs nothing (a ```text block): it simply goes on.
+                while True:
+                    budget = min(limits.max_tokens_per_call, self._remaining())
+                    if budget <= 0:
+                        out_of_tokens = True
+                        break
+                    done = None
+                    async for event in self._generate(completion + step.content, budget):
                         if isinstance(event, Delta):
                             step.content += event.text
-                            yield TextDelta(event.text)
+                            yield self._event(TextDelta, text=event.text)
                         else:
                             done = event
+                    assert done is not None  # checked_stream guarantees it
+                    step.prompt_tokens = done.prompt_tokens
+                    step.completion_tokens += done.completion_tokens
+                    self.stats.prompt_tokens += done.prompt_tokens
+                    self.stats.completion_tokens += done.completion_tokens
+                    if done.stop_string != fences.CLOSE_FENCE:
+                        break
+                    # The closing fence is the model's text: keep it, as it saw it.
+                    step.content += fences.CLOSE_FENCE
+                    yield self._event(TextDelta, text=fences.CLOSE_FENCE)
+                    if fences.code_to_run(step.content, False) is not None:
+                        break
+                assert done is not None
                 step.t_end = self._elapsed()
                 step.finish_reason = done.finish_reason
-                step.prompt_tokens, step.completion_tokens = done.prompt_tokens, done.completion_tokens
-                self.stats.prompt_tokens += done.prompt_tokens
-                self.stats.completion_tokens += done.completion_tokens
                 completion += step.content
 
-                stopped_at_output = done.stop_string == fences.OUTPUT_FENCE
-                code = fences.code_to_run(step.content, stopped_at_output)
+                code = fences.code_to_run(step.content, done.stop_string == fences.OUTPUT_FENCE)
                 if code is None:
-                    if fences.in_open_block(step.content) or done.finish_reason == "length":
-                        # Cut off mid-thought: not a final answer, whatever it says.
-                        finish = "max_tokens" if done.finish_reason == "length" else "no_answer"
+                    if out_of_tokens or done.finish_reason == "length":
+                        finish = "max_tokens"  # cut off: not a final answer, whatever it says
+                    elif fences.in_open_block(step.content):
+                        finish = "no_answer"
                     else:
                         finish = "answered" if fences.final_boxed(step.content) is not None else "no_answer"
                     break
-                if self.stats.tool_calls >= cfg.max_tool_calls:
+                if self.stats.tool_calls >= limits.max_tool_calls:
                     finish = "max_tool_calls"
                     break
                 self.stats.tool_calls += 1
                 self.steps.append(CodeStep(content=code))
-                yield CodeBlockClosed(code, self.stats.tool_calls)
-                exec_step = await self._execute(code, kernel_task, after=completion)
+                yield self._event(CodeBlockClosed, code=code, index=self.stats.tool_calls)
+                exec_step = await self._execute(code, after=completion)
                 self.steps.append(exec_step)
                 completion += exec_step.observation
-                yield ExecutionFinished(exec_step, self.stats.tool_calls)
+                yield self._event(ExecutionFinished, step=exec_step, index=self.stats.tool_calls)
                 turn += 1
-        except (asyncio.CancelledError, KeyboardInterrupt):
+        except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
             self._finalize("interrupted", None)
             raise
         except Exception as exc:
-            finish, error = "error", f"{type(exc).__name__}: {exc}"
+            finish, error = "error", _error_info(exc)
         finally:
-            if kernel_task is not None:
-                await self._release(kernel_task)
+            await self._release_kernel()
         trajectory = self._finalize(finish, error)
         if trajectory.result.final_answer is not None and finish == "answered":
-            yield FinalAnswer(trajectory.result.final_answer, trajectory.result.extracted_by or "")
-        yield Finished(trajectory)
+            yield self._event(FinalAnswer, answer=trajectory.result.final_answer,
+                              extracted_by=trajectory.result.extracted_by or "")
+        yield self._event(Finished, trajectory=trajectory)
 
-    async def _execute(self, code: str, kernel_task: asyncio.Task[Any] | None, after: str) -> ExecutionStep:
-        cfg = self.config
-        fresh: Any = None
+    async def _generate(self, completion: str, budget: int) -> AsyncGenerator[StreamEvent, None]:
+        sampling = self.config.sampling
+        request = GenerationRequest(
+            prompt=self.prompt + completion,
+            stop=self.stops,
+            max_tokens=budget,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+        )
+        # aclosing: a cancelled episode must stop the model *now*, not
+        # whenever the garbage collector finalises the stream.
+        async with contextlib.aclosing(checked_stream(self.backend, request)) as stream:
+            async for event in stream:
+                yield event
+
+    async def _kernel(self) -> tuple[KernelLike, bool]:
+        """The kernel for the next cell, and whether it is this cell's alone."""
         if self._given_kernel is not None:
-            kernel: Any = self._given_kernel
-        elif kernel_task is not None:
-            kernel = await kernel_task
-        else:  # fresh namespace: a new kernel for this block alone
-            kernel = fresh = await self.kernels.acquire()
+            return self._given_kernel, False
+        if self.config.render.fresh_namespace:
+            return await self.kernels.acquire(), True
+        if self._kernel_task is None:
+            self._kernel_task = asyncio.ensure_future(self.kernels.acquire())
+        return await self._kernel_task, False
+
+    async def _execute(self, code: str, after: str) -> ExecutionStep:
+        timeout = self.config.limits.timeout_s
+        kernel, alone = await self._kernel()
         try:
             self._kernel_info = dict(kernel.info)
-            cell: CellLike = await kernel.execute(code, timeout=cfg.timeout_s)
+            cell = await kernel.execute(code, timeout=timeout)
         finally:
-            if fresh is not None:
-                await self.kernels.release(fresh)
-        rendered = self._render(cell, cfg.timeout_s)
+            if alone:
+                await asyncio.shield(self.kernels.release(kernel))
+        rendered = self._render(cell, timeout)
         if cell.status != "ok":
             self.stats.exec_errors += 1
         err = cell.error
@@ -236,33 +325,37 @@ class Episode:
             stderr=cell.stderr,
             display=list(cell.display),
             error=None if err is None else ExecError(ename=err.ename, evalue=err.evalue, traceback=list(err.traceback)),
-            truncated=bool(getattr(cell, "truncated", False)),
+            truncated=cell.truncated,
             duration_s=cell.duration_s,
-            render_policy=cfg.render_policy,
+            render_policy=self.config.render.policy,
             rendered=rendered,
             observation=observation(rendered, after),
         )
 
-    async def _release(self, kernel_task: asyncio.Task[Any]) -> None:
-        if not kernel_task.done():
-            kernel_task.cancel()
-        try:
-            kernel = await asyncio.shield(kernel_task)
-        except BaseException:
+    async def _release_kernel(self) -> None:
+        """Give the trajectory's kernel back; a cancellation of our own caller still propagates."""
+        task, self._kernel_task = self._kernel_task, None
+        if task is None:
             return
-        await asyncio.shield(self.kernels.release(kernel))
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        if task.cancelled() or task.exception() is not None:
+            return
+        await asyncio.shield(self.kernels.release(task.result()))
 
     # -- the record -----------------------------------------------------------
 
     def _elapsed(self) -> float:
         return round(time.monotonic() - self._t0, 4)
 
-    def _finalize(self, finish: Finish, error: str | None) -> Trajectory:
+    def _finalize(self, finish: Finish, error: ErrorInfo | None) -> Trajectory:
         cfg = self.config
         completion = "".join(s.context_text() for s in self.steps)
         answer, rule = extract_final(completion) if finish != "error" else (None, None)
         self.stats.wall_s = self._elapsed()
         trajectory = Trajectory(
+            id=self.id,
             run_id=self.run_id,
             problem=self.problem,
             sample_index=self.sample_index,
@@ -273,21 +366,22 @@ class Episode:
                 spec=self.spec,
                 prompt_template=PromptRef(name=self.template.name, sha256=self.template.sha256),
                 sampling=Sampling(
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    max_tokens=cfg.max_tokens,
-                    max_tokens_per_call=cfg.max_tokens_per_call,
-                    seed=cfg.seed,
-                    stop=[fences.OUTPUT_FENCE, *self.template.stop, *cfg.extra_stop],
+                    temperature=cfg.sampling.temperature,
+                    top_p=cfg.sampling.top_p,
+                    max_tokens=cfg.limits.max_tokens,
+                    max_tokens_per_call=cfg.limits.max_tokens_per_call,
+                    seed=cfg.sampling.seed,
+                    stop=self.stops,
                 ),
-                max_tool_calls=cfg.max_tool_calls,
+                max_tool_calls=cfg.limits.max_tool_calls,
+                run_on=cfg.render.run_on,
             ),
             runtime=Runtime(
                 executor="ipykernel",
                 python=platform.python_version(),
                 kernel=self._kernel_info,
-                render_policy=cfg.render_policy,
-                fresh_namespace=cfg.fresh_namespace,
+                render_policy=cfg.render.policy,
+                fresh_namespace=cfg.render.fresh_namespace,
                 tora_version=__version__,
             ),
             prompt=self.prompt,
@@ -298,3 +392,12 @@ class Episode:
         trajectory.content_hash = trajectory.compute_content_hash()
         self.trajectory = trajectory
         return trajectory
+
+
+def _error_info(exc: Exception) -> ErrorInfo:
+    kind = error_kind(exc)
+    return ErrorInfo(
+        kind=kind,  # type: ignore[arg-type]
+        message=f"{type(exc).__name__}: {exc}" if kind == "internal" else str(exc),
+        traceback="".join(traceback.format_exception(exc)) if kind == "internal" else None,
+    )

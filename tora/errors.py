@@ -39,3 +39,26 @@ class BackendError(ToraError):
 
 class RecordError(ToraError):
     """A trajectory file could not be read or written safely."""
+
+
+class KernelError(ToraError):
+    """The kernel a trajectory was using stopped working (not a cell's own failure)."""
+
+
+class GraderError(ToraError):
+    """A grader failed on an answer (crash, not a verdict)."""
+
+
+def error_kind(exc: BaseException) -> str:
+    """Whose fault a failure is, for `result.error.kind`."""
+    from sandbox.errors import KernelClosedError, SandboxError
+
+    if isinstance(exc, BackendError):
+        return "backend"
+    if isinstance(exc, KernelError | KernelClosedError):
+        return "kernel"
+    if isinstance(exc, SandboxError):
+        return "sandbox"
+    if isinstance(exc, GraderError):
+        return "grader"
+    return "internal"

@@ -11,9 +11,12 @@ import re
 from dataclasses import dataclass
 
 OUTPUT_FENCE = "```output"
+# A closing fence on its own line: with the default run-on-close policy the
+# model stops here, and a closed python block is run at once.
+CLOSE_FENCE = "\n```\n"
 _OPEN = re.compile(r"^```[ \t]*([A-Za-z0-9_+-]*)[ \t]*$")
 _CLOSE = re.compile(r"^```[ \t]*$")
-_CODE_LANGS = {"python", "py", "python3", "ipython"}
+CODE_LANGS = frozenset({"python", "py", "python3", "ipython"})
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,13 @@ class Block:
 
     @property
     def is_code(self) -> bool:
-        return self.lang in _CODE_LANGS
+        return self.lang in CODE_LANGS
+
+
+def opening_lang(line: str) -> str | None:
+    """The language tag if `line` opens a fenced block ("" for a bare fence), else None."""
+    m = _OPEN.match(line.strip())
+    return m.group(1).lower() if m else None
 
 
 def blocks(text: str) -> list[Block]:

@@ -8,10 +8,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from sandbox import Kernel, KernelPool, SandboxPolicy, start_kernel
-from tora.engine import SolveConfig
 from tora.errors import UsageError
 
-__all__ = ["FreshKernels", "KernelPool", "SandboxPolicy", "policy_for"]
+__all__ = ["FreshKernels", "KernelPool", "SandboxPolicy", "sandbox_policy"]
 
 ENV_PREFIX = "TORA_SANDBOX_"
 
@@ -29,9 +28,10 @@ def _from_env() -> dict[str, Any]:
     return found
 
 
-def policy_for(config: SolveConfig) -> SandboxPolicy:
-    """The sandbox policy: flags > TORA_SANDBOX_* environment > defaults."""
-    values = {**_from_env(), **config.sandbox, "timeout_s": config.timeout_s}
+def sandbox_policy(*, timeout_s: float, **flags: Any) -> SandboxPolicy:
+    """The sandbox policy: flags (None: not given) > TORA_SANDBOX_* environment > defaults."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    values = {**_from_env(), **given, "timeout_s": timeout_s}
     try:
         return SandboxPolicy(**values)
     except ValidationError as exc:

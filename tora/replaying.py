@@ -180,7 +180,7 @@ def compare(job: Job, cell: Cell, result: CellLike) -> CellReport:
     return CellReport(job.id, job.sample_index, cell.index, verdict, recorded, new, result.status)
 
 
-async def run_job(job: Job, kernels: KernelSource) -> list[CellReport]:
+async def run_job(job: Job, kernels: KernelSource[Any]) -> list[CellReport]:
     """Run one trajectory's cells in order; a cell that cannot run at all is an `error`, and so are the rest."""
     reports: list[CellReport] = []
     kernel: Any = None
@@ -206,7 +206,7 @@ async def run_job(job: Job, kernels: KernelSource) -> list[CellReport]:
     return reports
 
 
-async def replay_jobs(jobs: Sequence[Job], kernels: KernelSource,
+async def replay_jobs(jobs: Sequence[Job], kernels: KernelSource[Any],
                       concurrency: int = 4) -> AsyncGenerator[tuple[Job, list[CellReport]], None]:
     """Yield (job, its cell reports) as each trajectory finishes; at most `concurrency` kernels at once."""
 

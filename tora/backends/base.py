@@ -1,18 +1,32 @@
-"""The backend protocol: a prompt in, streamed text out.
+"""The backend contract: a prompt in, streamed text out.
 
-A backend knows nothing of code blocks or kernels. It streams `Delta`s and
-ends with one `Done` saying why it stopped. Stop strings are applied here, in
-`StopScanner`, the same way for every engine, so that the loop always learns
-*which* stop string fired (llama.cpp and transformers do not report it).
+A backend knows nothing of code blocks or kernels. `stream()` yields `Delta`s
+and ends with exactly one `Done` saying why it stopped. Stop strings are
+applied here, in `StopScanner`, the same way for every engine, so that the
+loop always learns *which* stop string fired (llama.cpp and transformers do
+not report it).
+
+The loop never trusts a backend to keep that contract: it reads every stream
+through `checked_stream`, which turns a stream that breaks, ends without a
+`Done` or goes on after one into a `BackendError` naming the backend.
+
+Backends subclass `Backend`; the optional hooks (`prepare`, `for_episode`,
+`aclose`) have defaults, so a plugin overrides only what it needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import abc
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal
 
-from tora.record.schema import Problem
+from tora.errors import BackendError
+
+if TYPE_CHECKING:
+    from tora.record.schema import Problem
 
 FinishReason = Literal["stop", "length", "eos"]
 
@@ -25,11 +39,6 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    # Metadata for backends that need to know where they are (replay);
-    # real models ignore it.
-    problem: Problem | None = None
-    sample_index: int = 0
-    turn: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,20 +57,49 @@ class Done:
 StreamEvent = Delta | Done
 
 
-@runtime_checkable
-class Backend(Protocol):
+class Backend(abc.ABC):
     name: str  # backend kind, e.g. "llama.cpp"
     model: str  # what was loaded, e.g. a file name or model id
 
-    def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
-        """Yield Deltas, then exactly one Done. Cancelling the consumer stops generation."""
-        ...
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Yield Deltas, then exactly one Done. Closing the stream stops generation."""
 
+    @abc.abstractmethod
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         """Render chat messages with the model's template, ending ready for the assistant."""
-        ...
 
-    async def aclose(self) -> None: ...
+    def prepare(self, prefix: str) -> None:  # noqa: B027 - an optional hook
+        """Precompute a prompt prefix every problem shares (llama.cpp caches its KV state)."""
+
+    def for_episode(self, problem: Problem, sample_index: int) -> Backend:
+        """The backend one trajectory talks to. Real models serve every trajectory
+        alike; a replay of recorded data needs to know which problem and sample it plays."""
+        return self
+
+    async def aclose(self) -> None:  # noqa: B027 - an optional hook
+        """Free the model."""
+
+
+async def checked_stream(backend: Backend, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+    """`backend.stream(request)`, held to the contract: Deltas, then exactly one Done, then nothing."""
+    done: Done | None = None
+    try:
+        async with contextlib.aclosing(backend.stream(request)) as stream:  # type: ignore[type-var]
+            async for event in stream:
+                if done is not None:
+                    raise BackendError(f"backend {backend.name}: {type(event).__name__} after the end of its stream")
+                if isinstance(event, Done):
+                    done = event
+                elif not isinstance(event, Delta):
+                    raise BackendError(f"backend {backend.name}: streamed {event!r}, not text")
+                yield event
+    except (BackendError, asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as exc:
+        raise BackendError(f"backend {backend.name} failed: {type(exc).__name__}: {exc}") from exc
+    if done is None:
+        raise BackendError(f"backend {backend.name}: its stream ended without saying why it stopped (no Done)")
 
 
 class StopScanner:

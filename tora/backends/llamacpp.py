@@ -19,7 +19,8 @@ from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 from typing import Any
 
-from tora.backends.base import Done, FinishReason, GenerationRequest, StreamEvent
+from tora.backends.base import Backend, Done, FinishReason, GenerationRequest, StreamEvent
+from tora.backends.ggml_cpu import ensure_cpu_backend
 from tora.backends.threaded import stream_in_thread
 from tora.errors import BackendError, ModelSpecError, PromptError
 from tora.paths import home
@@ -43,7 +44,7 @@ def _silence_llama_log() -> None:
     llama_cpp.llama_log_set(sink, ctypes.c_void_p(0))
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(Backend):
     name = "llama.cpp"
 
     def __init__(self, path: Path, *, n_ctx: int = 8192, n_threads: int | None = None) -> None:
@@ -55,7 +56,9 @@ class LlamaCppBackend:
 
             _silence_llama_log()
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise BackendError("llama-cpp-python is not installed: pip install llama-cpp-python") from exc
+            raise BackendError("llama-cpp-python is not installed: run ./setup.sh") from exc
+        # Before the first Llama(): pick the CPU variant proven to run here.
+        self.cpu_variant = ensure_cpu_backend()
         try:
             self._llm: Any = Llama(
                 model_path=str(path),

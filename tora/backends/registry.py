@@ -67,14 +67,6 @@ def known_kinds() -> list[str]:
     return sorted({*BUILTIN, *_plugins()})
 
 
-def warm_prefix(backend: Backend, prefix: str) -> None:
-    """Let a backend precompute a prompt prefix shared by every problem
-    (llama.cpp caches its KV state on disk); a no-op for the others."""
-    prepare = getattr(backend, "prepare", None)
-    if prefix and callable(prepare):
-        prepare(prefix)
-
-
 def load_backend(spec: str | None) -> Backend:
     """Build the backend a spec names; ModelSpecError (exit 2) if it names none."""
     spec = (spec or DEFAULT_SPEC).strip()

@@ -13,12 +13,12 @@ from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 from typing import Any
 
-from tora.backends.base import Done, FinishReason, GenerationRequest, StreamEvent
+from tora.backends.base import Backend, Done, FinishReason, GenerationRequest, StreamEvent
 from tora.backends.threaded import stream_in_thread
 from tora.errors import BackendError, ModelSpecError, PromptError
 
 
-class TransformersBackend:
+class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, path: Path, *, device: str | None = None) -> None:

@@ -15,6 +15,7 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.text import Text
 
+from tora import fences
 from tora.events import CodeBlockClosed, Event, ExecutionFinished, Finished, TextDelta, TurnStarted
 from tora.record.schema import Trajectory
 
@@ -85,7 +86,7 @@ class RichPrinter:
             if bare.startswith("```"):
                 self._in_code = False  # CodeBlockClosed renders the panel
             return
-        if bare.startswith("```") and bare[3:].strip().lower() in {"python", "py", "python3", "ipython"}:
+        if fences.opening_lang(bare) in fences.CODE_LANGS:
             self._in_code = True
             return
         self.console.print(line[self._printed_partial:], end="", markup=False, highlight=False)

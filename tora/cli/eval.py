@@ -22,17 +22,16 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sandbox import KernelPool, SandboxError
+from sandbox import KernelPool, SandboxError, SandboxPolicy
 from tora.backends.base import Backend
-from tora.backends.registry import load_backend, warm_prefix
-from tora.cli.options import config_from, loop_options
+from tora.backends.registry import load_backend
+from tora.cli.options import config_from, loop_options, sandbox_from
 from tora.cli.progress import BatchProgress
 from tora.data import load_problems
 from tora.engine import Episode, SolveConfig
 from tora.errors import ToraError, UsageError
 from tora.evaluate import BatchRunner, Graded, load_finished, regrade, work_list
 from tora.grading import DEFAULT_GRADER, GRADERS
-from tora.kernels import policy_for
 from tora.metrics import compute_metrics
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Problem, TrajectoryWriter
@@ -103,13 +102,13 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, concurr
     template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
     with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
         backend = load_backend(kw["model"])
-        warm_prefix(backend, template.prefix)
+        backend.prepare(template.prefix)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(previous, dataset, problems, samples, grader, concurrency, config, kw["model"], backend,
                          template, skipped=len(finished), out=out)
     write_json(out / MANIFEST, manifest)
     work = work_list(problems, samples, finished)
-    if samples > 1 and config.temperature == 0 and backend.name != "replay":
+    if samples > 1 and config.sampling.temperature == 0 and backend.name != "replay":
         err.print("[yellow]warning:[/yellow] --samples > 1 at temperature 0: greedy samples are all alike")
     if finished:
         err.print(f"resuming {out}: {len(finished)} of {len(selected)} trajectories already recorded", highlight=False)
@@ -118,7 +117,7 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, concurr
     writer = TrajectoryWriter(traj_path)
     interrupted = False
     try:
-        asyncio.run(_run(work, backend, template, config, kw["model"], grader, concurrency, manifest["run_id"],
+        asyncio.run(_run(work, backend, template, config, sandbox_from(kw), kw["model"], grader, concurrency, manifest["run_id"],
                          samples, writer, new, err, len(selected), len(finished),
                          sum(t.result.correct is True for t in finished.values())))
     except KeyboardInterrupt:
@@ -193,18 +192,18 @@ def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Prob
 
 
 async def _run(work: list[tuple[Problem, int]], backend: Backend, template: PromptTemplate, config: SolveConfig,
-               spec: str, grader: str, concurrency: int, run_id: str, samples: int, writer: TrajectoryWriter,
+               policy: SandboxPolicy, spec: str, grader: str, concurrency: int, run_id: str, samples: int, writer: TrajectoryWriter,
                new: list[Graded], err: Console, total: int, already: int, already_hits: int) -> None:
-    origin = "replayed" if backend.name == "replay" else ("sampled" if config.temperature > 0 else "greedy")
+    origin = "replayed" if backend.name == "replay" else ("sampled" if config.sampling.temperature > 0 else "greedy")
 
     def make_episode(problem: Problem, k: int) -> Episode:
         cfg = config
-        if config.seed is not None and samples > 1:
-            cfg = dataclasses.replace(config, seed=config.seed + k)  # distinct, reproducible samples
+        if config.sampling.seed is not None and samples > 1:
+            cfg = config.with_seed(config.sampling.seed + k)  # distinct, reproducible samples
         return Episode(problem, backend=backend, template=template, kernels=pool, config=cfg, spec=spec,
                        sample_index=k, origin=origin, run_id=run_id)
 
-    pool = KernelPool(policy_for(config), size=min(concurrency, 4))
+    pool = KernelPool(policy, size=min(concurrency, 4))
     runner = BatchRunner(make_episode, grader=grader, concurrency=concurrency)
     try:
         await pool.start()

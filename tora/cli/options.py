@@ -7,7 +7,9 @@ from typing import Any, TypeVar
 
 import click
 
-from tora.engine import SolveConfig
+from sandbox import SandboxPolicy
+from tora.engine import Limits, RenderSettings, SamplingParams, SolveConfig
+from tora.kernels import sandbox_policy
 from tora.render import RENDERERS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,6 +33,8 @@ def loop_options(func: F) -> F:
                      help="Wall-time limit per code cell, seconds."),
         click.option("--render", "render_policy", type=click.Choice(sorted(RENDERERS)), default="default",
                      show_default=True, help="How execution results are shown to the model."),
+        click.option("--run-on", "run_on", type=click.Choice(["close", "output"]), default="close", show_default=True,
+                     help="Run a python block when the model closes it, or only when it writes ```output (ToRA)."),
         click.option("--fresh-namespace", is_flag=True,
                      help="Run each code block alone in a fresh kernel (what ToRA-trained models expect)."),
         click.option("--isolation", type=click.Choice(["auto", "bwrap", "landlock", "none"]), default=None,
@@ -45,14 +49,17 @@ def loop_options(func: F) -> F:
 
 def config_from(kw: dict[str, Any]) -> SolveConfig:
     return SolveConfig(
-        max_tool_calls=kw["max_tool_calls"],
-        max_tokens=kw["max_tokens"],
-        max_tokens_per_call=kw["max_tokens_per_call"],
-        temperature=kw["temperature"],
-        top_p=kw["top_p"],
-        seed=kw["seed"],
-        timeout_s=kw["timeout_s"],
-        render_policy=kw["render_policy"],
-        fresh_namespace=kw["fresh_namespace"],
-        sandbox={k: v for k in ("isolation", "memory_mb") if (v := kw.get(k)) is not None},
+        sampling=SamplingParams(temperature=kw["temperature"], top_p=kw["top_p"], seed=kw["seed"]),
+        limits=Limits(
+            max_tool_calls=kw["max_tool_calls"],
+            max_tokens=kw["max_tokens"],
+            max_tokens_per_call=kw["max_tokens_per_call"],
+            timeout_s=kw["timeout_s"],
+        ),
+        render=RenderSettings(policy=kw["render_policy"], run_on=kw["run_on"], fresh_namespace=kw["fresh_namespace"]),
     )
+
+
+def sandbox_from(kw: dict[str, Any]) -> SandboxPolicy:
+    """The kernels' limits: --timeout, --isolation, --memory-mb, then TORA_SANDBOX_*."""
+    return sandbox_policy(timeout_s=kw["timeout_s"], isolation=kw.get("isolation"), memory_mb=kw.get("memory_mb"))

@@ -17,13 +17,14 @@ from typing import Any
 
 from rich.console import Console
 
+from sandbox import SandboxPolicy
 from tora.backends.base import Backend
-from tora.backends.registry import load_backend, warm_prefix
+from tora.backends.registry import load_backend
 from tora.cli.display import PlainPrinter, RichPrinter
 from tora.cli.solve import problem_from_text, run_episode
 from tora.engine import Episode, SolveConfig
 from tora.errors import ToraError
-from tora.kernels import FreshKernels, policy_for
+from tora.kernels import FreshKernels
 from tora.paths import history_file
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import TrajectoryWriter
@@ -39,14 +40,15 @@ Ctrl-C stops the current answer but keeps the session."""
 
 
 class Session:
-    def __init__(self, spec: str, prompt: str | None, config: SolveConfig, record: Path | None, console: Console) -> None:
+    def __init__(self, spec: str, prompt: str | None, config: SolveConfig, policy: SandboxPolicy, record: Path | None,
+                 console: Console) -> None:
         self.spec = spec
         self.config = config
         self.console = console
         self.template: PromptTemplate = load_prompt(prompt or DEFAULT_PROMPT)
         self.backend: Backend = load_backend(spec)
-        warm_prefix(self.backend, self.template.prefix)
-        self.kernels = FreshKernels(policy_for(config))
+        self.backend.prepare(self.template.prefix)
+        self.kernels = FreshKernels(policy)
         self.kernel: Any = None
         self.writer = TrajectoryWriter(record) if record else None
         self.parent: str | None = None
@@ -84,13 +86,13 @@ class Session:
             backend = load_backend(arg)
             await self.backend.aclose()
             self.backend, self.spec = backend, arg
-            warm_prefix(self.backend, self.template.prefix)
+            self.backend.prepare(self.template.prefix)
             self.console.print(f"model: {self.backend.model} ({self.backend.name})")
         elif name == "model":
             self.console.print(f"model: {self.backend.model} ({self.backend.name}, spec {self.spec})")
         elif name == "prompt" and arg:
             self.template = load_prompt(arg)
-            warm_prefix(self.backend, self.template.prefix)
+            self.backend.prepare(self.template.prefix)
             self.console.print(f"prompt: {self.template.name}")
         else:
             self.console.print(f"unknown command /{name}; /help lists them")
@@ -150,10 +152,10 @@ async def _lines_pipe() -> Any:
         yield line.rstrip("\n")
 
 
-async def _repl(spec: str, prompt: str | None, config: SolveConfig, record: Path | None) -> int:
+async def _repl(spec: str, prompt: str | None, config: SolveConfig, policy: SandboxPolicy, record: Path | None) -> int:
     console = Console()
     tty = sys.stdin.isatty() and console.is_terminal
-    session = Session(spec, prompt, config, record, console)
+    session = Session(spec, prompt, config, policy, record, console)
     if tty:
         console.print(f"tora · {session.backend.model} · prompt {session.template.name} · /help for commands")
     try:
@@ -174,5 +176,5 @@ async def _repl(spec: str, prompt: str | None, config: SolveConfig, record: Path
     return 0
 
 
-def run_repl(spec: str, prompt: str | None, config: SolveConfig, record: Path | None) -> int:
-    return asyncio.run(_repl(spec, prompt, config, record))
+def run_repl(spec: str, prompt: str | None, config: SolveConfig, policy: SandboxPolicy, record: Path | None) -> int:
+    return asyncio.run(_repl(spec, prompt, config, policy, record))

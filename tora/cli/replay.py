@@ -18,9 +18,8 @@ from rich.markup import escape
 
 from sandbox import KernelPool, SandboxError
 from tora.cli.progress import BatchProgress
-from tora.engine import SolveConfig
 from tora.errors import ToraError, UsageError
-from tora.kernels import policy_for
+from tora.kernels import sandbox_policy
 from tora.replaying import DEFAULT_TIMEOUT_S, CellReport, Job, Summary, load_jobs, replay_jobs
 
 
@@ -83,7 +82,7 @@ def replay(file: Path, timeout_s: float | None, limit: int | None, concurrency: 
 
 async def _run(jobs: list[Job], concurrency: int, summary: Summary, err: Console, out: Console) -> None:
     timeout = max((j.timeout_s for j in jobs), default=DEFAULT_TIMEOUT_S)
-    pool = KernelPool(policy_for(SolveConfig(timeout_s=timeout)), size=min(concurrency, 4))
+    pool = KernelPool(sandbox_policy(timeout_s=timeout), size=min(concurrency, 4))
     try:
         await pool.start()
         with BatchProgress(err, "replay", len(jobs), score_label="same") as progress:

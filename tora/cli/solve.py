@@ -12,13 +12,14 @@ from typing import Any
 import click
 from rich.console import Console
 
+from sandbox import SandboxPolicy
 from tora.backends.base import Backend
-from tora.backends.registry import load_backend, warm_prefix
+from tora.backends.registry import load_backend
 from tora.cli.display import PlainPrinter, RichPrinter
-from tora.cli.options import config_from, loop_options
+from tora.cli.options import config_from, loop_options, sandbox_from
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.events import Event, Finished
-from tora.kernels import FreshKernels, policy_for
+from tora.kernels import FreshKernels
 from tora.paths import trajectories_dir
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Problem, Trajectory, TrajectoryWriter
@@ -80,11 +81,12 @@ def solve(problem: str | None, answer: str | None, as_json: bool, no_record: boo
     3 no answer, 1 runtime failure, 2 usage error, 130 interrupted.
     """
     config = config_from(kw)
+    policy = sandbox_from(kw)
     record_path = None if no_record else (record_to or default_record_path())
     if problem is None:
         from tora.cli.repl import run_repl
 
-        return run_repl(kw["model"], kw["prompt"], config, record_path)
+        return run_repl(kw["model"], kw["prompt"], config, policy, record_path)
     if problem == "-":
         problem = sys.stdin.read()
     if not problem.strip():
@@ -93,11 +95,12 @@ def solve(problem: str | None, answer: str | None, as_json: bool, no_record: boo
     with err.status("loading model…") if err.is_terminal and not as_json else contextlib.nullcontext():
         backend = load_backend(kw["model"])
     template = load_prompt(kw["prompt"] or DEFAULT_PROMPT)
-    warm_prefix(backend, template.prefix)
+    backend.prepare(template.prefix)
     writer = TrajectoryWriter(record_path) if record_path else None
     try:
         trajectory = asyncio.run(
-            _solve_once(problem_from_text(problem, answer), backend, template, config, kw["model"], as_json, writer)
+            _solve_once(problem_from_text(problem, answer), backend, template, config, policy, kw["model"], as_json,
+                        writer)
         )
     finally:
         if writer is not None:
@@ -117,12 +120,14 @@ async def _solve_once(
     backend: Backend,
     template: PromptTemplate,
     config: SolveConfig,
+    policy: SandboxPolicy,
     spec: str,
     as_json: bool,
     writer: TrajectoryWriter | None,
 ) -> Trajectory:
-    kernels: KernelSource = FreshKernels(policy_for(config))
-    episode = Episode(problem, backend=backend, template=template, kernels=kernels, config=config, spec=spec)
+    kernels: KernelSource[Any] = FreshKernels(policy)
+    episode = Episode(problem, backend=backend, template=template, kernels=kernels, config=config, spec=spec,
+                      prefetch_kernel=True)
     subscribers: list[Any] = []
     if not as_json:
         out = Console()

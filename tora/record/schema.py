@@ -23,12 +23,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = "1.0"
+# 1.1: result.error is a typed object (kind, message, traceback), not a string;
+# generation.run_on records when code runs. 1.0 records are read as they were.
+SCHEMA_VERSION = "1.1"
 
 Finish = Literal["answered", "no_answer", "max_tool_calls", "max_tokens", "error", "interrupted"]
 ExecStatus = Literal["ok", "error", "timeout", "died"]
+ErrorKind = Literal["backend", "kernel", "sandbox", "grader", "internal"]
+# When a python block runs: at its closing fence ("close", the default), or
+# only when the model writes ```output itself ("output", ToRA's protocol).
+RunOn = Literal["close", "output"]
 
 
 class _Record(BaseModel):
@@ -66,6 +72,7 @@ class Generation(_Record):
     prompt_template: PromptRef
     sampling: Sampling
     max_tool_calls: int
+    run_on: RunOn = "output"  # absent from 1.0 records, which all stopped at ```output only
 
 
 class Runtime(_Record):
@@ -125,14 +132,32 @@ class ExecutionStep(_Record):
 Step = Annotated[TextStep | CodeStep | ExecutionStep, Field(discriminator="type")]
 
 
+class ErrorInfo(_Record):
+    """Why a trajectory failed. `kind` says whose fault: the model backend, the
+    kernel, the sandbox, the grader, or tora itself (`internal`, with the traceback)."""
+
+    kind: ErrorKind
+    message: str
+    traceback: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind} error: {self.message}"
+
+
 class Result(_Record):
     final_answer: str | None = None
     extracted_by: str | None = None
     finish: Finish
-    error: str | None = None
+    error: ErrorInfo | None = None
     correct: bool | None = None
     grader: str | None = None
     grade_status: str | None = None
+
+    @field_validator("error", mode="before")
+    @classmethod
+    def _error_from_1_0(cls, value: object) -> object:
+        # 1.0 records held "ExcType: message"; the kind was not recorded.
+        return {"kind": "internal", "message": value} if isinstance(value, str) else value
 
 
 class Stats(_Record):
