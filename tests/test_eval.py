@@ -67,7 +67,7 @@ def test_replayed_gsm8k_head_scores_what_grading_the_rows_gives(tmp_path: Path, 
     gsm8k = DATA / "gsm8k" / "test.jsonl"
     assert manifest["dataset"]["sha256"] == hashlib.sha256(gsm8k.read_bytes()).hexdigest()
     assert manifest["model"] == REPLAY and manifest["grader"] == "tora-compat" and "--limit" in manifest["argv"]
-    assert manifest["config"]["max_tool_calls"] == 4 and {"python", "sympy", "math-verify"} <= manifest["versions"].keys()
+    assert manifest["config"]["limits"]["max_tool_calls"] == 4 and {"python", "sympy", "math-verify"} <= manifest["versions"].keys()
     # Progress and the table went to stderr.
     assert "eval 15/15" in proc.stderr and "accuracy" in proc.stderr
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -42,5 +41,6 @@ async def bounded_as_completed(
     finally:
         for task in tasks:
             task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        # The runs' own outcomes are collected, not raised; a cancellation of
+        # this consumer while it waits still propagates.
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar
 
 from tora import __version__, fences
 from tora.backends.base import Backend, Delta, Done, GenerationRequest, StreamEvent, checked_stream
-from tora.errors import error_kind
+from tora.errors import PromptError, error_kind
 from tora.events import (
     CodeBlockClosed,
     Event,
@@ -156,7 +156,6 @@ class Episode:
     ) -> None:
         self.id = uuid.uuid4().hex
         self.problem = problem
-        self.backend = backend.for_episode(problem, sample_index)
         self.template = template
         self.kernels = kernels
         self.config = config or SolveConfig()
@@ -173,10 +172,19 @@ class Episode:
         self._prefetch = prefetch_kernel
         self._kernel_task: asyncio.Future[Any] | None = None
         self._render = get_renderer(self.config.render.policy)
-        if template.kind == "chat":
-            self.prompt = self.backend.format_chat(template.messages(problem.text))
-        else:
-            self.prompt = template.fill(problem.text)
+        # A backend that cannot serve this problem (a replay without its
+        # recording) fails this trajectory, not the batch it is part of.
+        self._setup_error: Exception | None = None
+        self.backend = backend
+        self.prompt = template.fill(problem.text) if template.kind == "completion" else ""
+        try:
+            self.backend = backend.for_episode(problem, sample_index)
+            if template.kind == "chat":
+                self.prompt = self.backend.format_chat(template.messages(problem.text))
+        except PromptError:
+            raise  # a bad template is the user's, and the same for every problem
+        except Exception as exc:
+            self._setup_error = exc
         self.steps: list[Step] = []
         self.stats = Stats()
         self._t0 = time.monotonic()
@@ -206,6 +214,8 @@ class Episode:
         if self._prefetch and self._given_kernel is None and not self.config.render.fresh_namespace:
             self._kernel_task = asyncio.ensure_future(self.kernels.acquire())
         try:
+            if self._setup_error is not None:
+                raise self._setup_error
             turn = 0
             while True:
                 if self._remaining() <= 0:

@@ -1,62 +1,21 @@
-"""Batch evaluation: every (problem, sample) pair through the loop, then graded.
+"""Evaluation runs: the work still to do, what an earlier run finished, re-grading.
 
-`BatchRunner.run` is an async generator of graded trajectories in the order
-they finish. It does no I/O of its own: writing records, progress bars and
-tables belong to whoever iterates it (`tora eval` today, `tora curate` later),
-the same split as between `Episode` and its subscribers.
-
-Concurrency is bounded by a semaphore around each episode (model call plus
-kernel), so at most `concurrency` kernels are alive at once. Grading runs on
-one dedicated thread: it may block on the grading worker pool, and the default
-executor's threads are needed by the model backends to stream tokens.
+The running itself is `tora.scheduler`'s; this module holds what batch
+verbs (`tora eval`, `tora curate`) need around it, with no I/O beyond
+reading records.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tora.concurrency import bounded_as_completed
-from tora.engine import Episode
-from tora.events import Finished
-from tora.grading import DEFAULT_TIMEOUT, ItemGrade, grade_trajectories, grade_trajectory
+from tora.grading import DEFAULT_TIMEOUT, grade_trajectories
 from tora.grading.items import trajectory_prediction
 from tora.record import Problem, Trajectory, read_trajectories
+from tora.scheduler import Graded, graded
 
 Pair = tuple[str, int]  # (problem id, sample index): the unit of work and of resume
-EpisodeFactory = Callable[[Problem, int], Episode]
-
-
-@dataclass(frozen=True)
-class Graded:
-    """A finished trajectory with its verdict copied into `result`.
-
-    `pred` is the answer the grader read, which is not always the engine's
-    `final_answer`: `tora-compat` reads a completion the way ToRA does.
-    """
-
-    trajectory: Trajectory
-    pred: str | None
-    extracted_by: str | None
-
-    @property
-    def pair(self) -> Pair:
-        return (self.trajectory.problem.id, self.trajectory.sample_index)
-
-    @property
-    def correct(self) -> bool:
-        return self.trajectory.result.correct is True
-
-
-def with_grade(trajectory: Trajectory, item: ItemGrade) -> Graded:
-    result = trajectory.result.model_copy(
-        update={"correct": item.result.equal, "grader": item.result.grader, "grade_status": item.result.status}
-    )
-    return Graded(trajectory.model_copy(update={"result": result}), item.pred, item.extracted_by)
 
 
 def work_list(problems: Sequence[Problem], samples: int, done: Iterable[Pair] = ()) -> list[tuple[Problem, int]]:
@@ -98,51 +57,5 @@ def regrade(trajectories: Sequence[Trajectory], grader: str, timeout: float = DE
     if todo:
         items = grade_trajectories([trajectories[i] for i in todo], grader, timeout)
         for i, item in zip(todo, items, strict=True):
-            out[i] = with_grade(trajectories[i], item)
+            out[i] = graded(trajectories[i], item)
     return [g for g in out if g is not None]
-
-
-# --- the runner --------------------------------------------------------------
-
-
-async def drive(episode: Episode) -> Trajectory:
-    async for event in episode.run():
-        if isinstance(event, Finished):
-            return event.trajectory
-    raise RuntimeError("the episode ended without a Finished event")  # engine contract broken
-
-
-class BatchRunner:
-    def __init__(
-        self,
-        make_episode: EpisodeFactory,
-        *,
-        grader: str,
-        concurrency: int = 4,
-        grade_timeout: float = DEFAULT_TIMEOUT,
-    ) -> None:
-        self.make_episode = make_episode
-        self.grader = grader
-        self.concurrency = max(1, concurrency)
-        self.grade_timeout = grade_timeout
-
-    async def run(self, work: Sequence[tuple[Problem, int]]) -> AsyncGenerator[Graded, None]:
-        """Yield each pair's graded trajectory as soon as it is done.
-
-        Closing the generator (or cancelling its consumer) cancels every
-        episode still running; those trajectories are not yielded.
-        """
-        loop = asyncio.get_running_loop()
-        grading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tora-grade")
-
-        async def one(pair: tuple[Problem, int]) -> Graded:
-            trajectory = await drive(self.make_episode(*pair))
-            item = await loop.run_in_executor(grading, grade_trajectory, trajectory, self.grader, self.grade_timeout)
-            return with_grade(trajectory, item)
-
-        try:
-            async with contextlib.aclosing(bounded_as_completed(work, one, self.concurrency)) as results:
-                async for graded in results:
-                    yield graded
-        finally:
-            grading.shutdown(wait=False, cancel_futures=True)

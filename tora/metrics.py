@@ -13,9 +13,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from tora.evaluate import Graded
 from tora.grading import normalize_answer
 from tora.record import ExecutionStep, Problem
+from tora.scheduler import Graded
 
 GROUP_KEYS = ("type", "level")  # Problem.meta keys that get their own table (MATH has both)
 

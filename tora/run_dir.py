@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from tora.errors import RecordError
+from tora.errors import DataError, RecordError
 from tora.paths import trajectories_dir
 
 TRAJECTORIES = "trajectories.jsonl"
@@ -84,9 +84,31 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         raise RecordError(f"cannot write {path}: {exc.strerror}") from exc
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+def read_manifest(run_dir: Path, required: tuple[str, ...] = ("run_id", "model")) -> dict[str, Any] | None:
+    """The manifest of a run to resume; None for a folder with no run in it yet.
+
+    A manifest that is unreadable, not JSON, or lacks what a resume checks is
+    an error (exit 2), never a reason to start a fresh history: that would
+    let another model write into the same trajectories file.
+    """
+    path = run_dir / MANIFEST
+    fix = "repair or remove it (and its trajectories), or pick another --out"
+    if not path.exists():
+        records = run_dir / TRAJECTORIES
+        if records.is_file() and records.stat().st_size > 0:
+            raise DataError(path, None, None, f"missing, but {records.name} beside it holds trajectories; {fix}")
         return None
-    return data if isinstance(data, dict) else None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, None, None, f"cannot read it ({exc}); {fix}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, exc.lineno, None, f"not valid JSON ({exc.msg}); {fix}") from exc
+    if not isinstance(data, dict):
+        raise DataError(path, 1, None, f"expected a JSON object; {fix}")
+    for name in required:
+        if not isinstance(data.get(name), str):
+            raise DataError(path, None, name, f"missing or not a string; {fix}")
+    return data

@@ -25,12 +25,12 @@ from rich.table import Table
 from sandbox import KernelPool, SandboxError, SandboxPolicy
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
-from tora.cli.options import config_from, loop_options, sandbox_from
+from tora.cli.options import capacity_from, config_from, loop_options, sandbox_from, scheduler_options
 from tora.cli.progress import BatchProgress
 from tora.data import load_problems
-from tora.engine import Episode, SolveConfig
+from tora.engine import Episode, KernelSource, SolveConfig
 from tora.errors import ToraError, UsageError
-from tora.evaluate import BatchRunner, Graded, load_finished, regrade, work_list
+from tora.evaluate import load_finished, regrade, work_list
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
@@ -42,10 +42,11 @@ from tora.run_dir import (
     default_out,
     latest_out,
     package_versions,
-    read_json,
+    read_manifest,
     sha256_file,
     write_json,
 )
+from tora.scheduler import Capacity, Graded, Job, Scheduler
 
 _MATH_SETS = {"math", "math500"}
 
@@ -74,8 +75,7 @@ def _check_unique(problems: list[Problem]) -> None:
 @click.option("--samples", "-k", type=click.IntRange(1), default=1, show_default=True,
               help="Trajectories per problem (maj@k, pass@k).")
 @click.option("--grader", type=click.Choice(GRADERS), default=DEFAULT_GRADER, show_default=True)
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=4, show_default=True,
-              help="Trajectories in flight at once (each holds one kernel).")
+@scheduler_options
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: trajectories/eval-<dataset>-<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (or this data set's latest run).")
@@ -83,11 +83,12 @@ def _check_unique(problems: list[Problem]) -> None:
 @click.option("--answer-field", default=None, help="JSONL files: the field holding the reference answer.")
 @click.option("--id-field", default=None, help="JSONL files: the field holding a unique problem id.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON line on stdout, nothing else.")
-def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, concurrency: int, out: Path | None,
+def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Path | None,
              resume: bool, question_field: str | None, answer_field: str | None, id_field: str | None,
              as_json: bool, **kw: Any) -> int:
     """Evaluate a model on DATASET (gsm8k, math, math500, gsm-hard, svamp, asdiv, mawps) or a JSONL FILE."""
     config = config_from(kw)
+    capacity = capacity_from(kw)
     err = Console(stderr=True)
     problems = load_problems(dataset, question_field=question_field, answer_field=answer_field,
                              id_field=id_field, limit=limit)
@@ -104,7 +105,7 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, concurr
         backend = load_backend(kw["model"])
         backend.prepare(template.prefix)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _manifest(previous, dataset, problems, samples, grader, concurrency, config, kw["model"], backend,
+    manifest = _manifest(previous, dataset, problems, samples, grader, capacity, config, kw["model"], backend,
                          template, skipped=len(finished), out=out)
     write_json(out / MANIFEST, manifest)
     work = work_list(problems, samples, finished)
@@ -117,7 +118,7 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, concurr
     writer = TrajectoryWriter(traj_path)
     interrupted = False
     try:
-        asyncio.run(_run(work, backend, template, config, sandbox_from(kw), kw["model"], grader, concurrency, manifest["run_id"],
+        asyncio.run(_run(work, backend, template, config, sandbox_from(kw), kw["model"], grader, capacity, manifest["run_id"],
                          samples, writer, new, err, len(selected), len(finished),
                          sum(t.result.correct is True for t in finished.values())))
     except KeyboardInterrupt:
@@ -157,19 +158,20 @@ def _resolve_out(dataset: str, out: Path | None, resume: bool) -> Path:
 def _previous(out: Path, resume: bool, model: str, dataset: str) -> dict[str, Any] | None:
     if not resume:
         return None
-    previous = read_json(out / MANIFEST)
+    previous = read_manifest(out)
     if previous is None:
         return None
     if previous.get("model") != model:
         raise UsageError(f"--resume: {out} was run with --model {previous.get('model')}, not {model}")
-    data_name = previous.get("dataset", {}).get("name")
+    data = previous.get("dataset")
+    data_name = data.get("name") if isinstance(data, dict) else None
     if data_name != dataset:
         raise UsageError(f"--resume: {out} evaluated {data_name}, not {dataset}")
     return previous
 
 
 def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Problem], samples: int, grader: str,
-              concurrency: int, config: SolveConfig, model: str, backend: Backend, template: PromptTemplate,
+              capacity: Capacity, config: SolveConfig, model: str, backend: Backend, template: PromptTemplate,
               *, skipped: int, out: Path) -> dict[str, Any]:
     path = dataset_file(dataset)
     run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "skipped": skipped}
@@ -184,7 +186,7 @@ def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Prob
         "prompt": {"name": template.name, "sha256": template.sha256},
         "samples": samples,
         "grader": grader,
-        "concurrency": concurrency,
+        "capacity": dataclasses.asdict(capacity),
         "config": dataclasses.asdict(config),
         "versions": package_versions(),
         "runs": [*(previous or {}).get("runs", []), run],
@@ -192,31 +194,33 @@ def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Prob
 
 
 async def _run(work: list[tuple[Problem, int]], backend: Backend, template: PromptTemplate, config: SolveConfig,
-               policy: SandboxPolicy, spec: str, grader: str, concurrency: int, run_id: str, samples: int, writer: TrajectoryWriter,
-               new: list[Graded], err: Console, total: int, already: int, already_hits: int) -> None:
+               policy: SandboxPolicy, spec: str, grader: str, capacity: Capacity, run_id: str, samples: int,
+               writer: TrajectoryWriter, new: list[Graded], err: Console, total: int, already: int,
+               already_hits: int) -> None:
     origin = "replayed" if backend.name == "replay" else ("sampled" if config.sampling.temperature > 0 else "greedy")
 
-    def make_episode(problem: Problem, k: int) -> Episode:
+    def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
+        return Episode(job.problem, backend=backend, template=template, kernels=kernels, config=job.config,
+                       spec=spec, sample_index=job.sample_index, origin=job.origin, run_id=run_id)
+
+    def job(problem: Problem, k: int) -> Job:
         cfg = config
         if config.sampling.seed is not None and samples > 1:
             cfg = config.with_seed(config.sampling.seed + k)  # distinct, reproducible samples
-        return Episode(problem, backend=backend, template=template, kernels=pool, config=cfg, spec=spec,
-                       sample_index=k, origin=origin, run_id=run_id)
+        return Job(problem, k, cfg, origin)
 
-    pool = KernelPool(policy, size=min(concurrency, 4))
-    runner = BatchRunner(make_episode, grader=grader, concurrency=concurrency)
+    pool = KernelPool(policy, size=min(capacity.kernels, 8))
+    scheduler = Scheduler(make_episode, pool, grader=grader, capacity=capacity)
     try:
         await pool.start()
         with BatchProgress(err, "eval", total, done=already, hits=already_hits) as progress:
-            stream = runner.run(work)
-            try:
-                async for graded in stream:
-                    await writer.append(graded.trajectory)
-                    new.append(graded)
-                    progress.advance(graded.correct)
-            finally:
-                await stream.aclose()
+            async with contextlib.aclosing(scheduler.run(job(p, k) for p, k in work)) as results:
+                async for result in results:
+                    await writer.append(result.trajectory)
+                    new.append(result)
+                    progress.advance(result.correct)
     finally:
+        await scheduler.aclose()
         await pool.close()
         await backend.aclose()
 

@@ -11,6 +11,7 @@ from sandbox import SandboxPolicy
 from tora.engine import Limits, RenderSettings, SamplingParams, SolveConfig
 from tora.kernels import sandbox_policy
 from tora.render import RENDERERS
+from tora.scheduler import Capacity
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,3 +64,23 @@ def config_from(kw: dict[str, Any]) -> SolveConfig:
 def sandbox_from(kw: dict[str, Any]) -> SandboxPolicy:
     """The kernels' limits: --timeout, --isolation, --memory-mb, then TORA_SANDBOX_*."""
     return sandbox_policy(timeout_s=kw["timeout_s"], isolation=kw.get("isolation"), memory_mb=kw.get("memory_mb"))
+
+
+def scheduler_options(func: F) -> F:
+    """The batch verbs' three limits, sized independently."""
+    opts = [
+        click.option("--concurrency", "-c", type=click.IntRange(1), default=4, show_default=True,
+                     help="Trajectories in flight at once."),
+        click.option("--kernels", type=click.IntRange(1), default=None,
+                     help="Live kernels at once [default: as --concurrency]; a trajectory holds one from its first "
+                          "code block to its end."),
+        click.option("--graders", type=click.IntRange(1), default=2, show_default=True,
+                     help="Grading worker processes."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def capacity_from(kw: dict[str, Any]) -> Capacity:
+    return Capacity(in_flight=kw["concurrency"], kernels=kw["kernels"] or kw["concurrency"], graders=kw["graders"])

@@ -97,6 +97,15 @@ def _fast(grader: GraderName, pred: str, ref: str) -> GradeResult | None:
 
 _pool: ProcessPool[tuple[str, str, str, float], tuple[bool | None, str, str | None]] | None = None
 _pool_lock = threading.Lock()
+_workers: int | None = None  # None: min(4, cores)
+
+
+def use_workers(n: int) -> None:
+    """Size the shared grading pool (takes effect when it is next started)."""
+    global _workers
+    if n != _workers:
+        shutdown()
+        _workers = n
 
 
 def _get_pool() -> ProcessPool[tuple[str, str, str, float], tuple[bool | None, str, str | None]]:
@@ -105,7 +114,7 @@ def _get_pool() -> ProcessPool[tuple[str, str, str, float], tuple[bool | None, s
         if _pool is None:
             from tora.grading.worker import run_task
 
-            _pool = ProcessPool(run_task, preload=["tora.grading._preload"])
+            _pool = ProcessPool(run_task, _workers, preload=["tora.grading._preload"])
             atexit.register(shutdown)
         return _pool
 
