@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from sandbox.bwrap import NAMESPACE_FLAGS, BwrapLauncher, bwrap_path
-from sandbox.cgroups import PidsCgroups
+from sandbox.cgroups import KernelCgroups
 from sandbox.errors import IsolationUnavailableError
 from sandbox.launch import Launcher, SubprocessLauncher
 from sandbox.policy import SandboxPolicy
@@ -109,7 +109,7 @@ def bwrap_works() -> tuple[bool, str]:
 
 @functools.cache
 def _pids_cgroup() -> bool:
-    return PidsCgroups.create() is not None
+    return KernelCgroups.create() is not None
 
 
 def choose_tier(policy: SandboxPolicy) -> Tier:
