@@ -27,6 +27,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sandbox import cgroups
 from sandbox.cgroups import KernelCgroups
@@ -340,6 +341,9 @@ class BwrapLauncher(SubprocessLauncher):
 
     def inside_config(self) -> dict[str, object]:
         return {"view": view_config(self.policy)}
+
+    def facts(self, cgroup: Path | None) -> dict[str, Any]:
+        return {**super().facts(cgroup), "userns_disabled": self.disable_userns}
 
     def command(
         self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None

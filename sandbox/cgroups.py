@@ -36,9 +36,9 @@ _PREFIX = "tora-sbx-"
 _counter = itertools.count()
 # Teardown gives up after this long; a process still there is reported.
 KILL_TIMEOUT_S = 10.0
-# A kernel's groups in every hierarchy, keyed by its pids group, and which of them have a memory limit.
+# A kernel's groups in every hierarchy, and the one with its memory limit, keyed by its pids group.
 _groups: dict[Path, tuple[Path, ...]] = {}
-_with_memory: set[Path] = set()
+_memory: dict[Path, Path] = {}
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class KernelCgroups:
             return None
         _groups[pids] = tuple(made)
         if memory is not None:
-            _with_memory.add(pids)
+            _memory[pids] = memory
         return pids
 
     def remove(self) -> None:
@@ -186,13 +186,15 @@ def _set_memory(group: Path, limit: int, v2: bool) -> None:
         _write(group / "memory.memsw.limit_in_bytes", str(limit))
 
 
-def has_memory(group: Path) -> bool:
-    return group in _with_memory
+def memory_group(group: Path | None) -> str | None:
+    """The kernel's memory group, if it has one."""
+    memory = _memory.get(group) if group is not None else None
+    return str(memory) if memory is not None else None
 
 
 def _forget(group: Path) -> None:
     _groups.pop(group, None)
-    _with_memory.discard(group)
+    _memory.pop(group, None)
 
 
 def groups_of(group: Path) -> tuple[Path, ...]:

@@ -89,10 +89,22 @@ def effective_capabilities() -> int:
     return int(data[0]) | int(data[3]) << 32
 
 
-def report(path: str, limits: dict[str, int], seccomp: bool, landlock_abi: int = 0) -> None:
-    """Write what this kernel put in force on itself, before any cell runs; the runtime records it."""
+def report(path: str, asked: dict[str, int], limits: dict[str, int], seccomp: bool, landlock_abi: int) -> None:
+    """Write what this kernel put in force on itself, before any cell runs; the runtime records it.
+
+    Sizes of the kernel's own mounts are measured, not copied from the policy.
+    """
+    storage = {}
+    for mount in ("/tmp", "/sandbox/work", "/dev/shm"):
+        try:
+            st = os.statvfs(mount)
+        except OSError:
+            continue
+        storage[mount] = {"bytes": st.f_blocks * st.f_frsize, "inodes": st.f_files}
     facts = {
         "rlimits": limits,
+        "rlimits_failed": sorted(set(asked) - set(limits)),
+        "storage": storage,
         "seccomp": seccomp,
         "capabilities": effective_capabilities(),
         "landlock_abi": landlock_abi,
@@ -415,7 +427,7 @@ def confine(config: dict[str, Any], seccomp: Any) -> None:
             filtered = True
         except OSError as exc:
             sys.stderr.write(f"seccomp filter not loaded: {exc}\n")
-    report(config["report"], limits, filtered, abi)
+    report(config["report"], config.get("limits", {}), limits, filtered, abi)
 
 
 def _spawn_kernel(kid: str, config: dict[str, Any], warm: Any, entered: bool) -> None:
@@ -466,6 +478,15 @@ def _spawn_kernel(kid: str, config: dict[str, Any], warm: Any, entered: bool) ->
 
 
 KERNEL_CONNECTION_FILE = "/sandbox/run/conn.json"
+
+
+def prebuilt_supported(ipykernel_version: str) -> bool:
+    """Whether ``Warm``'s KernelApp, which repeats the steps of ipykernel 7's
+    ``IPKernelApp.initialize``, may be built before the fork; others build per kernel.
+
+    tests/test_sandbox_isolation.py checks those steps against the installed ipykernel.
+    """
+    return ipykernel_version.split(".")[0] == "7"
 
 
 class _SysWithoutModules:
@@ -658,8 +679,7 @@ class Warm:
         try:
             from importlib.metadata import version
 
-            # KernelApp.initialize repeats the steps of ipykernel 7's.
-            if not version("ipykernel").startswith("7."):
+            if not prebuilt_supported(version("ipykernel")):
                 raise RuntimeError(f"ipykernel {version('ipykernel')}, not 7")
             app = KernelApp.instance(config=self.config(KERNEL_CONNECTION_FILE))
             app.kernel_class = Kernel

@@ -164,9 +164,11 @@ def protections(tier: str, facts: dict[str, Any], pid: int, report: Path) -> dic
         off.append("seccomp")
     if inside.get("capabilities"):
         off.append("no capabilities")
-    for key in ("pids_cgroup", "memory_cgroup"):
-        if not facts.get(key):
-            off.append(key.replace("_", " "))
+    off += [f"rlimit {name}" for name in inside.get("rlimits_failed", [])]
+    if not facts.get("pids_cgroup"):
+        off.append("pids cgroup")
+    if not facts.get("memory_cgroup"):
+        off.append("memory cgroup")
     if tier == "bwrap" and not facts.get("own_network"):
         off.append("network namespace of its own")
     out["off"] = off
@@ -247,12 +249,18 @@ class SubprocessLauncher:
         finally:
             log.close()
         handle = ProcessHandle(popen.pid, popen, group=True, cgroup=cgroup)
-        facts = {
+        return await connect_and_handshake(
+            handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, self.facts(cgroup)
+        )
+
+    def facts(self, cgroup: Path | None) -> dict[str, Any]:
+        """What this launcher put in force for a kernel from outside."""
+        return {
+            "cgroup": str(cgroup) if cgroup is not None else None,
             "pids_cgroup": cgroup is not None,
-            "memory_cgroup": cgroup is not None and cgroups.has_memory(cgroup),
+            "memory_cgroup": cgroups.memory_group(cgroup),
             "own_network": self.tier == "bwrap",
         }
-        return await connect_and_handshake(handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, facts)
 
     def dir_owner(self) -> tuple[int, int] | None:
         """Who owns the kernel's run dir on the host (None: the runtime)."""

@@ -150,6 +150,11 @@ class ZygoteLauncher:
             raise KernelStartError(f"the kernel zygote did not start. Its output:\n{log}")
 
     @property
+    def log(self) -> Path | None:
+        """The zygote's stderr (what it says when it cannot build the kernel before the fork)."""
+        return self._root / "zygote.log" if self._root is not None else None
+
+    @property
     def zygote_pid(self) -> int | None:
         """The host pid of the zygote's bwrap process (for measurements)."""
         return self._proc.pid if self._proc is not None else None
@@ -205,8 +210,9 @@ class ZygoteLauncher:
             await writer.drain()
         writer.close()
         facts = {
+            "cgroup": str(handle.cgroup) if handle.cgroup is not None else None,
             "pids_cgroup": handle.cgroup is not None,
-            "memory_cgroup": handle.cgroup is not None and cgroups.has_memory(handle.cgroup),
+            "memory_cgroup": cgroups.memory_group(handle.cgroup),
             "own_network": self.net_per_kernel,
         }
         return await connect_and_handshake(
