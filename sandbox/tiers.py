@@ -21,6 +21,7 @@ import ctypes
 import functools
 import os
 import platform
+import resource
 from typing import Literal
 
 from pydantic import BaseModel
@@ -120,6 +121,14 @@ def _off(why: str) -> str:
     return f"none: {why}"
 
 
+def _rlimit(name: str, which: int, value: int, unit: int, detail: str) -> Protection:
+    """An rlimit the kernel sets on itself, after dropping its capabilities: never above the hard limit it inherits."""
+    hard = resource.getrlimit(which)[1]
+    if hard != resource.RLIM_INFINITY and value * unit > hard:
+        return Protection(name=name, active=False, detail=_off(f"{detail} is above the hard limit {hard // unit}"))
+    return Protection(name=name, active=True, detail=detail)
+
+
 def check(policy: SandboxPolicy | None = None) -> SandboxReport:
     """What protections a kernel started under ``policy`` gets on this machine, and why not others."""
     policy = policy or SandboxPolicy()
@@ -210,11 +219,8 @@ def check(policy: SandboxPolicy | None = None) -> SandboxReport:
             active=True,
             detail=f"cleared; only {', '.join(policy.env_allow)} copied, plus HOME/PATH/TMPDIR set by the sandbox",
         ),
-        Protection(
-            name="memory",
-            active=True,
-            detail=f"RLIMIT_AS {policy.memory_mb} MB per process (MALLOC_ARENA_MAX=2)",
-        ),
+        _rlimit("memory", resource.RLIMIT_AS, policy.memory_mb, 1 << 20,
+                f"RLIMIT_AS {policy.memory_mb} MB per process (MALLOC_ARENA_MAX=2)"),
         Protection(
             name="memory per kernel",
             active=memory_cg,
@@ -227,11 +233,11 @@ def check(policy: SandboxPolicy | None = None) -> SandboxReport:
         ),
         Protection(
             name="process count",
-            active=pids_cg or not root,
+            active=pids_cg or unprivileged,
             detail=f"pids cgroup per kernel, max {policy.max_procs}"
             if pids_cg
-            else f"RLIMIT_NPROC {policy.max_procs}"
-            if not root
+            else f"RLIMIT_NPROC {policy.max_procs} (counted per user namespace: per kernel in the bwrap tier)"
+            if unprivileged
             else _off("RLIMIT_NPROC does not apply to root and this kernel gets no pids cgroup"),
         ),
         Protection(
@@ -242,12 +248,11 @@ def check(policy: SandboxPolicy | None = None) -> SandboxReport:
             if pids_cg
             else _off("no cgroup: the pid namespace (bwrap) or the process group is killed"),
         ),
-        Protection(
-            name="file size",
-            active=True,
-            detail=f"RLIMIT_FSIZE {policy.max_file_mb} MB",
-        ),
-        Protection(name="cpu time", active=True, detail=f"RLIMIT_CPU {policy.cpu_time_s} s per kernel"),
+        _rlimit("file size", resource.RLIMIT_FSIZE, policy.max_file_mb, 1 << 20,
+                f"RLIMIT_FSIZE {policy.max_file_mb} MB"),
+        _rlimit("open files", resource.RLIMIT_NOFILE, policy.max_open_files, 1,
+                f"RLIMIT_NOFILE {policy.max_open_files}"),
+        _rlimit("cpu time", resource.RLIMIT_CPU, policy.cpu_time_s, 1, f"RLIMIT_CPU {policy.cpu_time_s} s per kernel"),
         Protection(
             name="wall time",
             active=True,

@@ -602,6 +602,8 @@ async def test_a_limit_that_cannot_be_applied_is_reported_off(kernels: Kernels) 
     prot = k.info["protections"]
     assert "max_open_files" not in prot["rlimits"] and "rlimit max_open_files" in prot["off"], prot
     assert prot["rlimits"]["memory_mb"] == policy.memory_mb
+    # And `tora sandbox check` says so before any kernel starts.
+    assert {p.name: p.active for p in check(policy).protections}["open files"] is False
     await still_works(k)
 
 
