@@ -319,7 +319,7 @@ class BwrapLauncher(SubprocessLauncher):
     def __init__(self, policy: SandboxPolicy, python: str | None = None) -> None:
         super().__init__(policy, python)
         self.cgroups = KernelCgroups.create()
-        self.ids, self.ids_why = bwrap_runs_as(policy.uid)
+        self.ids = bwrap_runs_as(policy.uid)[0]
         self.disable_userns = disable_userns_works(self.ids)
 
     def exec_python(self) -> str:

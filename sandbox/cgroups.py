@@ -39,6 +39,7 @@ KILL_TIMEOUT_S = 10.0
 # A kernel's groups in every hierarchy, and the one with its memory limit, keyed by its pids group.
 _groups: dict[Path, tuple[Path, ...]] = {}
 _memory: dict[Path, Path] = {}
+_made: dict[int, KernelCgroups | None] = {}
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,14 @@ class KernelCgroups:
 
     @classmethod
     def create(cls) -> KernelCgroups | None:
-        """None where no pids hierarchy is writable (not root, or no cgroups)."""
+        """This runtime's groups (one set per process); None where no pids hierarchy is writable."""
+        pid = os.getpid()
+        if pid not in _made:
+            _made[pid] = cls._create()
+        return _made[pid]
+
+    @classmethod
+    def _create(cls) -> KernelCgroups | None:
         found: dict[str, Path] = {}
         v2 = False
         for h in hierarchies():
@@ -167,11 +175,16 @@ class KernelCgroups:
         return pids
 
     def remove(self) -> None:
-        """Kill what is left in this runtime's groups and remove them (at exit)."""
+        """Kill what is left in this runtime's groups and remove them (at exit).
+
+        Also what runtimes killed with -9 left next to them (a runtime's own
+        runtimes, in tests), so no empty group outlives its parent's group.
+        """
         for parent in {self.pids_parent, self.memory_parent} - {None}:
             assert parent is not None
             with contextlib.suppress(SandboxError):
                 _kill_tree(parent, KILL_TIMEOUT_S)
+            _sweep(parent.parent)
 
 
 def _set_memory(group: Path, limit: int, v2: bool) -> None:

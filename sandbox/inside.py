@@ -227,13 +227,14 @@ def harden(app: Any) -> None:
 # --- zygote -----------------------------------------------------------------
 # The zygote runs in one bwrap sandbox with everything imported and the kernel
 # application and shell built. For each kernel it clones I straight into new
-# user, mount, pid, ipc and uts namespaces (I is pid 1 of the new pid
+# user, mount, pid, ipc, uts and network namespaces (I is pid 1 of the new pid
 # namespace); where that is refused, it forks a child C that unshares them and
-# forks I. I mounts the kernel's own run and
-# work dirs, a private /tmp and /proc, hides the other kernels' dirs, says hello
-# to the runtime over a unix socket (which tells the runtime I's host pid so it
-# can put it in a pids cgroup and watch it), then forks K, the kernel, and
-# waits for it. Killing I tears down the whole pid namespace.
+# forks I. I brings up loopback, mounts the kernel's own view (run dir, bounded
+# /tmp, work dir and /dev; the other kernels' dirs and /proc hidden), says
+# hello to the runtime over a unix socket (which tells the runtime I's host pid
+# so it can put it in the kernel's cgroups and watch it), then forks K, the
+# kernel, which confines itself (no capabilities, rlimits, seccomp), and waits
+# for it. Killing I tears down the whole pid namespace.
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000

@@ -132,6 +132,16 @@ async def connect_and_handshake(
     raise KernelStartError(f"kernel ({tier}) {why} while starting. {log}".strip())
 
 
+def outside_facts(cgroup: Path | None, own_network: bool) -> dict[str, Any]:
+    """A kernel's cgroups (its pids group names them) and whether it has a network namespace of its own."""
+    return {
+        "cgroup": str(cgroup) if cgroup is not None else None,
+        "pids_cgroup": cgroup is not None,
+        "memory_cgroup": cgroups.memory_group(cgroup),
+        "own_network": own_network,
+    }
+
+
 def host_uid(pid: int) -> int | None:
     """The real uid of a process as the host sees it."""
     try:
@@ -255,12 +265,7 @@ class SubprocessLauncher:
 
     def facts(self, cgroup: Path | None) -> dict[str, Any]:
         """What this launcher put in force for a kernel from outside."""
-        return {
-            "cgroup": str(cgroup) if cgroup is not None else None,
-            "pids_cgroup": cgroup is not None,
-            "memory_cgroup": cgroups.memory_group(cgroup),
-            "own_network": self.tier == "bwrap",
-        }
+        return outside_facts(cgroup, own_network=self.tier == "bwrap")
 
     def dir_owner(self) -> tuple[int, int] | None:
         """Who owns the kernel's run dir on the host (None: the runtime)."""

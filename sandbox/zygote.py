@@ -55,6 +55,7 @@ from sandbox.launch import (
     connect_and_handshake,
     kernel_env,
     kernel_limits,
+    outside_facts,
 )
 from sandbox.policy import SandboxPolicy
 from sandbox.process import ProcessHandle, wait_first
@@ -76,7 +77,7 @@ class ZygoteLauncher:
         self._hellos: dict[str, asyncio.Future[tuple[int, asyncio.StreamWriter]]] = {}
         self._start_lock = asyncio.Lock()
         self._cgroups = KernelCgroups.create()
-        self.ids, self.ids_why = bwrap_runs_as(policy.uid)
+        self.ids = bwrap_runs_as(policy.uid)[0]
         self._root: Path | None = None
         self._closed = False
         self._exited: asyncio.Future[int] | None = None
@@ -209,15 +210,8 @@ class ZygoteLauncher:
         with contextlib.suppress(OSError):
             await writer.drain()
         writer.close()
-        facts = {
-            "cgroup": str(handle.cgroup) if handle.cgroup is not None else None,
-            "pids_cgroup": handle.cgroup is not None,
-            "memory_cgroup": cgroups.memory_group(handle.cgroup),
-            "own_network": self.net_per_kernel,
-        }
-        return await connect_and_handshake(
-            handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, facts
-        )
+        facts = outside_facts(handle.cgroup, own_network=self.net_per_kernel)
+        return await connect_and_handshake(handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, facts)
 
     async def close(self) -> None:
         self._closed = True
