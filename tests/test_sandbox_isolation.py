@@ -191,6 +191,34 @@ async def test_every_kernel_process_runs_as_the_unprivileged_sandbox_user(kernel
     await still_works(k)
 
 
+async def test_the_sandbox_user_is_configurable(kernels: Kernels) -> None:
+    uid = 2_100_000_123
+    k = await kernels.new(POLICY.model_copy(update={"uid": uid}))
+    assert k.info["protections"]["host_uid"] == uid
+    assert {psutil.Process(pid).uids().real for pid in _tree_pids(kernels.group(k))} == {uid}
+    await still_works(k)
+
+
+def test_the_sandbox_user_is_tora_sandbox_where_it_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pwd
+
+    from sandbox import user
+
+    monkeypatch.setattr(user.os, "geteuid", lambda: 0)
+    entry = pwd.struct_passwd(("tora-sandbox", "x", 999, 998, "", "/nonexistent", "/usr/sbin/nologin"))
+    monkeypatch.setattr(user.pwd, "getpwnam", lambda name: entry if name == "tora-sandbox" else None)
+    assert user.sandbox_ids() == (999, 998)
+    assert user.sandbox_ids(4321)[0] == 4321  # the policy's uid wins
+
+    def missing(name: str) -> pwd.struct_passwd:
+        raise KeyError(name)
+
+    monkeypatch.setattr(user.pwd, "getpwnam", missing)
+    assert user.sandbox_ids() == (user.FALLBACK_UID, user.FALLBACK_UID)
+    monkeypatch.setattr(user.os, "geteuid", lambda: 1000)
+    assert user.sandbox_ids() is None  # not root: kernels keep the runtime's own uid
+
+
 async def test_host_wide_knobs_and_root_only_files_are_out_of_reach(kernels: Kernels) -> None:
     core_pattern = Path("/proc/sys/kernel/core_pattern").read_text()
     key_users = _root_keys()
