@@ -1,27 +1,47 @@
-"""The bubblewrap command line for one sandbox.
+"""The bubblewrap command line for one sandbox, and what runs before it on the host.
 
 Only what the kernel needs is visible: /usr (read-only), the interpreter's
 install and the venv (read-only, at their own paths so shebangs and sys.prefix
-hold), a private size-limited /tmp, the kernel's run dir (connection file and
-ipc sockets) and work dir. No /root, no /home, no host /tmp, no /etc/shadow,
-no network, no view of host processes.
+hold), the kernel's run dir (connection file and ipc sockets). /tmp, the work
+dir and /dev are the kernel's own size- and inode-bounded tmpfs mounts, made
+by inside.py. No /root, no /home, no host /tmp, no /etc/shadow, no network,
+no view of host processes.
+
+bwrap runs as the unprivileged sandbox user (``sandbox.user``), never as root,
+so the sandbox's users map to that host user. A root runtime gets there with
+a short host prelude (``host_prelude``): join the kernel's cgroups, bind the
+read-only roots that user could not reach (an interpreter under /root, mode
+0700) into a private mount namespace where it can, and drop to the user with
+``setpriv``. bwrap's own ``--ro-bind-fd`` does not help there: it resolves the
+fd back to its path, as the sandbox user.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import shlex
 import shutil
+import stat
+import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from sandbox.cgroups import PidsCgroups
-from sandbox.dirs import KernelDirs
+from sandbox import cgroups
+from sandbox.cgroups import KernelCgroups
+from sandbox.dirs import KernelDirs, base_dir
 from sandbox.launch import INSIDE_SCRIPT, SubprocessLauncher
 from sandbox.policy import SandboxPolicy
+from sandbox.user import sandbox_ids
 
 RUN_DIR = "/sandbox/run"
 WORK_DIR = "/sandbox/work"
 SCRIPT_DIR = "/sandbox/lib"
+# Where inside.py builds the kernel's own /dev before moving it over /dev.
+DEV_STAGE = "/sandbox/dev"
+# The user inside; outside it is the sandbox user.
 SANDBOX_UID = 1000
 
 # Files from /etc a Python process reads; everything else under /etc stays hidden.
@@ -29,8 +49,10 @@ _ETC_FILES = ("ld.so.cache", "localtime", "nsswitch.conf", "host.conf", "mime.ty
 
 
 # The namespaces every sandbox gets: no network, no view of host processes,
-# IPC objects or hostname. The probe in tiers.py checks exactly these.
+# IPC objects or hostname. The probe checks exactly these.
 NAMESPACE_FLAGS = ("--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts")
+# Host tools a root runtime needs to drop to the sandbox user (util-linux).
+_PRELUDE_TOOLS = ("setpriv", "unshare", "mount")
 
 
 def bwrap_path() -> str | None:
@@ -80,15 +102,156 @@ def sandbox_python(python: str) -> str:
     return python
 
 
+def read_only_binds(python: str) -> list[tuple[str, str]]:
+    """Every read-only bind beyond /usr and /etc: the interpreter's roots and inside.py's dir."""
+    return [*python_mounts(python), (str(INSIDE_SCRIPT.parent), SCRIPT_DIR)]
+
+
+def reachable_by_others(path: str) -> bool:
+    """Whether a user who owns nothing on the way (the sandbox user) can look ``path`` up."""
+    for parent in Path(os.path.realpath(path)).parents:
+        try:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def staged(binds: Sequence[tuple[str, str]], ids: tuple[int, int] | None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The binds with unreachable sources replaced by staging dirs, and the (source, staging dir) pairs.
+
+    A staging dir is an empty dir of this runtime's, which the prelude binds
+    the real source onto, in a mount namespace of its own.
+    """
+    if ids is None:
+        return list(binds), []
+    out: list[tuple[str, str]] = []
+    stage: list[tuple[str, str]] = []
+    for i, (src, dst) in enumerate(binds):
+        if reachable_by_others(src):
+            out.append((src, dst))
+            continue
+        point = base_dir() / f"stage{i}"
+        point.mkdir(mode=0o755, exist_ok=True)
+        stage.append((src, str(point)))
+        out.append((str(point), dst))
+    return out, stage
+
+
+def host_prelude(
+    ids: tuple[int, int] | None, cgroup_procs: Sequence[Path] = (), stage: Sequence[tuple[str, str]] = ()
+) -> list[str]:
+    """The argv before bwrap's: join the kernel's cgroups, bind staged roots, become the sandbox user.
+
+    Empty when there is nothing to do (a runtime that is not root, no cgroup).
+    The process keeps its pid through every exec, so the pid written to
+    ``cgroup.procs`` is bwrap's.
+    """
+    q = shlex.quote
+    steps = [f"echo $$ > {q(str(p))}" for p in cgroup_procs]
+    steps += [f"mount --bind -o ro {q(src)} {q(point)}" for src, point in stage]
+    if ids is not None:
+        uid, gid = ids
+        steps.append(f'exec setpriv --reuid={uid} --regid={gid} --clear-groups --no-new-privs -- "$@"')
+    elif not steps:
+        return []
+    else:
+        steps.append('exec "$@"')
+    argv = ["/bin/sh", "-c", " && ".join(steps), "sh"]
+    if stage:
+        argv = ["unshare", "--mount", "--propagation", "private", "--", *argv]
+    return argv
+
+
+@functools.cache
+def bwrap_runs_as(uid: int | None) -> tuple[tuple[int, int] | None, str]:
+    """The host user bwrap will run as for a policy's ``uid``, and why, after trying it once.
+
+    Where an unprivileged user may not create user namespaces (a sysctl,
+    Ubuntu's AppArmor restriction) or util-linux is missing, a root runtime
+    falls back to running bwrap as root and says so.
+    """
+    ids = sandbox_ids(uid)
+    if ids is None:
+        return None, "not root"
+    missing = [tool for tool in _PRELUDE_TOOLS if shutil.which(tool) is None]
+    if missing:
+        return None, f"{', '.join(missing)} not found (apt-get install util-linux)"
+    ok, why = probe(ids, disable_userns=False)
+    if not ok:
+        return None, f"bwrap cannot run as uid {ids[0]} ({why})"
+    return ids, ""
+
+
+def probe(ids: tuple[int, int] | None, disable_userns: bool) -> tuple[bool, str]:
+    """Run the smallest sandbox with our namespaces; (True, "") or (False, why)."""
+    exe = bwrap_path()
+    if exe is None:
+        return False, "bubblewrap is not installed (apt-get install bubblewrap)"
+    cmd = [
+        *host_prelude(ids),
+        exe,
+        *NAMESPACE_FLAGS,
+        *(["--disable-userns"] if disable_userns else []),
+        "--die-with-parent",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        *_system_links(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--",
+        "/usr/bin/true",
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"bubblewrap failed to run: {exc}"
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        return False, err[-1] if err else f"exit {proc.returncode}"
+    return True, ""
+
+
+@functools.cache
+def disable_userns_works(ids: tuple[int, int] | None) -> bool:
+    """bubblewrap >= 0.8 can forbid new user namespaces inside for good."""
+    return probe(ids, disable_userns=True)[0]
+
+
+def _system_links() -> list[str]:
+    argv: list[str] = []
+    for link in ("bin", "lib", "lib64", "sbin"):
+        target = Path("/") / link
+        if target.is_symlink():
+            argv += ["--symlink", os.readlink(target), f"/{link}"]
+        elif target.exists():
+            argv += ["--ro-bind", str(target), f"/{link}"]
+    return argv
+
+
 def bwrap_argv(
     policy: SandboxPolicy,
-    run_dir: Path,
-    work_dir: Path,
-    script: Path,
-    python: str,
+    ro: Sequence[tuple[str, str]],
+    rw: Sequence[tuple[str, str]],
     env: dict[str, str],
-    new_session: bool = True,
+    single: bool,
+    disable_userns: bool,
 ) -> list[str]:
+    """bwrap's argv up to ``--``.
+
+    ``single``: one kernel in this sandbox; inside.py makes its /tmp, work
+    dir and /dev in a mount namespace of its own, with CAP_SYS_ADMIN inside
+    the sandbox's user namespace, which it drops before anything else runs.
+    Otherwise the sandbox is a zygote's, whose kernels each get new
+    namespaces from the zygote (and so may not have user namespaces
+    disabled); its /tmp holds the IPython profile made once.
+    """
     exe = bwrap_path() or "bwrap"
     argv = [
         exe,
@@ -104,48 +267,48 @@ def bwrap_argv(
         "--ro-bind",
         "/usr",
         "/usr",
+        *_system_links(),
     ]
-    for link in ("bin", "lib", "lib64", "sbin"):
-        target = Path("/") / link
-        if target.is_symlink():
-            argv += ["--symlink", os.readlink(target), f"/{link}"]
-        elif target.exists():
-            argv += ["--ro-bind", str(target), f"/{link}"]
+    if single:
+        if disable_userns:
+            argv.append("--disable-userns")
+        argv += ["--cap-add", "CAP_SYS_ADMIN"]
     for name in _ETC_FILES:
         argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    for host, inside in python_mounts(python):
+    for host, inside in ro:
         argv += ["--ro-bind", host, inside]
+    for host, inside in rw:
+        argv += ["--bind", host, inside]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--dir", WORK_DIR, "--dir", DEV_STAGE, "--dir", RUN_DIR]
+    if single:
+        argv += ["--dir", "/tmp"]
+    else:
+        argv += ["--size", str(policy.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp"]
     argv += [
-        "--ro-bind",
-        str(script.parent),
-        SCRIPT_DIR,
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--size",
-        str(policy.tmp_mb * 1024 * 1024),
-        "--tmpfs",
-        "/tmp",
-        "--bind",
-        str(run_dir),
-        RUN_DIR,
-        "--bind",
-        str(work_dir),
-        WORK_DIR,
         "--chdir",
-        WORK_DIR,
+        "/",
         # bwrap's root is an unbounded tmpfs; without this, files written
-        # outside /tmp and the work dir would eat the host's memory.
+        # outside the kernel's own mounts would eat the host's memory.
         "--remount-ro",
         "/",
         "--clearenv",
+        "--new-session",
     ]
-    if new_session:
-        argv.append("--new-session")
     for key, value in env.items():
         argv += ["--setenv", key, value]
     return argv
+
+
+def view_config(policy: SandboxPolicy, kid: str | None = None) -> dict[str, object]:
+    """What inside.py mounts for one kernel (see ``inside.mount_kernel_view``)."""
+    mb = 1024 * 1024
+    return {
+        "kid": kid,
+        "tmp_bytes": policy.tmp_mb * mb,
+        "work_bytes": policy.work_mb * mb,
+        "shm_bytes": policy.shm_mb * mb,
+        "inodes": policy.max_inodes,
+    }
 
 
 class BwrapLauncher(SubprocessLauncher):
@@ -155,23 +318,38 @@ class BwrapLauncher(SubprocessLauncher):
 
     def __init__(self, policy: SandboxPolicy, python: str | None = None) -> None:
         super().__init__(policy, python)
-        self.cgroups = PidsCgroups.create()
+        self.cgroups = KernelCgroups.create()
+        self.ids = bwrap_runs_as(policy.uid)[0]
+        self.disable_userns = disable_userns_works(self.ids)
 
     def exec_python(self) -> str:
         return sandbox_python(self.python)
+
+    def host_work_dir(self) -> bool:
+        return False
+
+    def dir_owner(self) -> tuple[int, int] | None:
+        return self.ids
 
     def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
         return RUN_DIR, WORK_DIR, f"{SCRIPT_DIR}/{INSIDE_SCRIPT.name}"
 
     def new_cgroup(self) -> Path | None:
-        return self.cgroups.new(self.policy.max_procs) if self.cgroups else None
+        if self.cgroups is None:
+            return None
+        return self.cgroups.new(self.policy.max_procs, self.policy.memory_mb * 1024 * 1024)
+
+    def inside_config(self) -> dict[str, object]:
+        return {"view": view_config(self.policy)}
+
+    def facts(self, cgroup: Path | None) -> dict[str, Any]:
+        return {**super().facts(cgroup), "userns_disabled": self.disable_userns}
 
     def command(
         self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None
     ) -> tuple[list[str], dict[str, str]]:
-        argv = bwrap_argv(self.policy, dirs.run, dirs.work, INSIDE_SCRIPT, self.python, env)
-        argv.append("--")
-        if cgroup is not None:
-            # Join the group before bwrap forks, so the kernel and all it starts are counted.
-            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *argv]
-        return argv, {"PATH": "/usr/bin:/bin"}
+        ro, stage = staged(read_only_binds(self.python), self.ids)
+        argv = bwrap_argv(self.policy, ro, [(str(dirs.run), RUN_DIR)], env, True, self.disable_userns)
+        procs = cgroups.procs_files(cgroup) if cgroup is not None else []
+        # Join the groups before bwrap forks, so the kernel and all it starts are counted.
+        return [*host_prelude(self.ids, procs, stage), *argv, "--"], {"PATH": "/usr/bin:/bin"}

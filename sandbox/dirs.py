@@ -49,19 +49,25 @@ def base_dir() -> Path:
 
 @dataclass(frozen=True)
 class KernelDirs:
+    """``work`` is None where the kernel works in a tmpfs of its own (the bwrap tier)."""
+
     root: Path
     run: Path
-    work: Path
+    work: Path | None
 
     @classmethod
-    def create(cls) -> KernelDirs:
+    def create(cls, owner: tuple[int, int] | None = None, work: bool = True) -> KernelDirs:
+        """``owner``: the sandbox user, who must write the run dir (sockets, its report)."""
         root = base_dir() / f"k{next(_counter)}"
         run = root / "run"
-        work = root / "work"
         root.mkdir(mode=0o711)
         run.mkdir(mode=0o700)
-        work.mkdir(mode=0o700)
-        return cls(root=root, run=run, work=work)
+        if owner is not None:
+            os.chown(run, *owner)
+        if not work:
+            return cls(root=root, run=run, work=None)
+        (root / "work").mkdir(mode=0o700)
+        return cls(root=root, run=run, work=root / "work")
 
     def remove(self) -> None:
         try:
@@ -76,7 +82,7 @@ class KernelDirs:
         Raises OSError on anything else (a subdirectory, a dir laid out
         differently), and ``rmtree`` takes over.
         """
-        subdirs = [d for d in (self.run, self.work) if d != self.root]
+        subdirs = [d for d in (self.run, self.work) if d is not None and d != self.root]
         for sub in subdirs:
             with os.scandir(sub) as entries:
                 for entry in entries:

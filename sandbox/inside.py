@@ -36,8 +36,8 @@ def no_new_privs() -> None:
     libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
-def apply_limits(limits: dict[str, int]) -> None:
-    """Set rlimits for this process and everything it starts."""
+def apply_limits(limits: dict[str, int]) -> dict[str, int]:
+    """Set rlimits for this process and everything it starts; returns those that took."""
     mb = 1024 * 1024
     table = {
         "memory_mb": (resource.RLIMIT_AS, mb),
@@ -46,15 +46,74 @@ def apply_limits(limits: dict[str, int]) -> None:
         "max_open_files": (resource.RLIMIT_NOFILE, 1),
         "max_procs": (resource.RLIMIT_NPROC, 1),
     }
+    applied: dict[str, int] = {}
     for key, (which, unit) in table.items():
         if key in limits:
             value = int(limits[key]) * unit
             try:
                 resource.setrlimit(which, (value, value))
             except (ValueError, OSError):
-                pass
+                continue
+            applied[key] = int(limits[key])
     # A core dump of a 2 GB kernel would fill the work dir.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return applied
+
+
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def seccomp_program(bpf_hex: str) -> Any:
+    """The filter the runtime compiled (sandbox/seccomp.py), ready for ``load_seccomp``."""
+    bpf = bytes.fromhex(bpf_hex)
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.addressof(buf))
+    return prog, buf
+
+
+def load_seccomp(program: Any) -> None:
+    """Install the filter on this (single-threaded) process and everything it starts."""
+    no_new_privs()
+    prog, _buf = program
+    _check(libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+
+
+def effective_capabilities() -> int:
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)()
+    _check(libc().capget(ctypes.byref(header), ctypes.byref(data)), "capget")
+    return int(data[0]) | int(data[3]) << 32
+
+
+def report(path: str, asked: dict[str, int], limits: dict[str, int], seccomp: bool, landlock_abi: int) -> None:
+    """Write what this kernel put in force on itself, before any cell runs; the runtime records it.
+
+    Sizes of the kernel's own mounts are measured, not copied from the policy.
+    """
+    storage = {}
+    for mount in ("/tmp", "/sandbox/work", "/dev/shm"):
+        try:
+            st = os.statvfs(mount)
+        except OSError:
+            continue
+        storage[mount] = {"bytes": st.f_blocks * st.f_frsize, "inodes": st.f_files}
+    facts = {
+        "rlimits": limits,
+        "rlimits_failed": sorted(set(asked) - set(limits)),
+        "storage": storage,
+        "seccomp": seccomp,
+        "capabilities": effective_capabilities(),
+        "landlock_abi": landlock_abi,
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, json.dumps(facts).encode())
+    finally:
+        os.close(fd)
 
 
 _ACCESS_FS_V1 = (1 << 13) - 1  # EXECUTE .. MAKE_SYM
@@ -168,13 +227,14 @@ def harden(app: Any) -> None:
 # --- zygote -----------------------------------------------------------------
 # The zygote runs in one bwrap sandbox with everything imported and the kernel
 # application and shell built. For each kernel it clones I straight into new
-# user, mount, pid, ipc and uts namespaces (I is pid 1 of the new pid
+# user, mount, pid, ipc, uts and network namespaces (I is pid 1 of the new pid
 # namespace); where that is refused, it forks a child C that unshares them and
-# forks I. I mounts the kernel's own run and
-# work dirs, a private /tmp and /proc, hides the other kernels' dirs, says hello
-# to the runtime over a unix socket (which tells the runtime I's host pid so it
-# can put it in a pids cgroup and watch it), then forks K, the kernel, and
-# waits for it. Killing I tears down the whole pid namespace.
+# forks I. I brings up loopback, mounts the kernel's own view (run dir, bounded
+# /tmp, work dir and /dev; the other kernels' dirs and /proc hidden), says
+# hello to the runtime over a unix socket (which tells the runtime I's host pid
+# so it can put it in the kernel's cgroups and watch it), then forks K, the
+# kernel, which confines itself (no capabilities, rlimits, seccomp), and waits
+# for it. Killing I tears down the whole pid namespace.
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -183,8 +243,9 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 32, 4096, 8192, 16384, 1 << 18
 PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 
 def _check(ret: int, what: str) -> None:
@@ -203,10 +264,10 @@ def drop_capabilities() -> None:
     for cap in range(64):
         if lc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             break
+    lc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)
     data = (ctypes.c_uint32 * 6)()
-    lc.syscall.restype = ctypes.c_long
-    _check(lc.syscall(126, ctypes.byref(header), ctypes.byref(data)), "capset")
+    _check(lc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
 def _namespace_flags(net: bool) -> int:
@@ -264,19 +325,67 @@ def clone_into_namespaces(net: bool) -> int:
     return int(pid)
 
 
-def _mount_kernel_view(kid: str, tmp_bytes: int) -> None:
+def _tmpfs(target: str, size: int, inodes: int, mode: str, flags: int = MS_NOSUID | MS_NODEV) -> None:
+    _mount("tmpfs", target, "tmpfs", flags, f"size={size},nr_inodes={inodes},mode={mode}")
+
+
+# What /dev holds for a kernel: the harmless character devices, bound from
+# the sandbox's own /dev; the rest of it is read-only.
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+              ("stderr", "/proc/self/fd/2"))  # fmt: skip
+
+
+def _private_dev(stage: str, shm_bytes: int, inodes: int) -> None:
+    """A /dev of the kernel's own: device nodes, read-only, plus a small /dev/shm."""
+    _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+    for name in _DEVICES:
+        os.close(os.open(f"{stage}/{name}", os.O_WRONLY | os.O_CREAT, 0o666))
+        _mount(f"/dev/{name}", f"{stage}/{name}", None, MS_BIND)
+    for name, target in _DEV_LINKS:
+        os.symlink(target, f"{stage}/{name}")
+    os.mkdir(f"{stage}/shm")
+    _tmpfs(f"{stage}/shm", shm_bytes, inodes, "1777")
+    _mount(None, stage, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+    _mount(stage, "/dev", None, MS_MOVE)
+
+
+def mount_kernel_view(view: dict[str, Any]) -> None:
+    """The kernel's own file system, in a mount namespace of its own (CAP_SYS_ADMIN in it).
+
+    Its /tmp, work dir and /dev/shm are tmpfs mounts bounded in size and
+    inodes (their pages count against the kernel's memory cgroup too); its
+    /dev holds nothing but a few device nodes. In a zygote's kernel
+    (``view["kid"]``), the kernel's own run dir is bound at /sandbox/run and
+    every other kernel's dirs are hidden, as is the zygote's /proc.
+    """
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    base = f"/sandbox/kernels/{kid}"
-    _mount(f"{base}/run", "/sandbox/run", None, MS_BIND | MS_REC)
-    _mount(f"{base}/work", "/sandbox/work", None, MS_BIND | MS_REC)
-    _mount("tmpfs", "/sandbox/kernels", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_bytes},mode=1777")
-    try:
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    except OSError:
-        # The kernel refuses a new proc when the old one has overmounts; hide
-        # it instead so the zygote's other kernels are not listed.
+    kid = view.get("kid")
+    if kid:
+        _mount(f"/sandbox/kernels/{kid}/run", "/sandbox/run", None, MS_BIND | MS_REC)
+        _mount("tmpfs", "/sandbox/kernels", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
+    inodes = int(view["inodes"])
+    _tmpfs("/tmp", view["tmp_bytes"], inodes, "1777")
+    _tmpfs("/sandbox/work", view["work_bytes"], inodes, "0755")
+    _private_dev("/sandbox/dev", view["shm_bytes"], inodes)
+    if kid:
+        # The kernel refuses a new proc when the old one has overmounts (bwrap
+        # covers /proc/sys and others); hide it instead so the zygote's other
+        # kernels are not listed.
         _mount("tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
+
+
+SIOCSIFFLAGS, IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x8914, 0x1, 0x8, 0x40
+
+
+def loopback_up() -> None:
+    """Bring up ``lo`` of a fresh network namespace, as bwrap does for its own."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING))
 
 
 def _hello(kid: str) -> None:
@@ -300,6 +409,28 @@ def _init_loop(child: int) -> None:
             os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
+def confine(config: dict[str, Any], seccomp: Any) -> None:
+    """The kernel's last steps before it is built, in every mode; then its report.
+
+    No capabilities, no_new_privs, rlimits, Landlock (its own tier), and the
+    seccomp filter last: nothing after it needs what it denies.
+    """
+    drop_capabilities()
+    no_new_privs()
+    limits = apply_limits(config.get("limits", {}))
+    os.chdir(config["workdir"])
+    rules = config.get("landlock")
+    abi = landlock(rules["ro"], rules["rw"]) if rules else 0
+    filtered = False
+    if seccomp is not None:
+        try:
+            load_seccomp(seccomp)
+            filtered = True
+        except OSError as exc:
+            sys.stderr.write(f"seccomp filter not loaded: {exc}\n")
+    report(config["report"], config.get("limits", {}), limits, filtered, abi)
+
+
 def _spawn_kernel(kid: str, config: dict[str, Any], warm: Any, entered: bool) -> None:
     """Runs in the zygote's fresh child; never returns.
 
@@ -316,14 +447,17 @@ def _spawn_kernel(kid: str, config: dict[str, Any], warm: Any, entered: bool) ->
         os.close(devnull)
         os.close(log)
         os.setsid()
+        net = config.get("net_per_kernel", False)
         if entered:
             _map_ids(config["uid"], config["gid"])
         else:
-            _enter_namespaces(config["uid"], config["gid"], config.get("net_per_kernel", False))
+            _enter_namespaces(config["uid"], config["gid"], net)
             if os.fork() != 0:
                 os._exit(0)
         # I: pid 1 of the kernel's namespace.
-        _mount_kernel_view(kid, config["tmp_bytes"])
+        if net:
+            loopback_up()
+        mount_kernel_view({**config["view"], "kid": kid})
         _hello(kid)
         # The kernel must not be able to talk to the runtime's control socket.
         _mount("tmpfs", "/sandbox/ctl", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
@@ -332,10 +466,7 @@ def _spawn_kernel(kid: str, config: dict[str, Any], warm: Any, entered: bool) ->
             _init_loop(child)
         # K: the kernel.
         os.setsid()
-        drop_capabilities()
-        no_new_privs()
-        apply_limits(config.get("limits", {}))
-        os.chdir("/sandbox/work")
+        confine(config, warm.seccomp)
         if "numpy.random" in sys.modules:
             sys.modules["numpy.random"].seed()
         warm.run(KERNEL_CONNECTION_FILE)
@@ -348,6 +479,15 @@ def _spawn_kernel(kid: str, config: dict[str, Any], warm: Any, entered: bool) ->
 
 
 KERNEL_CONNECTION_FILE = "/sandbox/run/conn.json"
+
+
+def prebuilt_supported(ipykernel_version: str) -> bool:
+    """Whether ``Warm``'s KernelApp, which repeats the steps of ipykernel 7's
+    ``IPKernelApp.initialize``, may be built before the fork; others build per kernel.
+
+    tests/test_sandbox_isolation.py checks those steps against the installed ipykernel.
+    """
+    return ipykernel_version.split(".")[0] == "7"
 
 
 class _SysWithoutModules:
@@ -422,8 +562,11 @@ class Warm:
         "tornado.platform.asyncio",
     )
 
-    def __init__(self, preimport: list[str]) -> None:
+    def __init__(self, preimport: list[str], seccomp: str | None) -> None:
         import importlib
+
+        # Decoded once; each kernel only loads it.
+        self.seccomp = seccomp_program(seccomp) if seccomp else None
 
         block_debugger()
         for name in [*preimport, *self.MODULES]:
@@ -537,8 +680,7 @@ class Warm:
         try:
             from importlib.metadata import version
 
-            # KernelApp.initialize repeats the steps of ipykernel 7's.
-            if not version("ipykernel").startswith("7."):
+            if not prebuilt_supported(version("ipykernel")):
                 raise RuntimeError(f"ipykernel {version('ipykernel')}, not 7")
             app = KernelApp.instance(config=self.config(KERNEL_CONNECTION_FILE))
             app.kernel_class = Kernel
@@ -588,7 +730,7 @@ class Warm:
 
 
 def zygote(config: dict[str, Any]) -> None:
-    warm = Warm(config.get("preimport", []))
+    warm = Warm(config.get("preimport", []), config.get("seccomp"))
     # Children are reaped automatically (I, or C which exits right after its fork).
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     use_clone = True
@@ -627,11 +769,14 @@ def main(argv: list[str]) -> None:
         expected = config.get("parent_pid") or 0
         if expected and os.getppid() != expected:
             os._exit(1)
-    apply_limits(config.get("limits", {}))
-    os.chdir(config["workdir"])
-    rules = config.get("landlock")
-    if rules:
-        landlock(rules["ro"], rules["rw"])
+    view = config.get("view")
+    if view:
+        # One kernel in its own bwrap: CAP_SYS_ADMIN in the sandbox's user
+        # namespace, for a mount namespace of its own; confine() drops it.
+        _check(libc().unshare(CLONE_NEWNS), "unshare")
+        mount_kernel_view(view)
+    seccomp = seccomp_program(config["seccomp"]) if config.get("seccomp") else None
+    confine(config, seccomp)
     if mode == "kernel":
         run_kernel(config["connection_file"])
     else:

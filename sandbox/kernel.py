@@ -41,6 +41,7 @@ class Kernel:
             "pid": self._spawned.handle.pid,
             "restarts": self._restarts,
             "limits": self.policy.limits_summary(),
+            "protections": self._spawned.protections,
         }
 
     @property

@@ -11,15 +11,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from sandbox import cgroups
 from sandbox.client import KernelClient, new_key, write_connection_file
 from sandbox.dirs import KernelDirs
 from sandbox.errors import KernelStartError
 from sandbox.policy import SandboxPolicy
 from sandbox.process import ProcessHandle, wait_first
+from sandbox.seccomp import kernel_filter
 
 INSIDE_SCRIPT = Path(__file__).with_name("inside.py")
+# What a kernel writes into its run dir about itself before any cell runs.
+REPORT_FILE = "protections.json"
 
 
 def kernel_env(policy: SandboxPolicy, home: str, python_bin: str) -> dict[str, str]:
@@ -69,6 +73,8 @@ class Spawned:
     tier: str
     extra_cleanup: list[asyncio.Future[None]] = field(default_factory=list)
     destroyed: bool = False
+    # What is in force for this kernel (see ``protections``); recorded with every trajectory.
+    protections: dict[str, Any] = field(default_factory=dict)
 
     async def destroy(self) -> None:
         if self.destroyed:
@@ -89,9 +95,19 @@ class Launcher(Protocol):
 
 
 async def connect_and_handshake(
-    handle: ProcessHandle, dirs: KernelDirs, ip_prefix_host: str, key: str, tier: str, policy: SandboxPolicy
+    handle: ProcessHandle,
+    dirs: KernelDirs,
+    ip_prefix_host: str,
+    key: str,
+    tier: str,
+    policy: SandboxPolicy,
+    facts: dict[str, Any],
 ) -> Spawned:
-    """Connect a client and wait for a real handshake, or fail with the kernel's log."""
+    """Connect a client and wait for a real handshake, or fail with the kernel's log.
+
+    ``facts``: what the launcher put in force from outside (cgroups,
+    namespaces); the kernel's own report is added once it answers.
+    """
     client = KernelClient(ip_prefix_host, key)
     spawned = Spawned(handle=handle, client=client, dirs=dirs, tier=tier)
     hs = asyncio.ensure_future(client.handshake())
@@ -104,6 +120,8 @@ async def connect_and_handshake(
         raise
     if hs in done:
         hs.result()
+        # Written before the kernel opened its sockets, so before any cell ran.
+        spawned.protections = protections(tier, facts, handle.pid, dirs.run / REPORT_FILE)
         return spawned
     hs.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -112,6 +130,59 @@ async def connect_and_handshake(
     await spawned.destroy()
     why = "exited" if died in done else f"did not answer within {policy.start_timeout_s:g} s"
     raise KernelStartError(f"kernel ({tier}) {why} while starting. {log}".strip())
+
+
+def outside_facts(cgroup: Path | None, own_network: bool) -> dict[str, Any]:
+    """A kernel's cgroups (its pids group names them) and whether it has a network namespace of its own."""
+    return {
+        "cgroup": str(cgroup) if cgroup is not None else None,
+        "pids_cgroup": cgroup is not None,
+        "memory_cgroup": cgroups.memory_group(cgroup),
+        "own_network": own_network,
+    }
+
+
+def host_uid(pid: int) -> int | None:
+    """The real uid of a process as the host sees it."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def protections(tier: str, facts: dict[str, Any], pid: int, report: Path) -> dict[str, Any]:
+    """What is in force for one kernel: the launcher's facts, the kernel's own report, and what is off.
+
+    ``off`` names every protection this tier should have and this kernel
+    does not, so nothing is claimed that was not applied.
+    """
+    try:
+        inside: dict[str, Any] = json.loads(report.read_text())
+    except (OSError, ValueError):
+        inside = {}
+    out: dict[str, Any] = {**facts, **inside, "host_uid": host_uid(pid)}
+    off: list[str] = []
+    if out["host_uid"] in (0, None):
+        off.append("unprivileged host uid")
+    if not inside:
+        off.append("kernel's own report")
+    if not inside.get("seccomp"):
+        off.append("seccomp")
+    if inside.get("capabilities"):
+        off.append("no capabilities")
+    off += [f"rlimit {name}" for name in inside.get("rlimits_failed", [])]
+    if not facts.get("pids_cgroup"):
+        off.append("pids cgroup")
+    if not facts.get("memory_cgroup"):
+        off.append("memory cgroup")
+    if tier == "bwrap" and not facts.get("own_network"):
+        off.append("network namespace of its own")
+    out["off"] = off
+    return out
 
 
 def _log_tail(path: Path) -> str:
@@ -137,7 +208,7 @@ class SubprocessLauncher:
 
     def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
         """Run dir, work dir and inside.py as the kernel sees them."""
-        return str(dirs.run), str(dirs.work), str(INSIDE_SCRIPT)
+        return str(dirs.run), str(dirs.work or dirs.run), str(INSIDE_SCRIPT)
 
     def command(
         self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None
@@ -149,10 +220,11 @@ class SubprocessLauncher:
         return None
 
     async def spawn(self) -> Spawned:
-        dirs = await asyncio.to_thread(KernelDirs.create)
+        dirs = await asyncio.to_thread(KernelDirs.create, self.dir_owner(), self.host_work_dir())
         key = new_key()
         run_in, work_in, script = self.views(dirs)
         write_connection_file(dirs.run / "conn.json", f"{run_in}/k", key)
+        filt = kernel_filter()
         config = {
             "connection_file": f"{run_in}/conn.json",
             "workdir": work_in,
@@ -160,6 +232,9 @@ class SubprocessLauncher:
             "die_with_parent": True,
             "parent_pid": 0 if self.tier != "none" else os.getpid(),
             "landlock": self.landlock_paths(dirs),
+            "seccomp": filt.bpf.hex() if filt.bpf else None,
+            "report": f"{run_in}/{REPORT_FILE}",
+            **self.inside_config(),
         }
         python = self.exec_python()
         env = kernel_env(self.policy, work_in, str(Path(python).parent))
@@ -174,7 +249,7 @@ class SubprocessLauncher:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=str(dirs.work),
+                cwd=str(dirs.work or dirs.run),
                 start_new_session=True,
                 pass_fds=self.pass_fds(),
             )
@@ -184,7 +259,25 @@ class SubprocessLauncher:
         finally:
             log.close()
         handle = ProcessHandle(popen.pid, popen, group=True, cgroup=cgroup)
-        return await connect_and_handshake(handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy)
+        return await connect_and_handshake(
+            handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, self.facts(cgroup)
+        )
+
+    def facts(self, cgroup: Path | None) -> dict[str, Any]:
+        """What this launcher put in force for a kernel from outside."""
+        return outside_facts(cgroup, own_network=self.tier == "bwrap")
+
+    def dir_owner(self) -> tuple[int, int] | None:
+        """Who owns the kernel's run dir on the host (None: the runtime)."""
+        return None
+
+    def host_work_dir(self) -> bool:
+        """Whether the kernel works in a dir of the host's (tiers without a mount namespace)."""
+        return True
+
+    def inside_config(self) -> dict[str, Any]:
+        """Tier-specific entries of inside.py's configuration."""
+        return {}
 
     def landlock_paths(self, dirs: KernelDirs) -> dict[str, list[str]] | None:
         return None

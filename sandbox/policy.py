@@ -23,18 +23,34 @@ class SandboxPolicy(BaseModel):
         description="after a timeout, how long an interrupt may take before the kernel is killed",
     )
     start_timeout_s: float = Field(default=60.0, gt=0, description="how long a kernel may take to come up")
-    memory_mb: int = Field(default=2048, ge=64, description="address space of the kernel process (RLIMIT_AS)")
+    memory_mb: int = Field(
+        default=2048,
+        ge=64,
+        description="memory of the kernel's processes together, tmpfs included (memory cgroup); "
+        "also each process's address space (RLIMIT_AS)",
+    )
     max_output_bytes: int = Field(
         default=1_000_000, ge=256, description="stdout+stderr+display kept per cell"
     )
     max_procs: int = Field(default=64, ge=4, description="processes and threads per kernel")
     max_file_mb: int = Field(default=256, ge=1, description="largest file a kernel may write (RLIMIT_FSIZE)")
     tmp_mb: int = Field(default=256, ge=1, description="size of the kernel's private /tmp")
+    work_mb: int = Field(default=256, ge=1, description="size of the kernel's work dir (a tmpfs in the bwrap tier)")
+    shm_mb: int = Field(default=16, ge=1, description="size of the kernel's /dev/shm (bwrap tier)")
+    max_inodes: int = Field(
+        default=10_000, ge=64, description="files and dirs in each of /tmp, the work dir and /dev/shm"
+    )
     cpu_time_s: int = Field(
         default=3600, ge=1, description="total CPU seconds over a kernel's life (RLIMIT_CPU)"
     )
     max_open_files: int = Field(default=256, ge=64, description="RLIMIT_NOFILE")
     isolation: Isolation = "auto"
+    uid: int | None = Field(
+        default=None,
+        ge=1,
+        description="host uid kernels run as when the runtime is root "
+        "(default: the tora-sandbox user, else 2100000000)",
+    )
     env_allow: tuple[str, ...] = DEFAULT_ENV_ALLOW
     env: dict[str, str] = Field(default_factory=dict, description="extra variables set in the kernel")
     preimport: tuple[str, ...] = Field(
@@ -49,5 +65,8 @@ class SandboxPolicy(BaseModel):
             "max_procs": self.max_procs,
             "max_file_mb": self.max_file_mb,
             "tmp_mb": self.tmp_mb,
+            "work_mb": self.work_mb,
+            "shm_mb": self.shm_mb,
+            "max_inodes": self.max_inodes,
             "cpu_time_s": self.cpu_time_s,
         }

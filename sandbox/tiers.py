@@ -1,13 +1,18 @@
 """Probe which isolation this machine offers, report it, and pick the launcher.
 
 Tiers, strongest first:
-- ``bwrap``: bubblewrap namespaces (user, pid, net, ipc, uts, mount), read-only
-  binds of only what the kernel needs, private /tmp, cleared environment, plus
-  rlimits and a pids cgroup per kernel where the runtime may create one.
+- ``bwrap``: bubblewrap namespaces (user, pid, net, ipc, uts, mount) run as an
+  unprivileged host user, read-only binds of only what the kernel needs,
+  bounded tmpfs /tmp, work dir and /dev, cleared environment, seccomp, plus
+  rlimits and pids and memory cgroups per kernel where the runtime may create
+  them.
 - ``landlock``: the kernel restricts its own file system access (read-only
   interpreter, writable work dir only) and its signals; no network or process
   isolation beyond rlimits.
 - ``none``: rlimits, cleared environment and a private work dir only. Not isolated.
+
+Every protection ``check`` lists is probed here, not assumed; what a kernel
+actually got is in its own ``Kernel.info["protections"]``.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ import ctypes
 import functools
 import os
 import platform
-import subprocess
+import resource
 from typing import Literal
 
 from pydantic import BaseModel
 
-from sandbox.bwrap import NAMESPACE_FLAGS, BwrapLauncher, bwrap_path
-from sandbox.cgroups import PidsCgroups
+from sandbox.bwrap import BwrapLauncher, bwrap_path, bwrap_runs_as, disable_userns_works, probe
+from sandbox.cgroups import KernelCgroups
 from sandbox.errors import IsolationUnavailableError
 from sandbox.launch import Launcher, SubprocessLauncher
 from sandbox.policy import SandboxPolicy
+from sandbox.seccomp import kernel_filter
+from sandbox.user import describe
 
 Tier = Literal["bwrap", "landlock", "none"]
 
@@ -45,6 +52,10 @@ class SandboxReport(BaseModel):
     bwrap: str | None
     landlock_abi: int
     pids_cgroup: bool
+    memory_cgroup: bool
+    seccomp: bool
+    # The host uid kernels run as (None: the runtime's own, which is not root).
+    host_uid: int | None
     python: str
     kernel_release: str
 
@@ -68,48 +79,20 @@ def landlock_abi() -> int:
 
 @functools.cache
 def bwrap_works() -> tuple[bool, str]:
+    """Whether bwrap can make our namespaces at all (as the runtime's own user); (ok, path or why)."""
     exe = bwrap_path()
     if exe is None:
         return False, "bubblewrap is not installed (apt-get install bubblewrap)"
-    cmd = [
-        exe,
-        *NAMESPACE_FLAGS,
-        "--die-with-parent",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-        "--symlink",
-        "usr/bin",
-        "/bin",
-        "--symlink",
-        "usr/lib",
-        "/lib",
-        "--symlink",
-        "usr/lib64",
-        "/lib64",
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--tmpfs",
-        "/tmp",
-        "--",
-        "/usr/bin/true",
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"bubblewrap failed to run: {exc}"
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        why = err[-1] if err else f"exit {proc.returncode}"
+    ok, why = probe(None, disable_userns=False)
+    if not ok:
         return False, f"bubblewrap cannot create namespaces here ({why}); user namespaces may be disabled"
     return True, exe
 
 
 @functools.cache
-def _pids_cgroup() -> bool:
-    return PidsCgroups.create() is not None
+def _cgroups() -> tuple[bool, bool]:
+    groups = KernelCgroups.create()
+    return groups is not None, groups is not None and groups.memory
 
 
 def choose_tier(policy: SandboxPolicy) -> Tier:
@@ -134,12 +117,24 @@ def choose_tier(policy: SandboxPolicy) -> Tier:
     return "none"
 
 
+def _off(why: str) -> str:
+    return f"none: {why}"
+
+
+def _rlimit(name: str, which: int, value: int, unit: int, detail: str) -> Protection:
+    """An rlimit the kernel sets on itself, after dropping its capabilities: never above the hard limit it inherits."""
+    hard = resource.getrlimit(which)[1]
+    if hard != resource.RLIM_INFINITY and value * unit > hard:
+        return Protection(name=name, active=False, detail=_off(f"{detail} is above the hard limit {hard // unit}"))
+    return Protection(name=name, active=True, detail=detail)
+
+
 def check(policy: SandboxPolicy | None = None) -> SandboxReport:
     """What protections a kernel started under ``policy`` gets on this machine, and why not others."""
     policy = policy or SandboxPolicy()
     ok, bwrap_why = bwrap_works()
     abi = landlock_abi()
-    cg = _pids_cgroup()
+    filt = kernel_filter()
     try:
         tier: Tier = choose_tier(policy)
     except IsolationUnavailableError:
@@ -147,7 +142,19 @@ def check(policy: SandboxPolicy | None = None) -> SandboxReport:
     is_bwrap = tier == "bwrap"
     not_bwrap = "needs the bwrap tier: " + (bwrap_why if not ok else f"isolation is {policy.isolation!r}")
     root = os.geteuid() == 0
+    # Kernels get cgroups in the bwrap tier only (its launchers make them).
+    pids_cg, memory_cg = _cgroups() if is_bwrap else (False, False)
+    ids, ids_why = bwrap_runs_as(policy.uid) if is_bwrap else (None, "")
+    unprivileged = not root or ids is not None
+    userns_off = is_bwrap and disable_userns_works(ids)
     p = [
+        Protection(
+            name="host user",
+            active=unprivileged,
+            detail=f"kernels run as {describe(ids)}; the runtime's files and root's privileges are out of reach"
+            if unprivileged
+            else _off(f"kernels run as host root: {ids_why}" if is_bwrap else "kernels run as host root: " + not_bwrap),
+        ),
         Protection(
             name="filesystem",
             active=tier != "none",
@@ -155,54 +162,97 @@ def check(policy: SandboxPolicy | None = None) -> SandboxReport:
             if is_bwrap
             else "Landlock: read-only interpreter, writable work dir and /tmp only"
             if tier == "landlock"
-            else "none: the kernel can read and write whatever the runtime's user can",
+            else _off("the kernel can read and write whatever the runtime's user can"),
+        ),
+        Protection(
+            name="storage",
+            active=is_bwrap,
+            detail=f"per kernel, in memory: /tmp {policy.tmp_mb} MB, work dir {policy.work_mb} MB, /dev/shm "
+            f"{policy.shm_mb} MB, {policy.max_inodes} inodes each; nothing on the host disk"
+            if is_bwrap
+            else _off(f"the work dir is on the host disk, each file under RLIMIT_FSIZE only; {not_bwrap}"),
+        ),
+        Protection(
+            name="/dev",
+            active=is_bwrap,
+            detail="per kernel, read-only: null, zero, full, random, urandom and its own /dev/shm"
+            if is_bwrap
+            else _off("the host's /dev; " + not_bwrap),
         ),
         Protection(
             name="network",
             active=is_bwrap or (tier == "landlock" and abi >= 4),
-            detail="own empty network namespace (ipc transport for the kernel)"
+            detail="a network namespace per kernel, pooled or not (ipc transport for the kernel)"
             if is_bwrap
             else "Landlock blocks TCP bind/connect (UDP is not covered)"
             if tier == "landlock" and abi >= 4
-            else "none: " + not_bwrap,
+            else _off(not_bwrap),
         ),
         Protection(
             name="processes",
             active=is_bwrap,
             detail="own pid namespace: host processes invisible and unkillable; killed with the kernel"
             if is_bwrap
-            else "none: " + not_bwrap,
+            else _off(not_bwrap),
+        ),
+        Protection(
+            name="system calls",
+            active=filt.bpf is not None,
+            detail=f"seccomp: {filt.detail}" if filt.bpf is not None else _off(filt.detail),
+        ),
+        Protection(
+            name="nested namespaces",
+            active=filt.bpf is not None or userns_off,
+            detail=", ".join(
+                (["seccomp denies unshare, setns, mount and clone with namespace flags"] if filt.bpf else [])
+                + (["bwrap --disable-userns (one kernel per sandbox; not in pool kernels)"] if userns_off else [])
+            )
+            or _off("no seccomp filter and no --disable-userns (bubblewrap < 0.8)"),
+        ),
+        Protection(
+            name="capabilities",
+            active=True,
+            detail="all dropped in the kernel: bounding and ambient sets emptied, no_new_privs",
         ),
         Protection(
             name="environment",
             active=True,
             detail=f"cleared; only {', '.join(policy.env_allow)} copied, plus HOME/PATH/TMPDIR set by the sandbox",
         ),
+        _rlimit("memory", resource.RLIMIT_AS, policy.memory_mb, 1 << 20,
+                f"RLIMIT_AS {policy.memory_mb} MB per process (MALLOC_ARENA_MAX=2)"),
         Protection(
-            name="private /tmp",
-            active=is_bwrap,
-            detail=f"tmpfs of {policy.tmp_mb} MB per kernel" if is_bwrap else "none: " + not_bwrap,
-        ),
-        Protection(
-            name="memory",
-            active=True,
-            detail=f"RLIMIT_AS {policy.memory_mb} MB (MALLOC_ARENA_MAX=2)",
+            name="memory per kernel",
+            active=memory_cg,
+            detail=f"memory cgroup per kernel: {policy.memory_mb} MB for all its processes and its tmpfs files"
+            if memory_cg
+            else _off(
+                ("no writable memory cgroup" if is_bwrap else not_bwrap)
+                + ": a kernel's processes together are bounded only by their count"
+            ),
         ),
         Protection(
             name="process count",
-            active=cg or not root,
+            active=pids_cg or unprivileged,
             detail=f"pids cgroup per kernel, max {policy.max_procs}"
-            if cg
-            else f"RLIMIT_NPROC {policy.max_procs}"
-            if not root
-            else "none: RLIMIT_NPROC does not apply to root and no writable pids cgroup was found",
+            if pids_cg
+            else f"RLIMIT_NPROC {policy.max_procs} (counted per user namespace: per kernel in the bwrap tier)"
+            if unprivileged
+            else _off("RLIMIT_NPROC does not apply to root and this kernel gets no pids cgroup"),
         ),
         Protection(
-            name="file size",
-            active=True,
-            detail=f"RLIMIT_FSIZE {policy.max_file_mb} MB",
+            name="teardown",
+            active=pids_cg,
+            detail="every process in the kernel's cgroups and the groups below them killed, frozen ones "
+            "thawed, checked until none is left (10 s at most)"
+            if pids_cg
+            else _off("no cgroup: the pid namespace (bwrap) or the process group is killed"),
         ),
-        Protection(name="cpu time", active=True, detail=f"RLIMIT_CPU {policy.cpu_time_s} s per kernel"),
+        _rlimit("file size", resource.RLIMIT_FSIZE, policy.max_file_mb, 1 << 20,
+                f"RLIMIT_FSIZE {policy.max_file_mb} MB"),
+        _rlimit("open files", resource.RLIMIT_NOFILE, policy.max_open_files, 1,
+                f"RLIMIT_NOFILE {policy.max_open_files}"),
+        _rlimit("cpu time", resource.RLIMIT_CPU, policy.cpu_time_s, 1, f"RLIMIT_CPU {policy.cpu_time_s} s per kernel"),
         Protection(
             name="wall time",
             active=True,
@@ -219,7 +269,10 @@ def check(policy: SandboxPolicy | None = None) -> SandboxReport:
         protections=p,
         bwrap=bwrap_path() if ok else None,
         landlock_abi=abi,
-        pids_cgroup=cg,
+        pids_cgroup=pids_cg,
+        memory_cgroup=memory_cg,
+        seccomp=filt.bpf is not None,
+        host_uid=ids[0] if ids else (None if not root else 0),
         python=platform.python_version(),
         kernel_release=platform.release(),
     )

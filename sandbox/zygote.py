@@ -7,14 +7,16 @@ sockets and threads in the child.
 
 Isolation tradeoff, compared with one bwrap per kernel (``BwrapLauncher``):
 all kernels of one zygote share the zygote's bwrap sandbox (its read-only
-binds, cleared environment and, unless ``net_per_kernel``, its empty network
-namespace). Each kernel still gets, from the forked child itself, its own user,
-mount, pid, ipc and uts namespaces: its own run and work dirs (the other
-kernels' dirs are hidden under a tmpfs), its own size-limited /tmp, its own
-/proc, no capabilities, no_new_privs, rlimits, and its own pids cgroup (the
-runtime places the kernel's init there before the kernel exists). Kernels of
-one zygote share the zygote's pre-import state as it was at fork time, never
-each other's.
+binds, cleared environment, host user) and may not have user namespaces
+disabled by bwrap (the zygote needs them; the seccomp filter denies them to
+the kernel instead). Each kernel gets, from the forked child itself, its own
+user, mount, pid, ipc, uts and (``net_per_kernel``, the default) network
+namespaces: its own run dir (the other kernels' dirs are hidden under a
+tmpfs), its own bounded /tmp, work dir and /dev, no capabilities,
+no_new_privs, rlimits, the seccomp filter, and its own pids and memory
+cgroups (the runtime places the kernel's init there before the kernel
+exists). Kernels of one zygote share the zygote's pre-import state as it was
+at fork time, never each other's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import secrets
 import socket
 import struct
@@ -31,14 +34,32 @@ import sys
 from pathlib import Path
 
 from sandbox import cgroups
-from sandbox.bwrap import SANDBOX_UID, bwrap_argv, sandbox_python
-from sandbox.cgroups import PidsCgroups
+from sandbox.bwrap import (
+    SANDBOX_UID,
+    bwrap_argv,
+    bwrap_runs_as,
+    host_prelude,
+    read_only_binds,
+    sandbox_python,
+    staged,
+    view_config,
+)
+from sandbox.cgroups import KernelCgroups
 from sandbox.client import new_key, write_connection_file
 from sandbox.dirs import KernelDirs, base_dir
 from sandbox.errors import KernelStartError
-from sandbox.launch import INSIDE_SCRIPT, Spawned, connect_and_handshake, kernel_env, kernel_limits
+from sandbox.launch import (
+    INSIDE_SCRIPT,
+    REPORT_FILE,
+    Spawned,
+    connect_and_handshake,
+    kernel_env,
+    kernel_limits,
+    outside_facts,
+)
 from sandbox.policy import SandboxPolicy
 from sandbox.process import ProcessHandle, wait_first
+from sandbox.seccomp import kernel_filter
 
 _zygote_ids = itertools.count()
 
@@ -46,7 +67,7 @@ _zygote_ids = itertools.count()
 class ZygoteLauncher:
     tier = "bwrap"
 
-    def __init__(self, policy: SandboxPolicy, python: str | None = None, net_per_kernel: bool = False) -> None:
+    def __init__(self, policy: SandboxPolicy, python: str | None = None, net_per_kernel: bool = True) -> None:
         self.policy = policy
         self.python = python or sys.executable
         self.net_per_kernel = net_per_kernel
@@ -55,7 +76,8 @@ class ZygoteLauncher:
         self._server: asyncio.Server | None = None
         self._hellos: dict[str, asyncio.Future[tuple[int, asyncio.StreamWriter]]] = {}
         self._start_lock = asyncio.Lock()
-        self._cgroups = PidsCgroups.create()
+        self._cgroups = KernelCgroups.create()
+        self.ids = bwrap_runs_as(policy.uid)[0]
         self._root: Path | None = None
         self._closed = False
         self._exited: asyncio.Future[int] | None = None
@@ -70,21 +92,25 @@ class ZygoteLauncher:
 
     async def _start(self) -> None:
         root = base_dir() / f"z{next(_zygote_ids)}"
-        kernels, ctl, zwork = root / "kernels", root / "ctl", root / "work"
-        for d in (root, kernels, ctl, zwork):
+        kernels, ctl = root / "kernels", root / "ctl"
+        for d in (root, kernels, ctl):
             d.mkdir(mode=0o755, exist_ok=True)
         self._root = root
         if self._server is not None:
             self._server.close()
         self._server = await asyncio.start_unix_server(self._on_hello, path=str(ctl / "sock"))
         (ctl / "sock").chmod(0o777)
+        filt = kernel_filter()
         config = {
             "uid": SANDBOX_UID,
             "gid": SANDBOX_UID,
-            "tmp_bytes": self.policy.tmp_mb * 1024 * 1024,
+            "view": view_config(self.policy),
+            "workdir": "/sandbox/work",
+            "report": f"/sandbox/run/{REPORT_FILE}",
             "limits": kernel_limits(self.policy),
             "preimport": list(self.policy.preimport),
             "net_per_kernel": self.net_per_kernel,
+            "seccomp": filt.bpf.hex() if filt.bpf else None,
         }
         python = sandbox_python(self.python)
         env = kernel_env(self.policy, "/sandbox/work", str(Path(python).parent))
@@ -92,10 +118,18 @@ class ZygoteLauncher:
         # in its own /tmp; a kernel that needs it later makes it in its private
         # tmpfs /tmp: no disk inodes per kernel, nothing to remove.
         env["IPYTHONDIR"] = "/tmp/.ipython"
-        argv = bwrap_argv(self.policy, root / "run-unused", zwork, INSIDE_SCRIPT, self.python, env)
-        argv = _rebind(argv, root)
-        argv += ["--", python, "-s", f"/sandbox/lib/{INSIDE_SCRIPT.name}", "zygote", json.dumps(config)]
-        (root / "run-unused").mkdir(exist_ok=True)
+        ro, stage = staged(read_only_binds(self.python), self.ids)
+        rw = [(str(kernels), "/sandbox/kernels"), (str(ctl), "/sandbox/ctl")]
+        argv = [
+            *host_prelude(self.ids, (), stage),
+            *bwrap_argv(self.policy, ro, rw, env, single=False, disable_userns=False),
+            "--",
+            python,
+            "-s",
+            f"/sandbox/lib/{INSIDE_SCRIPT.name}",
+            "zygote",
+            json.dumps(config),
+        ]
         self._proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=subprocess.PIPE,
@@ -115,6 +149,11 @@ class ZygoteLauncher:
             await self._proc.wait()
             log = (root / "zygote.log").read_text(errors="replace")[-2000:]
             raise KernelStartError(f"the kernel zygote did not start. Its output:\n{log}")
+
+    @property
+    def log(self) -> Path | None:
+        """The zygote's stderr (what it says when it cannot build the kernel before the fork)."""
+        return self._root / "zygote.log" if self._root is not None else None
 
     @property
     def zygote_pid(self) -> int | None:
@@ -141,9 +180,9 @@ class ZygoteLauncher:
         assert self._proc is not None and self._proc.stdin is not None and self._root is not None
         kid = f"k{next(self._ids)}-{secrets.token_hex(6)}"
         kroot = self._root / "kernels" / kid
-        dirs = KernelDirs(root=kroot, run=kroot / "run", work=kroot / "work")
+        dirs = KernelDirs(root=kroot, run=kroot / "run", work=None)
         key = new_key()
-        await asyncio.to_thread(_make_dirs, dirs, key)
+        await asyncio.to_thread(_make_dirs, dirs, key, self.ids)
         hello: asyncio.Future[tuple[int, asyncio.StreamWriter]] = asyncio.get_running_loop().create_future()
         self._hellos[kid] = hello
         try:
@@ -164,14 +203,15 @@ class ZygoteLauncher:
         handle = ProcessHandle(pid, None)
         if self._cgroups is not None:
             # cgroup writes take milliseconds (attach waits for RCU): off the loop.
-            handle.cgroup = await asyncio.to_thread(_cage, self._cgroups, self.policy.max_procs, pid)
+            handle.cgroup = await asyncio.to_thread(_cage, self._cgroups, self.policy, pid)
             if handle.cgroup is None:
                 handle.kill()
         writer.write(b"go\n")
         with contextlib.suppress(OSError):
             await writer.drain()
         writer.close()
-        return await connect_and_handshake(handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy)
+        facts = outside_facts(handle.cgroup, own_network=self.net_per_kernel)
+        return await connect_and_handshake(handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, facts)
 
     async def close(self) -> None:
         self._closed = True
@@ -185,8 +225,8 @@ class ZygoteLauncher:
             await asyncio.to_thread(lambda: KernelDirs(root, root, root).remove())
 
 
-def _cage(groups: PidsCgroups, max_procs: int, pid: int) -> Path | None:
-    group = groups.new(max_procs)
+def _cage(groups: KernelCgroups, policy: SandboxPolicy, pid: int) -> Path | None:
+    group = groups.new(policy.max_procs, policy.memory_mb * 1024 * 1024)
     if group is None:
         return None
     try:
@@ -197,10 +237,11 @@ def _cage(groups: PidsCgroups, max_procs: int, pid: int) -> Path | None:
     return group
 
 
-def _make_dirs(dirs: KernelDirs, key: str) -> None:
+def _make_dirs(dirs: KernelDirs, key: str, owner: tuple[int, int] | None) -> None:
     dirs.root.mkdir(mode=0o755)
-    dirs.run.mkdir(mode=0o755)
-    dirs.work.mkdir(mode=0o755)
+    dirs.run.mkdir(mode=0o700)
+    if owner is not None:
+        os.chown(dirs.run, *owner)
     write_connection_file(dirs.run / "conn.json", "/sandbox/run/k", key)
 
 
@@ -209,19 +250,3 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")[-2000:]
     except OSError:
         return ""
-
-
-def _rebind(argv: list[str], root: Path) -> list[str]:
-    """Turn the one-kernel bwrap command into the zygote's: all kernels' dirs plus the control socket."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--bind" and argv[i + 2] == "/sandbox/run":
-            out += ["--bind", str(root / "kernels"), "/sandbox/kernels"]
-            out += ["--bind", str(root / "ctl"), "/sandbox/ctl"]
-            out += ["--dir", "/sandbox/run"]
-            i += 3
-            continue
-        out.append(argv[i])
-        i += 1
-    return out

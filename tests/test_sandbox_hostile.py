@@ -19,6 +19,7 @@ import pytest_asyncio
 
 from sandbox import CellResult, Kernel, KernelPool, SandboxPolicy
 from sandbox.tiers import check
+from sandbox.zygote import ZygoteLauncher
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -220,11 +221,38 @@ async def test_os_exit_is_reported_as_died(k: Kernel) -> None:
     await still_works(k)
 
 
+def outside_the_kernels(pool: KernelPool) -> dict[int, float]:
+    """The runtime's processes a cell must not reach: the zygote's chain (bwrap, its init, the
+    zygote itself), with start times so that a pid reused after a kill does not pass."""
+    launcher = pool.launcher
+    assert isinstance(launcher, ZygoteLauncher) and launcher.zygote_pid is not None
+    chain = [psutil.Process(launcher.zygote_pid)]
+    while not os.path.basename(chain[-1].cmdline()[0]).startswith("python"):
+        kids = chain[-1].children()
+        assert len(kids) == 1, kids
+        chain.append(kids[0])
+    assert chain[-1].cmdline()[-2] == "zygote" and len(chain) >= 2, [p.cmdline()[:3] for p in chain]
+    return {p.pid: p.create_time() for p in chain}
+
+
+def still_running(procs: dict[int, float]) -> bool:
+    for pid, started in procs.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() != started or p.status() == psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            return False
+    return True
+
+
 @needs_bwrap
 async def test_killing_the_parent_does_not_reach_the_runtime(pool: KernelPool, k: Kernel) -> None:
-    r = await run(k, "import os\nos.kill(os.getppid(), 9)\nprint('still here')")
+    outside = outside_the_kernels(pool)
+    r = await run(k, "import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\nprint('still here')")
     assert r.status in ("ok", "died", "error")
-    assert psutil.pid_exists(os.getpid())
+    await asyncio.sleep(0.2)
+    assert still_running(outside)
     fresh = await pool.acquire()
     try:
         await still_works(fresh)
@@ -235,6 +263,7 @@ async def test_killing_the_parent_does_not_reach_the_runtime(pool: KernelPool, k
 
 @needs_bwrap
 async def test_signals_cannot_reach_other_processes(pool: KernelPool, k: Kernel) -> None:
+    outside = outside_the_kernels(pool)
     other = await pool.acquire()
     try:
         await other.execute("alive = 'yes'")
@@ -252,7 +281,8 @@ async def test_signals_cannot_reach_other_processes(pool: KernelPool, k: Kernel)
             "print(hit)\n"
         )
         await run(k, code)
-        assert psutil.pid_exists(os.getpid())
+        await asyncio.sleep(0.2)
+        assert still_running(outside)
         r = await other.execute("print(alive)")
         assert r.stdout == "yes\n" and not r.restarted
         await still_works(k)
@@ -306,7 +336,8 @@ async def test_udp_and_dns_fail(k: Kernel) -> None:
 
 @needs_bwrap
 async def test_writes_outside_the_work_dir_fail(k: Kernel) -> None:
-    target = Path("/work/main/.tora_sandbox_escape")
+    # A path the host can see and the runtime's user could write: this checkout.
+    target = Path(__file__).resolve().parents[1] / ".tora_sandbox_escape"
     for path in ("/usr/evil", "/sandbox/lib/evil.py", str(target), "/etc/evil"):
         r = await run(k, f"open({path!r}, 'w').write('x')")
         assert r.status == "error", (path, r)

@@ -138,11 +138,23 @@ def test_isolation_none_is_reported_not_isolated() -> None:
     assert "NOT ISOLATED" in r.summary()
 
 
-def test_asking_for_a_missing_tier_is_a_clear_error() -> None:
-    if REPORT.bwrap is None:
-        with pytest.raises(IsolationUnavailableError, match="bwrap"):
+def test_asking_for_a_missing_tier_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A machine without bubblewrap: its probe runs afresh (not the cached answer of this one)."""
+    from sandbox import tiers
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    tiers.bwrap_works.cache_clear()
+    try:
+        with pytest.raises(IsolationUnavailableError, match="bubblewrap is not installed"):
             choose_tier(SandboxPolicy(isolation="bwrap"))
-    else:
+        fallback = choose_tier(SandboxPolicy())
+        assert fallback == ("landlock" if landlock_abi() >= 1 else "none")
+        assert check(SandboxPolicy()).tier == fallback
+    finally:
+        monkeypatch.undo()
+        tiers.bwrap_works.cache_clear()
+    # And this machine again, probed again.
+    if REPORT.bwrap is not None:
         assert choose_tier(SandboxPolicy(isolation="bwrap")) == "bwrap"
 
 

@@ -56,9 +56,12 @@ def check_cmd(as_json: bool, isolation: str) -> None:
     for p in report.protections:
         mark = "[green]on [/green]" if p.active else "[red]off[/red]"
         console.print(f"  {mark} [bold]{p.name}[/bold]: {p.detail}")
+    uid = "own (not root)" if report.host_uid is None else str(report.host_uid)
     console.print(
         f"  bwrap: {report.bwrap or 'unavailable'}; Landlock ABI: {report.landlock_abi or 'none'}; "
-        f"pids cgroup: {'yes' if report.pids_cgroup else 'no'}; Linux {report.kernel_release}"
+        f"pids cgroup: {'yes' if report.pids_cgroup else 'no'}; "
+        f"memory cgroup: {'yes' if report.memory_cgroup else 'no'}; "
+        f"seccomp: {'yes' if report.seccomp else 'no'}; kernels' host uid: {uid}; Linux {report.kernel_release}"
     )
 
 
