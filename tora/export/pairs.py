@@ -7,7 +7,7 @@ prompt are paired, and `prompt` is their question part, so `prompt + chosen`
 is the chosen trajectory's `tora` text. A failed trajectory (finish `error`
 or `interrupted`) and an ungraded one (`correct` null, e.g. `unparsed`) is
 never paired: neither says anything about the model's answer. Pairing is
-deterministic: candidates are ordered by (sample_index, id) and drawn with a
+deterministic: candidates are ordered by (sample_index, content_hash, id) and drawn with a
 generator seeded by the seed and the problem id, so a problem's pairs do not
 change when other problems are added.
 
@@ -31,8 +31,8 @@ from tora.export.view import failed, question_part, question_text
 from tora.record import Trajectory
 
 
-def _order(t: Trajectory) -> tuple[int, str]:
-    return (t.sample_index, t.id)
+def _order(t: Trajectory) -> tuple[int, str, str]:
+    return (t.sample_index, t.content_hash or t.compute_content_hash(), t.id)
 
 
 def preference_rows(records: Sequence[Trajectory], *, seed: int = 0, per_problem: int = 1) -> Iterator[dict[str, Any]]:

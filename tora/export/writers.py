@@ -27,8 +27,14 @@ def _publish(tmp: Path, path: Path) -> None:
         raise RecordError(f"cannot write {path}: {exc.strerror}") from exc
 
 
+# Characters JSON leaves raw that many line splitters (str.splitlines, some
+# editors and JavaScript tools) take for line breaks: written escaped, one
+# record stays one line for every reader.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def jsonl_line(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False) + "\n"
+    return json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], out: Path | None) -> int:
