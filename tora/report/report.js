@@ -56,7 +56,7 @@
       tr.dataset.index = String(i);
       if (i === state.selected) tr.className = "sel";
       tr.appendChild(el("td", "", i));
-      tr.appendChild(el("td", "", r.pid + (r.k ? " #" + r.k : "")));
+      tr.appendChild(el("td", "ans", r.pid + (r.k ? " #" + r.k : "")));
       var v = el("td");
       v.appendChild(el("span", "tag " + verdict(r), verdict(r)));
       tr.appendChild(v);
