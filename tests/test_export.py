@@ -283,6 +283,19 @@ def test_ipynb_has_one_valid_notebook_per_trajectory_with_the_recorded_outputs(
             assert "did not finish" in markdown and "the model server went away" in markdown
 
 
+def test_a_cell_that_timed_out_shows_what_the_model_was_told() -> None:
+    pytest.importorskip("nbformat")
+    from tora.export.notebook import notebook
+
+    slow = build(Spec("slow", "Loop forever?", "0", [Turn("", Cell("while True: pass\n", "", "timeout"))], "Too slow.",
+                      finish="no_answer", correct=False))
+    (cell,) = [c for c in notebook(slow).cells if c.cell_type == "code"]
+    (out,) = cell.outputs
+    assert out.output_type == "stream" and out.name == "stderr"
+    assert out.text.startswith("[timeout] TimeoutError: execution exceeded the time limit")
+    assert cell.metadata["tora"]["status"] == "timeout"
+
+
 def test_parquet_loads_with_datasets_and_holds_the_jsonl_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     datasets = pytest.importorskip("datasets")
     src = write(tmp_path / "t.jsonl", everything())
@@ -369,6 +382,23 @@ def test_a_reader_that_leaves_early_is_no_error(tmp_path: Path) -> None:
     proc = subprocess.run(f"{' '.join(TORA)} export {src} -f tora | head -c 100 > /dev/null; echo ${{PIPESTATUS[0]}}",
                           shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "0" and "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
+
+
+def report_of(src: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    code, _, err = cli(["report", str(src)], capsys)
+    assert code == 0, err
+    return src.with_name(f"{src.stem}.report.html").read_text(encoding="utf-8")
+
+
+def test_a_lone_surrogate_in_a_record_is_exported_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    odd = build(Spec("odd", "What is \ud800?", "1", [], "$\\boxed{1}$ \ud800", correct=True, final_answer="1"))
+    src = tmp_path / "t.jsonl"
+    src.write_text(json.dumps(odd.model_dump()) + "\n")  # stdlib json writes the surrogate as \\ud800
+    proc = subprocess.run([*TORA, "export", str(src), "-f", "tora"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = lines(proc.stdout)
+    assert row["messages"][1]["content"] == odd.completion() and "\\ud800" in proc.stdout
+    assert "What is ?" in report_of(src, capsys)  # the page is UTF-8: the surrogate became "?"
 
 
 def test_both_shapes_of_result_error_are_read() -> None:

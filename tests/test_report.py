@@ -107,6 +107,8 @@ def test_the_page_is_self_contained_and_hostile_text_stays_data(run_dir: Path) -
     digest = base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()
     assert csp == f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; img-src data:"
     # The hostile record comes back intact from the data.
+    interrupted = page_data(html)[4]["turns"]
+    assert interrupted[-1]["code"] == "import time\n" and interrupted[-1]["st"] == "not run"  # type: ignore[index]
     evil = page_data(html)[7]
     assert evil["pid"] == f"evil{HOSTILE}" and evil["q"] == f"Evil {HOSTILE}?" and evil["ref"] == HOSTILE
     assert evil["turns"][0]["p"] == f"{HOSTILE}\n" and evil["turns"][0]["out"] == HOSTILE.rstrip()  # type: ignore[index]

@@ -50,6 +50,8 @@ def _say(tally: Tally, written: int, what: str, where: str) -> None:
     left = [f"{n} {label}" for n, label in ((tally.failed, "failed (error/interrupted; --include-failed keeps them)"),
                                              (tally.filtered, "filtered out"), (tally.duplicates, "duplicates"))
             if n]
+    if written == 1:
+        what = what[:-1]
     click.echo(f"wrote {written} {what} to {where}" + (f"; left out: {', '.join(left)}" if left else ""), err=True)
     for note in tally.notes:
         click.echo(f"note: {note}", err=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tora.errors import UsageError
-from tora.export.view import cut_block, error_view, failed, meta, question_text, turns
-from tora.record import CodeStep, ExecutionStep, Trajectory
+from tora.export.view import error_view, failed, meta, question_text, review_turns
+from tora.record import ExecutionStep, Trajectory
 
 
 def _nbformat() -> Any:
@@ -67,19 +67,17 @@ def notebook(t: Trajectory) -> Any:
     nbf = _nbformat()
     cells: list[Any] = [nbf.v4.new_markdown_cell(_heading(t))]
     count = 0
-    # An interrupted trajectory can end on code that never got its result.
-    dangling = t.steps[-1].content if t.steps and isinstance(t.steps[-1], CodeStep) else None
-    for turn in turns(t):
-        text = cut_block(turn.text, dangling) if turn.call is None and dangling is not None else turn.text
-        if text.strip():
-            cells.append(nbf.v4.new_markdown_cell(text))
-        if turn.call is None and dangling is not None:
-            cells.append(nbf.v4.new_code_cell(dangling, metadata={"tora": {"status": "not run"}}))
-        if turn.call is not None:
-            count += 1
-            cells.append(nbf.v4.new_code_cell(turn.call.code, execution_count=count,
-                                              outputs=_outputs(nbf, turn.call.execution),
-                                              metadata={"tora": {"status": turn.call.execution.status}}))
+    for turn in review_turns(t):
+        if turn.text.strip():
+            cells.append(nbf.v4.new_markdown_cell(turn.text))
+        if turn.code is None:
+            continue
+        if turn.execution is None:
+            cells.append(nbf.v4.new_code_cell(turn.code, metadata={"tora": {"status": "not run"}}))
+            continue
+        count += 1
+        cells.append(nbf.v4.new_code_cell(turn.code, execution_count=count, outputs=_outputs(nbf, turn.execution),
+                                          metadata={"tora": {"status": turn.execution.status}}))
     cells.append(nbf.v4.new_markdown_cell(_verdict(t)))
     nb = nbf.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

@@ -13,7 +13,8 @@
   the execution steps' observations, so removing them leaves the model's own
   text.
 - `turns`: the completion cut at each executed code block, for the
-  tool-calling formats.
+  tool-calling formats; `review_turns` the same for the notebook and the
+  report, which also show code that never ran.
 - `error_view`: `result.error` as kind and message, whether it is recorded as
   a string (schema 1.0) or as `{kind, message, traceback}` (1.1).
 """
@@ -110,6 +111,30 @@ def turns(t: Trajectory) -> list[Turn]:
     if pending or not out:
         out.append(Turn(pending, None))
     return out
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A turn as a reviewer sees it: text, then the code and its execution (None when it never ran)."""
+
+    text: str
+    code: str | None
+    execution: ExecutionStep | None
+
+
+def review_turns(t: Trajectory) -> list[Shown]:
+    """`turns`, except that code the trajectory ended on without its result
+    (an interrupted cell) is shown as code, not left inside the text."""
+    unrun = t.steps[-1].content if t.steps and isinstance(t.steps[-1], CodeStep) else None
+    shown: list[Shown] = []
+    for turn in turns(t):
+        if turn.call is not None:
+            shown.append(Shown(turn.text, turn.call.code, turn.call.execution))
+        elif unrun is not None:
+            shown.append(Shown(cut_block(turn.text, unrun), unrun, None))
+        else:
+            shown.append(Shown(turn.text, None, None))
+    return shown
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,13 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 
 
 def jsonl_line(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON's "\ud800" reads into one; UTF-8 cannot hold it): keep it escaped, losslessly.
+        line = json.dumps(row)
+    return line.translate(_LINE_BREAKS) + "\n"
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], out: Path | None) -> int:

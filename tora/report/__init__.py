@@ -27,7 +27,8 @@ def build_report(source: Source, records: list[Trajectory], out: Path, *, compar
     html = render(records, summary, source=source.path, title=f"tora report: {name}", manifest=manifest)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        tmp.write_text(html, encoding="utf-8")
+        # errors="replace": a lone surrogate in a record (valid JSON, not UTF-8) is written as "?".
+        tmp.write_text(html, encoding="utf-8", errors="replace")
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

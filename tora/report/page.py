@@ -26,8 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tora.export.view import cut_block, error_view, question_text, turns
-from tora.record import CodeStep, Trajectory
+from tora.export.view import error_view, question_text, review_turns
+from tora.record import Trajectory
 from tora.report.charts import BLUE, GREEN, GREY, RED, Bar, columns, hbars, stacked
 from tora.report.summary import Summary, verdict_label
 
@@ -49,20 +49,17 @@ def _cap(text: str | None, limit: int = MAX_FIELD) -> str | None:
 
 def _turns(t: Trajectory) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    dangling = t.steps[-1].content if t.steps and isinstance(t.steps[-1], CodeStep) else None
-    for turn in turns(t):
-        if turn.call is None:
-            text = cut_block(turn.text, dangling) if dangling is not None else turn.text
-            out.append({"p": _cap(text)})
-            if dangling is not None:
-                out.append({"p": "", "code": _cap(dangling), "st": "not run", "out": ""})
-            continue
-        ex = turn.call.execution
-        item: dict[str, Any] = {"p": _cap(turn.text), "code": _cap(turn.call.code), "st": ex.status,
-                                "out": _cap(ex.rendered)}
-        if ex.error is not None:
-            item["en"], item["ev"] = ex.error.ename, _cap(ex.error.evalue, MAX_TRACEBACK)
-            item["tb"] = _cap(_ANSI.sub("", "\n".join(ex.error.traceback)), MAX_TRACEBACK)
+    for turn in review_turns(t):
+        item: dict[str, Any] = {"p": _cap(turn.text)}
+        if turn.code is not None:
+            item["code"] = _cap(turn.code)
+            item["st"], item["out"] = "not run", ""
+        ex = turn.execution
+        if ex is not None:
+            item["st"], item["out"] = ex.status, _cap(ex.rendered)
+            if ex.error is not None:
+                item["en"], item["ev"] = ex.error.ename, _cap(ex.error.evalue, MAX_TRACEBACK)
+                item["tb"] = _cap(_ANSI.sub("", "\n".join(ex.error.traceback)), MAX_TRACEBACK)
         out.append(item)
     return out
 
