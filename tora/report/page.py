@@ -124,7 +124,7 @@ def _grading(records: Sequence[Trajectory], s: Summary) -> str:
             f"<td><code>{escape(str(records[i].result.final_answer))}</code></td>"
             f"<td><code>{escape(str(records[i].problem.answer))}</code></td></tr>"
             for i in s.ungraded[:MAX_LISTED])
-        parts.append(f"<h3>Not graded ({len(s.ungraded)}): no verdict, neither right nor wrong</h3>"
+        parts.append(f"<h3>Ungraded ({len(s.ungraded)}): no verdict, neither right nor wrong</h3>"
                      f"<table><tr><th>trajectory</th><th>status</th><th>answer</th><th>reference</th></tr>{rows}</table>")
     if s.verdicts:
         head = "".join(f"<th>{escape(g)}</th>" for g in s.graders)
@@ -148,7 +148,7 @@ def summary_html(records: Sequence[Trajectory], s: Summary) -> str:
     ungraded = len(s.ungraded)
     overall = (f'<p class="big">{_pct(m["accuracy"])} <span class="muted">({correct} of {n} correct)</span></p>'
                + stacked([("correct", correct, GREEN), ("wrong", n - correct - ungraded, RED),
-                          ("not graded", ungraded, GREY)]))
+                          ("ungraded", ungraded, GREY)]))
     if m.get("maj_at_k") is not None:
         overall += f'<p>maj@{m["samples"]} {_pct(m["maj_at_k"])} · pass@{m["samples"]} {_pct(m["pass_at_k"])}</p>'
     groups = "".join(_group_chart(m[key], f"accuracy by {key[3:]}") for key in ("by_type", "by_level") if key in m)
