@@ -32,6 +32,8 @@ def _register() -> None:
         ("tora.cli.grade", "grade"),
         ("tora.cli.eval", "eval_cmd"),
         ("tora.cli.replay", "replay"),
+        ("tora.cli.export", "export"),
+        ("tora.cli.report", "report"),
     ]
     for module, attr in optional:
         try:

@@ -1,0 +1,36 @@
+"""`tora report`: one self-contained HTML page about a run's trajectories.
+
+`summary` computes the figures (from the records alone), `charts` draws them
+as inline SVG, `page` assembles the file from `template.html`, `report.css`
+and `report.js` (shipped with the package) and the records as safe JSON.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tora.errors import RecordError
+from tora.export.source import Source
+from tora.record import Trajectory
+from tora.report.page import render
+from tora.report.summary import summarize
+from tora.run_dir import MANIFEST, read_json
+
+REPORT = "report.html"
+
+
+def build_report(source: Source, records: list[Trajectory], out: Path, *, compare_graders: bool = False) -> Path:
+    summary = summarize(records, compare_graders=compare_graders)
+    manifest = read_json(source.run_dir / MANIFEST) if source.run_dir is not None else None
+    name = source.run_dir.name if source.run_dir is not None else source.path.name
+    html = render(records, summary, source=source.path, title=f"tora report: {name}", manifest=manifest)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        # errors="replace": a lone surrogate in a record (valid JSON, not UTF-8) is written as "?".
+        tmp.write_text(html, encoding="utf-8", errors="replace")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RecordError(f"cannot write {out}: {exc.strerror}") from exc
+    return out
