@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from tora.errors import RecordError
+from tora.errors import DataError, RecordError
 from tora.export.source import Source
 from tora.record import Trajectory
 from tora.report.page import render
 from tora.report.summary import summarize
-from tora.run_dir import MANIFEST, read_json
+from tora.run_dir import read_manifest
 
 REPORT = "report.html"
 
 
+def _manifest(run_dir: Path) -> dict[str, Any] | None:
+    """The run's manifest for the page's header; a broken one is left out, not fatal (the report only reads)."""
+    try:
+        return read_manifest(run_dir, required=())
+    except DataError:
+        return None
+
+
 def build_report(source: Source, records: list[Trajectory], out: Path, *, compare_graders: bool = False) -> Path:
     summary = summarize(records, compare_graders=compare_graders)
-    manifest = read_json(source.run_dir / MANIFEST) if source.run_dir is not None else None
+    manifest = _manifest(source.run_dir) if source.run_dir is not None else None
     name = source.run_dir.name if source.run_dir is not None else source.path.name
     html = render(records, summary, source=source.path, title=f"tora report: {name}", manifest=manifest)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tora.evaluate import Graded
 from tora.export.view import error_view
 from tora.metrics import compute_metrics
 from tora.record import ExecutionStep, Problem, Trajectory
+from tora.scheduler import Graded
 
 
 @dataclass(frozen=True)
