@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ from sandbox import SandboxPolicy
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.display import PlainPrinter, RichPrinter
+from tora.cli.interactive import problem_from_text, run_episode
 from tora.cli.options import config_from, loop_options, sandbox_from
 from tora.engine import Episode, KernelSource, SolveConfig
-from tora.events import Event, Finished
 from tora.kernels import FreshKernels
 from tora.paths import trajectories_dir
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
@@ -30,39 +29,6 @@ EXIT_NO_ANSWER = 3
 
 def default_record_path() -> Path:
     return trajectories_dir() / "solve.jsonl"
-
-
-def problem_from_text(text: str, answer: str | None = None) -> Problem:
-    digest = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:12]
-    return Problem(id=f"adhoc-{digest}", text=text.strip(), answer=answer, source="cli")
-
-
-async def run_episode(
-    episode: Episode,
-    subscribers: list[Any],
-    writer: TrajectoryWriter | None,
-) -> Trajectory:
-    """Drive one episode, feed every subscriber, record the result (even when interrupted)."""
-    trajectory: Trajectory | None = None
-    try:
-        async with contextlib.aclosing(episode.run()) as events:
-            async for event in events:
-                _publish(subscribers, event)
-                if isinstance(event, Finished):
-                    trajectory = event.trajectory
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        if writer is not None and episode.trajectory is not None:
-            writer.append_sync(episode.trajectory)
-        raise
-    assert trajectory is not None
-    if writer is not None:
-        await writer.append(trajectory)
-    return trajectory
-
-
-def _publish(subscribers: list[Any], event: Event) -> None:
-    for sub in subscribers:
-        sub(event)
 
 
 @click.command()
