@@ -4,7 +4,9 @@ Plain numbers (most GSM8K-style answers) are decided in the calling process
 with exact arithmetic, in the way each grader would decide them; everything
 else goes to a shared worker pool where a hang costs one timeout, not the batch.
 A result is never a silent False: a side that does not parse is `unparsed`, a
-comparison out of time is `timeout`, a crash is `error`; each has `equal=None`.
+pair no exact or safe numeric comparison decides is `unsure`, a comparison out
+of time is `timeout`, a crash is `error`; each has `equal=None` (see
+`tora.grading.verdict`, and `tora.grading.exact` for what "exact" means).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pydantic import BaseModel, ConfigDict
 from tora.grading.extract import is_plain_number, normalize_answer
 from tora.grading.pool import ProcessPool
 from tora.grading.tora_compat import quick_equal, tora_strip
+from tora.grading.verdict import GRADE_STATUSES, GradeStatus, Verdict
 
 GraderName = Literal["math-verify", "tora-compat"]
-GradeStatus = Literal["ok", "unparsed", "timeout", "error"]
 GRADERS: tuple[GraderName, ...] = ("math-verify", "tora-compat")
 DEFAULT_GRADER: GraderName = "math-verify"
 DEFAULT_TIMEOUT = 5.0
@@ -60,13 +62,20 @@ def _digits(s: str) -> int:
 def _mv_fast(pred: str, ref: str) -> bool | None:
     """Math-Verify's verdict on two plain numbers, or None when only Math-Verify can tell.
 
-    Math-Verify compares integers exactly and, when a decimal is involved,
-    after rounding both to 6 places: equal values are equal under either rule,
-    and values 1e-6 or more apart are unequal under both. Closer pairs, and
-    numbers beyond a float's 15 digits, go to the real thing.
+    Math-Verify compares integers exactly, of any size, and, when a decimal
+    is involved, to 6 places and a relative 1e-4 (`exact.decimals_match`):
+    equal values are equal under either rule, and values 1e-6 or more apart
+    are unequal under both. Closer pairs, and decimals beyond a float's 15
+    digits, go to the real thing, and so do percentages (Math-Verify reads
+    `50\\%` as both 50 and 0.5; the normalised form keeps only 50).
     """
+    if "%" in pred or "%" in ref:
+        return None
     p, r = normalize_answer(pred), normalize_answer(ref)
-    if not (is_plain_number(p) and is_plain_number(r)) or max(_digits(p), _digits(r)) > 15:
+    if not (is_plain_number(p) and is_plain_number(r)):
+        return None
+    integers = "." not in p and "." not in r
+    if not integers and max(_digits(p), _digits(r)) > 15:
         return None
     try:
         dp, dr = Decimal(p), Decimal(r)
@@ -74,7 +83,7 @@ def _mv_fast(pred: str, ref: str) -> bool | None:
         return None
     if dp == dr:
         return True
-    if "." not in p and "." not in r:
+    if integers:
         return False
     if abs(dp - dr) >= Decimal("1e-6"):
         return False
@@ -95,11 +104,11 @@ def _fast(grader: GraderName, pred: str, ref: str) -> GradeResult | None:
 
 # --- the shared pool ---------------------------------------------------------
 
-_pool: ProcessPool[tuple[str, str, str, float], tuple[bool | None, str, str | None]] | None = None
+_pool: ProcessPool[tuple[str, str, str, float], Verdict] | None = None
 _pool_lock = threading.Lock()
 
 
-def _get_pool() -> ProcessPool[tuple[str, str, str, float], tuple[bool | None, str, str | None]]:
+def _get_pool() -> ProcessPool[tuple[str, str, str, float], Verdict]:
     global _pool
     with _pool_lock:
         if _pool is None:
@@ -163,14 +172,14 @@ def grade_many(
         for index, outcome in zip(slow, outcomes, strict=True):
             if outcome.status == "ok" and outcome.value is not None:
                 equal, status, detail = outcome.value
-                results[index] = GradeResult(equal=equal, status=check_status(status), grader=name, detail=detail)
+                results[index] = GradeResult(equal=equal, status=status, grader=name, detail=detail)
             else:
                 results[index] = GradeResult(equal=None, status=check_status(outcome.status), grader=name, detail=outcome.error)
     return [r for r in results if r is not None]
 
 
 def check_status(status: str) -> GradeStatus:
-    for known in ("ok", "unparsed", "timeout", "error"):
+    for known in GRADE_STATUSES:
         if status == known:
             return known
     return "error"
