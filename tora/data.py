@@ -18,7 +18,7 @@ from typing import Any
 
 from tora.errors import DataError
 from tora.fences import boxed_contents
-from tora.jsonl import iter_objects
+from tora.jsonl import QUESTION_FIELDS, iter_objects
 from tora.record.schema import Problem
 
 Row = dict[str, Any]
@@ -194,7 +194,6 @@ def _rows(path: Path) -> Iterator[tuple[int, Row]]:
     return iter_objects(path)
 
 
-_QUESTION_FIELDS = ("question", "problem", "input", "query")
 _ANSWER_FIELDS = ("answer", "target", "gt", "reference")
 _ID_FIELDS = ("id", "idx", "unique_id")
 
@@ -205,7 +204,7 @@ def _user_file(
     problems: list[Problem] = []
     for line_no, row in _rows(path):
         # Unnamed fields are guessed from common names on each row; named ones must be present.
-        q_field = question_field or next((f for f in _QUESTION_FIELDS if f in row), _QUESTION_FIELDS[0])
+        q_field = question_field or next((f for f in QUESTION_FIELDS if f in row), QUESTION_FIELDS[0])
         a_field = answer_field or next((f for f in _ANSWER_FIELDS if f in row), None)
         i_field = id_field or next((f for f in _ID_FIELDS if f in row), None)
         problems.append(

@@ -23,7 +23,7 @@ from pathlib import Path
 from tora.concurrency import bounded_as_completed
 from tora.engine import Episode
 from tora.events import Finished
-from tora.grading import DEFAULT_TIMEOUT, ItemGrade, grade_trajectories, grade_trajectory
+from tora.grading import DEFAULT_TIMEOUT, grade_trajectories, grade_trajectory, with_grade
 from tora.grading.items import trajectory_prediction
 from tora.record import Problem, Trajectory, read_trajectories
 
@@ -50,13 +50,6 @@ class Graded:
     @property
     def correct(self) -> bool:
         return self.trajectory.result.correct is True
-
-
-def with_grade(trajectory: Trajectory, item: ItemGrade) -> Graded:
-    result = trajectory.result.model_copy(
-        update={"correct": item.result.equal, "grader": item.result.grader, "grade_status": item.result.status}
-    )
-    return Graded(trajectory.model_copy(update={"result": result}), item.pred, item.extracted_by)
 
 
 def work_list(problems: Sequence[Problem], samples: int, done: Iterable[Pair] = ()) -> list[tuple[Problem, int]]:
@@ -98,7 +91,7 @@ def regrade(trajectories: Sequence[Trajectory], grader: str, timeout: float = DE
     if todo:
         items = grade_trajectories([trajectories[i] for i in todo], grader, timeout)
         for i, item in zip(todo, items, strict=True):
-            out[i] = with_grade(trajectories[i], item)
+            out[i] = Graded(with_grade(trajectories[i], item), item.pred, item.extracted_by)
     return [g for g in out if g is not None]
 
 
@@ -138,7 +131,7 @@ class BatchRunner:
         async def one(pair: tuple[Problem, int]) -> Graded:
             trajectory = await drive(self.make_episode(*pair))
             item = await loop.run_in_executor(grading, grade_trajectory, trajectory, self.grader, self.grade_timeout)
-            return with_grade(trajectory, item)
+            return Graded(with_grade(trajectory, item), item.pred, item.extracted_by)
 
         try:
             async with contextlib.aclosing(bounded_as_completed(work, one, self.concurrency)) as results:

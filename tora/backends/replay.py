@@ -19,7 +19,7 @@ from pathlib import Path
 from tora import fences
 from tora.backends.base import Delta, Done, GenerationRequest, StreamEvent
 from tora.errors import BackendError, ModelSpecError
-from tora.jsonl import first_object
+from tora.jsonl import file_format
 from tora.record.schema import ExecutionStep, TextStep, Trajectory
 from tora.record.writer import read_trajectories
 from tora.released import read_released
@@ -60,9 +60,8 @@ def _norm(text: str) -> str:
 
 def replay_source(path: Path) -> list[tuple[str, str, list[list[Segment]]]]:
     """(id, question, segments per sample) for each problem of a recorded file."""
-    _, head = first_object(path)
     problems: dict[str, tuple[str, str, dict[int, list[Segment]]]] = {}
-    if "schema_version" in head:
+    if file_format(path).format == "trajectories":
         for t in read_trajectories(path):
             entry = problems.setdefault(t.problem.id, (t.problem.id, t.problem.text, {}))
             entry[2][t.sample_index] = segments_of(t)
