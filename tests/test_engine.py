@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import RELEASED_GSM8K, write_released
+from conftest import HEAD5, write_released
 
 from tora.backends.replay import ReplayBackend, split_completion
 from tora.engine import Episode, SolveConfig
@@ -108,8 +108,7 @@ async def test_cancelling_interrupts_the_cell_and_marks_the_trajectory(tmp_path:
 
 
 async def test_replaying_released_trajectories_reproduces_their_outputs(tmp_path: Path) -> None:
-    head = tmp_path / "head.jsonl"
-    head.write_text("".join(RELEASED_GSM8K.read_text().splitlines(keepends=True)[:5]))
+    head = HEAD5
     backend = ReplayBackend(head)
     kernels = FreshKernels(SandboxPolicy(timeout_s=10))
     for line in head.read_text().splitlines():
