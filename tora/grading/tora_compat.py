@@ -375,15 +375,15 @@ def _exact_verdict(a: Any, b: Any, equation: bool) -> Verdict:
     if not all(isinstance(x, sympy.Expr | sympy.MatrixBase) for x in (a, b)):
         return decided(False)  # sets, relations: ToRA compares them only structurally
     readings = [(a, b), (a, -b)] if equation else [(a, b)]
-    found = [_decide(lambda x=x, y=y: exact_equal(x, y, prove=False)) for x, y in readings]
+    found = [_decide(x, y) for x, y in readings]
     if True in found:
         return decided(True)
     return decided(False) if all(f is False for f in found) else UNSURE
 
 
-def _decide(check: Callable[[], bool | None]) -> bool | None:
+def _decide(a: Any, b: Any) -> bool | None:
     try:
-        return check()
+        return exact_equal(a, b, prove=False)
     except Exception:
         return False  # sympy could not compare them at all: ToRA's answer
 
