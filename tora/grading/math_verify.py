@@ -72,9 +72,6 @@ def install_exact_numeric_eq() -> None:
     grader.sympy_numeric_eq = numeric_eq
 
 
-install_exact_numeric_eq()
-
-
 def _parse(answer: str) -> list[Any]:
     from math_verify import parse
 
@@ -99,6 +96,7 @@ def mv_equal(pred: str, ref: str) -> Verdict:
     """Compare with Math-Verify. `unparsed` when a side yields no expression and strings differ."""
     from math_verify import verify
 
+    install_exact_numeric_eq()  # here, not at import: the parent process imports this module but never grades
     gold = _parse_side(ref)
     target = _parse_side(pred)
     if not gold:
