@@ -243,7 +243,15 @@ NUMERIC = [
     ("100000000000000000001", "100000000000000000000", False, True),  # integers of any size, exactly
     ("12345678901234567890", "12,345,678,901,234,567,890", True, True),
     ("0.0000001", "0.0000002", False, False),
-    ("50\\%", "0.5", True, False),  # a percentage is also a fraction: Math-Verify decides
+    # a percentage reads as P and as P/100
+    ("50\\%", "0.5", True, True),
+    ("50\\%", "50", True, True),
+    ("0.5", "50\\%", True, True),
+    ("5\\%", "0.5", False, True),
+    ("40.0\\%", "40", True, True),
+    ("33.3\\%", "25", False, True),
+    ("120\\%", "1.2", True, True),
+    ("20\\%", "0.2000001", True, False),  # the same as 0.2 to 6 places
 ]
 
 

@@ -66,26 +66,38 @@ def _mv_fast(pred: str, ref: str) -> bool | None:
     is involved, to 6 places and a relative 1e-4 (`exact.decimals_match`):
     equal values are equal under either rule, and values 1e-6 or more apart
     are unequal under both. Closer pairs, and decimals beyond a float's 15
-    digits, go to the real thing, and so do percentages (Math-Verify reads
-    `50\\%` as both 50 and 0.5; the normalised form keeps only 50).
+    digits, go to the real thing. A percentage `P\\%` reads as P and as P/100,
+    and the pair is equal if any reading of one side equals one of the other.
     """
-    if "%" in pred or "%" in ref:
+    preds, refs = _readings(pred), _readings(ref)
+    if preds is None or refs is None:
         return None
-    p, r = normalize_answer(pred), normalize_answer(ref)
-    if not (is_plain_number(p) and is_plain_number(r)):
-        return None
-    integers = "." not in p and "." not in r
-    if not integers and max(_digits(p), _digits(r)) > 15:
+    verdicts = {_compare(a, b) for a in preds for b in refs}
+    if True in verdicts:
+        return True
+    return None if None in verdicts else False
+
+
+def _readings(answer: str) -> list[tuple[Decimal, bool]] | None:
+    """(value, is an integer) for each reading of a plain number (two for a percentage), else None."""
+    normal = normalize_answer(answer)
+    if not is_plain_number(normal):
         return None
     try:
-        dp, dr = Decimal(p), Decimal(r)
+        value = Decimal(normal)
     except InvalidOperation:
         return None
-    if dp == dr:
+    integer = "." not in normal
+    if not integer and _digits(normal) > 15:
+        return None
+    return [(value, integer), (value / 100, False)] if "%" in answer else [(value, integer)]
+
+
+def _compare(a: tuple[Decimal, bool], b: tuple[Decimal, bool]) -> bool | None:
+    (x, x_int), (y, y_int) = a, b
+    if x == y:
         return True
-    if integers:
-        return False
-    if abs(dp - dr) >= Decimal("1e-6"):
+    if (x_int and y_int) or abs(x - y) >= Decimal("1e-6"):
         return False
     return None
 
