@@ -5,10 +5,10 @@ A built-in set NAME is read from the first of: `$TORA_DATA_DIR/NAME/test.jsonl`,
 directory), and the copy shipped inside the package (`tora/datasets/`, the
 MIT-licensed sets only; asdiv and mawps are not shipped, see `_NOT_SHIPPED`).
 `source_path` says which file that is, so a run can record it. Question text
-and reference answer are built the way ToRA builds them (see
-tora/datasets/README.md). Any other JSONL file works with named
-question/answer/id fields. Bad data raises `DataError` naming file, line and
-field.
+and reference answer are built the way ToRA builds them (its `parse_question`
+and `parse_ground_truth`: one builder per set below). Any other JSONL file
+works with named question/answer/id fields. Bad data raises `DataError`
+naming file, line and field.
 """
 
 from __future__ import annotations
