@@ -13,9 +13,22 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
+# The full-size data (all seven sets and ToRA's released outputs): ../shared/data beside the
+# checkout, as CI has it, or $TORA_DATA_DIR. A fresh clone has neither: the tests that need it
+# skip (`needs_full_data`), and the rest use the fixtures in tests/data/ or the sets shipped in
+# tora/datasets/.
+DATA = Path(os.environ.get("TORA_DATA_DIR") or ROOT.parent / "shared" / "data")
 RELEASED_GSM8K = DATA / "released" / "tora-code-34b-v1.0" / "gsm8k" / "test_tora_-1_seed0_t0.0_s0_e1319.jsonl"
+# The first 15 and 5 rows of that file (MIT, see tests/data/LICENSE).
+HEAD = Path(__file__).parent / "data" / "released_gsm8k_head.jsonl"
+HEAD5 = Path(__file__).parent / "data" / "released_gsm8k_head5.jsonl"
 TORA = [sys.executable, "-m", "tora.cli.main"]
+
+
+def needs_full_data(path: Path) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        not path.exists(), reason=f"{path} is not here (full-size data: ../shared/data beside the checkout, or TORA_DATA_DIR)"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -1,14 +1,26 @@
-"""Data set loaders: known rows of each shared set, user JSONL files, bad data."""
+"""Data set loaders: known rows of each built-in set, where each is read from, user JSONL files, bad data."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
+from conftest import DATA, ROOT, needs_full_data
 
-from tora.data import DATASETS, load_problems
+from tora.data import DATASETS, PACKAGED, load_problems, source_path
 from tora.errors import DataError
+
+# The sets shipped in tora/datasets/ (MIT) and the sha256 of the upstream files they copy.
+SHIPPED = {
+    "gsm8k": "9f098df7ff4522078d6ccec27a5c38a454790fdb51131bedfaa0e490070d5394",
+    "math": "3371949f33dd702d04b43fddd7d53a028de0aaca0e76abb1b875a050297b3aa4",
+    "math500": "35dc41080a3680858b27fa7e0533d2d547825316fc5dafe5d316f4ccc5a06132",
+    "gsm-hard": "45db606263a4902580aba3974e8b7fb3f66012877889209af206b1c1b2f208f5",
+    "svamp": "d0826ff1264f3860e46fc4e71db9e31d2d188960db87090e22677f9493e67a0d",
+}
+NOT_SHIPPED = {"asdiv": "CC BY-NC 4.0", "mawps": "no license upstream"}
 
 KNOWN = {
     # name: (rows, index of a known row, id, start of text, end of text, answer)
@@ -36,8 +48,14 @@ KNOWN = {
 }
 
 
+def _available(name: str) -> None:
+    if name in NOT_SHIPPED and not (DATA / name / "test.jsonl").is_file():
+        pytest.skip(f"{name} is not shipped ({NOT_SHIPPED[name]}) and {DATA} does not hold it")
+
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_known_row(name: str) -> None:
+    _available(name)
     rows, index, pid, start, end, answer = KNOWN[name]
     problems = load_problems(name)
     assert len(problems) == rows
@@ -52,7 +70,47 @@ def test_meta_level_type_subject() -> None:
     assert math.meta == {"level": 3, "type": "Algebra"}
     m500 = load_problems("math500", limit=1)[0]
     assert m500.meta == {"level": 2, "subject": "Precalculus", "type": "Precalculus"}
+
+
+def test_mawps_type() -> None:
+    _available("mawps")
     assert load_problems("mawps", limit=1)[0].meta == {"type": "singleeq"}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_copy_is_the_upstream_file_with_its_license(name: str) -> None:
+    copy = PACKAGED / name / "test.jsonl"
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == SHIPPED[name]
+    license_text = (PACKAGED / name / "LICENSE").read_text()
+    assert "MIT License" in license_text and "Permission is hereby granted" in license_text
+    assert SHIPPED[name] in (PACKAGED / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", NOT_SHIPPED)
+def test_unshipped_sets_are_not_in_the_package(name: str) -> None:
+    assert not (PACKAGED / name).exists()
+
+
+@needs_full_data(ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl")
+def test_local_data_folder_is_read_before_the_shipped_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORA_DATA_DIR", raising=False)
+    monkeypatch.chdir(ROOT)  # ../shared/data is then beside both the checkout and the current directory
+    assert source_path("gsm8k") == (ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl").resolve()
+
+
+def test_tora_data_dir_wins_and_a_set_it_lacks_comes_from_the_next_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "svamp").mkdir()
+    mine = tmp_path / "svamp" / "test.jsonl"
+    mine.write_text(json.dumps({"Body": "A has 2 apples", "Question": "How many?", "Answer": 2.0, "idx": 9}) + "\n")
+    monkeypatch.setenv("TORA_DATA_DIR", str(tmp_path))
+    assert source_path("svamp") == mine.resolve()
+    assert [(p.id, p.text, p.answer) for p in load_problems("svamp")] == [("9", "A has 2 apples. How many?", "2")]
+    gsm8k = source_path("gsm8k")  # not in TORA_DATA_DIR: the local data folder, else the shipped copy
+    local = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+    assert gsm8k in {local.resolve(), (PACKAGED / "gsm8k" / "test.jsonl").resolve()}
+    assert hashlib.sha256(gsm8k.read_bytes()).hexdigest() == SHIPPED["gsm8k"]
 
 
 def test_numbers_keep_their_value() -> None:
@@ -129,7 +187,14 @@ def test_unknown_name_or_missing_file() -> None:
         load_problems("gsm9k")
 
 
-def test_missing_builtin_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", NOT_SHIPPED)
+def test_missing_unshipped_set_says_where_to_put_it(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if any((d / name / "test.jsonl").is_file() for d in (ROOT.parent / "shared" / "data", tmp_path.parent / "shared" / "data")):
+        pytest.skip(f"a local data folder holds {name}")
     monkeypatch.setenv("TORA_DATA_DIR", str(tmp_path))
-    with pytest.raises(DataError, match="TORA_DATA_DIR"):
-        load_problems("svamp")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as info:
+        load_problems(name)
+    message = str(info.value)
+    assert f"$TORA_DATA_DIR/{name}/test.jsonl" in message and NOT_SHIPPED[name] in message
+    assert message.startswith(f"{name}: data set not found") and "\n" not in message

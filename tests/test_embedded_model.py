@@ -58,12 +58,25 @@ def test_stop_strings_cut_generation_and_cancel_is_prompt() -> None:
             pass
         return text, done, time.monotonic() - t0
 
+    async def until_space() -> tuple[str, Done | None]:
+        # Any continuation of a count holds a space within 64 tokens: this stop must fire.
+        text, done = "", None
+        async for ev in backend.stream(GenerationRequest(prompt="Count: 1, 2, 3,", stop=[" "], max_tokens=64)):
+            if isinstance(ev, Delta):
+                text += ev.text
+            else:
+                done = ev
+        return text, done
+
     text, done, cancel_s = asyncio.run(go())
     assert "```output" not in text
     assert done.finish_reason in ("stop", "length") and done.prompt_tokens > 10
     if done.finish_reason == "stop":
         assert done.stop_string == "```output"
     assert cancel_s < 3.0
+    cut, stopped = asyncio.run(until_space())
+    assert stopped is not None and (stopped.finish_reason, stopped.stop_string) == ("stop", " ")
+    assert " " not in cut
 
 
 def test_cached_prefix_state_gives_the_same_greedy_text(tora_home: object) -> None:
@@ -83,6 +96,7 @@ def test_cached_prefix_state_gives_the_same_greedy_text(tora_home: object) -> No
 
     cold = load_backend("embedded")
     expected = asyncio.run(greedy(cold))
+    assert expected.strip()  # equal texts prove nothing if both are empty
     cold.prepare(template.prefix)  # type: ignore[attr-defined]  # computes and saves the state
     saved = list((Path(str(tora_home)) / "cache" / "kv").glob("*.state"))
     assert len(saved) == 1 and saved[0].stat().st_size > 1_000_000

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, write_released
+from conftest import HEAD5, write_released
 
 from tora import fences
 from tora.backends.base import Backend, Delta, Done, GenerationRequest, StreamEvent
@@ -23,7 +23,7 @@ from tora.prompts import load_prompt
 from tora.record import Problem, Trajectory
 from tora.record.schema import ExecutionStep, TextStep
 
-RELEASED_HEAD5 = ROOT / "tests" / "data" / "released_gsm8k_head5.jsonl"
+RELEASED_HEAD5 = HEAD5
 
 TWO_BLOCKS = (
     "Set x.\n```python\nx = 21\nprint(x)\n```\n```output\n21\n```\n"

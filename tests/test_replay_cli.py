@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TORA, write_released
+from conftest import HEAD, TORA, write_released
 
-HEAD = Path(__file__).parent / "data" / "released_gsm8k_head.jsonl"
 TWO_BLOCKS = ("```python\nx = 21\nprint(x)\n```\n```output\n21\n```\n"
               "```python\nprint(x * 2)\n```\n```output\n42\n```\nSo $\\boxed{42}$.")
 
@@ -68,6 +67,9 @@ def test_tora_records_replay_clean_and_a_tampered_one_is_reported(tmp_path: Path
     assert (s["trajectories"], s["cells"], s["same"], s["differ"]) == (10, 10, 9, 1)
     [d] = s["differences"]
     assert (d["id"], d["cell"], d["recorded"]) == (record["problem"]["id"], 0, "999")
+    # The new output is what ToRA's own run printed for that problem.
+    row = next(json.loads(line) for line in HEAD.read_text().splitlines() if str(json.loads(line)["idx"]) == d["id"])
+    assert d["new"] == row["code"][0].split("```output\n")[1].split("\n```")[0]
     # The human report names the problem, the cell and both outputs on one line.
     human = run(["replay", str(tampered), "--limit", "10"])
     assert human.returncode == 0

@@ -1,11 +1,14 @@
 """Evaluation data sets as `Problem` records.
 
-Built-in sets are read in place from the shared data folder: `$TORA_DATA_DIR`
-if set, else `../shared/data` beside the repository root (or the current
-directory). Question text and reference answer are built the way ToRA builds
-them (see that folder's README). Any other JSONL file works with named
-question/answer/id fields. Bad data raises `DataError` naming file, line and
-field.
+A built-in set NAME is read from the first of: `$TORA_DATA_DIR/NAME/test.jsonl`,
+`../shared/data/NAME/test.jsonl` beside the checkout (or beside the current
+directory), and the copy shipped inside the package (`tora/datasets/`, the
+MIT-licensed sets only; asdiv and mawps are not shipped, see `_NOT_SHIPPED`).
+`source_path` says which file that is, so a run can record it. Question text
+and reference answer are built the way ToRA builds them (its `parse_question`
+and `parse_ground_truth`: one builder per set below). Any other JSONL file
+works with named question/answer/id fields. Bad data raises `DataError`
+naming file, line and field.
 """
 
 from __future__ import annotations
@@ -18,22 +21,20 @@ from typing import Any
 
 from tora.errors import DataError
 from tora.fences import boxed_contents
-from tora.jsonl import iter_objects
+from tora.jsonl import QUESTION_FIELDS, iter_objects
 from tora.record.schema import Problem
 
 Row = dict[str, Any]
 
 
-def data_dir() -> Path:
-    """Where the built-in sets live; the first candidate that exists, else the first."""
+PACKAGED = Path(__file__).resolve().parent / "datasets"
+
+
+def data_dirs() -> list[Path]:
+    """Where built-in sets are looked for, in order (the folders need not exist)."""
     env = os.environ.get("TORA_DATA_DIR")
-    if env:
-        return Path(env)
-    candidates = [Path(__file__).resolve().parents[1] / ".." / "shared" / "data", Path.cwd() / ".." / "shared" / "data"]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate.resolve()
-    return candidates[0]
+    local = [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return [*([Path(env)] if env else []), *local, PACKAGED]
 
 
 def _text(path: Path, line: int, row: Row, field: str) -> str:
@@ -183,18 +184,43 @@ _BUILDERS: dict[str, tuple[str, Callable[[Path, int, Row], Problem]]] = {
 DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 
 
+# Sets tora may not redistribute, and why: they are read only from a data folder.
+_NOT_SHIPPED = {"asdiv": "CC BY-NC 4.0, non-commercial", "mawps": "no license upstream"}
+
+
 def dataset_path(name: str) -> Path | None:
-    """The file a built-in data set reads, or None for a name that is not one."""
-    if name not in _BUILDERS:
-        return None
-    return (data_dir() / _BUILDERS[name][0]).resolve()
+    """The file a built-in data set reads (the first copy found), or None for a name that is not one.
+
+    Raises `DataError` with what to do when no copy is found.
+    """
+    return _builtin_path(name) if name in _BUILDERS else None
+
+
+def _builtin_path(name: str) -> Path:
+    relative = _BUILDERS[name][0]
+    for folder in data_dirs():
+        if (folder / relative).is_file():
+            return (folder / relative).resolve()
+    why = f"it is not shipped with tora ({_NOT_SHIPPED[name]})" if name in _NOT_SHIPPED else "no copy found"
+    raise DataError(name, None, None, f"data set not found: {why}; put its file at $TORA_DATA_DIR/{relative} "
+                                      f"(looked in {', '.join(str(d) for d in data_dirs())})")
+
+
+def source_path(name_or_path: str | Path) -> Path:
+    """The file `load_problems(name_or_path)` reads: a built-in set's copy, else the file itself."""
+    name = str(name_or_path)
+    if name in _BUILDERS and not Path(name).is_file():
+        return _builtin_path(name)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise DataError(path, None, None, f"no such file, and not a data set name (known: {', '.join(DATASETS)})")
+    return path.resolve()
 
 
 def _rows(path: Path) -> Iterator[tuple[int, Row]]:
     return iter_objects(path)
 
 
-_QUESTION_FIELDS = ("question", "problem", "input", "query")
 _ANSWER_FIELDS = ("answer", "target", "gt", "reference")
 _ID_FIELDS = ("id", "idx", "unique_id")
 
@@ -205,7 +231,7 @@ def _user_file(
     problems: list[Problem] = []
     for line_no, row in _rows(path):
         # Unnamed fields are guessed from common names on each row; named ones must be present.
-        q_field = question_field or next((f for f in _QUESTION_FIELDS if f in row), _QUESTION_FIELDS[0])
+        q_field = question_field or next((f for f in QUESTION_FIELDS if f in row), QUESTION_FIELDS[0])
         a_field = answer_field or next((f for f in _ANSWER_FIELDS if f in row), None)
         i_field = id_field or next((f for f in _ID_FIELDS if f in row), None)
         problems.append(
@@ -234,24 +260,17 @@ def load_problems(
     if limit is not None and limit < 0:
         raise DataError(name_or_path, None, None, "limit must be >= 0")
     name = str(name_or_path)
+    path = source_path(name_or_path)
     if name in _BUILDERS and not Path(name).is_file():
         if question_field or answer_field or id_field:
             raise DataError(name, None, None, "field options apply to JSONL files, not to built-in data sets")
-        relative, build = _BUILDERS[name]
-        path = data_dir() / relative
-        if not path.is_file():
-            raise DataError(path, None, None, f"data set '{name}' not found; set TORA_DATA_DIR to the data folder")
+        build = _BUILDERS[name][1]
         problems: list[Problem] = []
         for line_no, row in _rows(path):
             if limit is not None and len(problems) >= limit:
                 break
             problem = build(path, line_no, row)
-            problem.split = "test"  # every shared set is a test split
+            problem.split = "test"  # every built-in set is a test split
             problems.append(problem)
         return problems
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise DataError(
-            path, None, None, f"no such file, and not a data set name (known: {', '.join(DATASETS)})"
-        )
     return _user_file(path, question_field, answer_field, id_field, limit)

@@ -109,6 +109,7 @@ def compute_metrics(
             "grade_status": dict(sorted(grade_status.items())),
             "grade_timeouts": grade_status.get("timeout", 0),
             "unparsed": grade_status.get("unparsed", 0),
+            "unsure": grade_status.get("unsure", 0),
             "tool_calls": len(cells),
             "mean_tool_calls": round(len(cells) / n, 4) if n else None,
             "exec_error_rate": _frac(len(cells) - cell_status.get("ok", 0), len(cells)),

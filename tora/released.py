@@ -27,10 +27,6 @@ class ReleasedItem(BaseModel):
     raw: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
 
-def is_released_record(raw: dict[str, Any]) -> bool:
-    return "code" in raw and "question" in raw and "schema_version" not in raw
-
-
 def read_released(path: Path) -> Iterator[ReleasedItem]:
     for lineno, raw in iter_objects(path):
         for field in ("idx", "question", "code"):

@@ -27,14 +27,14 @@ from typing import Any, Literal
 from tora import fences
 from tora.concurrency import bounded_as_completed
 from tora.engine import KernelSource
-from tora.jsonl import first_object
+from tora.jsonl import file_format
 from tora.record.schema import CodeStep, ExecutionStep, Trajectory
 from tora.record.writer import read_trajectories
 from tora.released import read_released
 from tora.render import CellLike, get_renderer
 
 DEFAULT_TIMEOUT_S = 10.0
-Verdict = Literal["same", "differ", "error"]
+CellVerdict = Literal["same", "differ", "error"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class CellReport:
     id: str
     sample_index: int
     index: int
-    verdict: Verdict
+    verdict: CellVerdict
     recorded: str
     new: str
     status: str  # the new execution's status, or "infra" when it could not run
@@ -165,7 +165,7 @@ def load_jobs(path: Path, *, timeout_s: float | None = None, fresh_namespace: bo
 
 
 def _is_tora_file(path: Path) -> bool:
-    return "schema_version" in first_object(path)[1]
+    return file_format(path).format == "trajectories"
 
 
 # --- running ---------------------------------------------------------------------
@@ -176,7 +176,7 @@ def compare(job: Job, cell: Cell, result: CellLike) -> CellReport:
     recorded = cell.recorded
     if job.strip:
         new, recorded = new.strip(), recorded.strip()
-    verdict: Verdict = "same" if new == recorded else "differ"
+    verdict: CellVerdict = "same" if new == recorded else "differ"
     return CellReport(job.id, job.sample_index, cell.index, verdict, recorded, new, result.status)
 
 

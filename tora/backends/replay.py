@@ -27,7 +27,7 @@ from pathlib import Path
 from tora import fences
 from tora.backends.base import Backend, Delta, Done, GenerationRequest, StopScanner, StreamEvent
 from tora.errors import BackendError, ModelSpecError
-from tora.jsonl import first_object
+from tora.jsonl import file_format
 from tora.record.schema import Problem
 from tora.record.writer import read_trajectories
 from tora.released import read_released
@@ -41,9 +41,8 @@ def _norm(text: str) -> str:
 
 def replay_source(path: Path) -> list[tuple[str, str, list[str]]]:
     """(id, question, recorded completion per sample) for each problem of a recorded file."""
-    _, head = first_object(path)
     problems: dict[str, tuple[str, str, dict[int, str]]] = {}
-    if "schema_version" in head:
+    if file_format(path).format == "trajectories":
         for t in read_trajectories(path):
             entry = problems.setdefault(t.problem.id, (t.problem.id, t.problem.text, {}))
             entry[2][t.sample_index] = t.completion()

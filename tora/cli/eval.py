@@ -27,7 +27,7 @@ from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.options import capacity_from, config_from, loop_options, sandbox_from, scheduler_options
 from tora.cli.progress import BatchProgress
-from tora.data import load_problems
+from tora.data import load_problems, source_path
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.errors import ToraError, UsageError
 from tora.evaluate import load_finished, regrade, work_list
@@ -51,13 +51,6 @@ from tora.scheduler import Capacity, Graded, Job, Scheduler
 _MATH_SETS = {"math", "math500"}
 
 
-def dataset_file(dataset: str) -> Path | None:
-    """The file a data set name or path reads (for the manifest's sha256)."""
-    if Path(dataset).is_file():
-        return Path(dataset).resolve()
-    from tora.data import dataset_path
-
-    return dataset_path(dataset)
 
 
 def _check_unique(problems: list[Problem]) -> None:
@@ -173,14 +166,13 @@ def _previous(out: Path, resume: bool, model: str, dataset: str) -> dict[str, An
 def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Problem], samples: int, grader: str,
               capacity: Capacity, config: SolveConfig, model: str, backend: Backend, template: PromptTemplate,
               *, skipped: int, out: Path) -> dict[str, Any]:
-    path = dataset_file(dataset)
+    path = source_path(dataset)  # the copy load_problems read, resolved
     run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "skipped": skipped}
     return {
         "command": "eval",
         "run_id": (previous or {}).get("run_id", out.name),
         "argv": sys.argv[1:] if previous is None else previous.get("argv"),
-        "dataset": {"name": dataset, "path": str(path) if path else None,
-                    "sha256": sha256_file(path) if path else None, "problems": len(problems)},
+        "dataset": {"name": dataset, "path": str(path), "sha256": sha256_file(path), "problems": len(problems)},
         "model": model,
         "backend": {"name": backend.name, "model": backend.model},
         "prompt": {"name": template.name, "sha256": template.sha256},

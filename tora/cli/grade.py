@@ -30,20 +30,22 @@ from tora.grading import (
     grade_trajectories,
 )
 from tora.grading.api import GradeResult
-from tora.jsonl import first_object, iter_objects
+from tora.jsonl import file_format, iter_objects
 from tora.record.writer import read_trajectories
-from tora.released import is_released_record, read_released
+from tora.released import read_released
 
 
 def _load_items(path: Path, grader: str, timeout: float) -> tuple[str, list[ItemGrade]]:
-    line_no, first = first_object(path)
-    if "schema_version" in first:
+    sniffed = file_format(path)
+    if sniffed.format == "trajectories":
         return "trajectories", grade_trajectories(list(read_trajectories(path)), grader, timeout)
-    if is_released_record(first):
+    if sniffed.format == "released":
         return "released", grade_released(list(read_released(path)), grader, timeout)
-    hint = "; for {pred, ref} lines use --pairs" if "pred" in first and "ref" in first else ""
+    hint = {"pairs": "; for {pred, ref} lines use --pairs",
+            "dataset": "; it looks like a data set: evaluate a model on it with `tora eval FILE`"}.get(sniffed.format, "")
     raise DataError(
-        path, line_no, None, f"neither tora trajectories (schema_version) nor ToRA's released format (idx, question, code){hint}"
+        path, sniffed.line, None,
+        f"neither tora trajectories (schema_version) nor ToRA's released format (idx, question, code){hint}",
     )
 
 
@@ -78,7 +80,8 @@ def read_pairs(path: Path) -> list[tuple[int, str | None, str | None]]:
 
 def summarize(items: Sequence[ItemGrade]) -> dict[str, Any]:
     """Counts and accuracy; accuracy is over items that have a reference answer."""
-    counts = {"total": len(items), "correct": 0, "wrong": 0, "empty": 0, "unparsed": 0, "timeout": 0, "error": 0, "no_reference": 0}
+    counts = {"total": len(items), "correct": 0, "wrong": 0, "empty": 0, "unparsed": 0, "unsure": 0, "timeout": 0, "error": 0,
+              "no_reference": 0}
     for item in items:
         counts[_bucket(item.pred, item.ref, item.result)] += 1
     graded = counts["total"] - counts["no_reference"]
@@ -121,7 +124,7 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 def _print_summary(title: str, summary: dict[str, Any], extra: dict[str, Any]) -> None:
-    keys = ["accuracy_pct", "correct", "graded", "wrong", "empty", "unparsed", "timeout", "error", "no_reference"]
+    keys = ["accuracy_pct", "correct", "graded", "wrong", "empty", "unparsed", "unsure", "timeout", "error", "no_reference"]
     rows = [(k, summary[k]) for k in keys] + list(extra.items())
     if sys.stdout.isatty():
         from rich.console import Console

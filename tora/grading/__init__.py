@@ -13,7 +13,6 @@ from tora.grading.api import (
     GRADERS,
     GradeResult,
     GraderName,
-    GradeStatus,
     check_grader,
     grade,
     grade_many,
@@ -29,6 +28,7 @@ from tora.grading.items import (
     predict,
     with_grade,
 )
+from tora.grading.verdict import GradeStatus, Verdict
 
 __all__ = [
     "DEFAULT_GRADER",
@@ -40,6 +40,7 @@ __all__ = [
     "GraderName",
     "ItemGrade",
     "Prediction",
+    "Verdict",
     "check_grader",
     "extract_answer",
     "grade",

@@ -4,7 +4,9 @@ Plain numbers (most GSM8K-style answers) are decided in the calling process
 with exact arithmetic, in the way each grader would decide them; everything
 else goes to a shared worker pool where a hang costs one timeout, not the batch.
 A result is never a silent False: a side that does not parse is `unparsed`, a
-comparison out of time is `timeout`, a crash is `error`; each has `equal=None`.
+pair no exact or safe numeric comparison decides is `unsure`, a comparison out
+of time is `timeout`, a crash is `error`; each has `equal=None` (see
+`tora.grading.verdict`, and `tora.grading.exact` for what "exact" means).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pydantic import BaseModel, ConfigDict
 from tora.grading.extract import is_plain_number, normalize_answer
 from tora.grading.pool import ProcessPool
 from tora.grading.tora_compat import quick_equal, tora_strip
+from tora.grading.verdict import GRADE_STATUSES, GradeStatus, Verdict
 
 GraderName = Literal["math-verify", "tora-compat"]
-GradeStatus = Literal["ok", "unparsed", "timeout", "error"]
 GRADERS: tuple[GraderName, ...] = ("math-verify", "tora-compat")
 DEFAULT_GRADER: GraderName = "math-verify"
 DEFAULT_TIMEOUT = 5.0
@@ -60,23 +62,42 @@ def _digits(s: str) -> int:
 def _mv_fast(pred: str, ref: str) -> bool | None:
     """Math-Verify's verdict on two plain numbers, or None when only Math-Verify can tell.
 
-    Math-Verify compares integers exactly and, when a decimal is involved,
-    after rounding both to 6 places: equal values are equal under either rule,
-    and values 1e-6 or more apart are unequal under both. Closer pairs, and
-    numbers beyond a float's 15 digits, go to the real thing.
+    Math-Verify compares integers exactly, of any size, and, when a decimal
+    is involved, to 6 places and a relative 1e-4 (`exact.decimals_match`):
+    equal values are equal under either rule, and values 1e-6 or more apart
+    are unequal under both. Closer pairs, and decimals beyond a float's 15
+    digits, go to the real thing. A percentage `P\\%` reads as P and as P/100,
+    and the pair is equal if any reading of one side equals one of the other.
     """
-    p, r = normalize_answer(pred), normalize_answer(ref)
-    if not (is_plain_number(p) and is_plain_number(r)) or max(_digits(p), _digits(r)) > 15:
+    preds, refs = _readings(pred), _readings(ref)
+    if preds is None or refs is None:
+        return None
+    verdicts = {_compare(a, b) for a in preds for b in refs}
+    if True in verdicts:
+        return True
+    return None if None in verdicts else False
+
+
+def _readings(answer: str) -> list[tuple[Decimal, bool]] | None:
+    """(value, is an integer) for each reading of a plain number (two for a percentage), else None."""
+    normal = normalize_answer(answer)
+    if not is_plain_number(normal):
         return None
     try:
-        dp, dr = Decimal(p), Decimal(r)
+        value = Decimal(normal)
     except InvalidOperation:
         return None
-    if dp == dr:
+    integer = "." not in normal
+    if not integer and _digits(normal) > 15:
+        return None
+    return [(value, integer), (value / 100, False)] if "%" in answer else [(value, integer)]
+
+
+def _compare(a: tuple[Decimal, bool], b: tuple[Decimal, bool]) -> bool | None:
+    (x, x_int), (y, y_int) = a, b
+    if x == y:
         return True
-    if "." not in p and "." not in r:
-        return False
-    if abs(dp - dr) >= Decimal("1e-6"):
+    if (x_int and y_int) or abs(x - y) >= Decimal("1e-6"):
         return False
     return None
 
@@ -95,7 +116,7 @@ def _fast(grader: GraderName, pred: str, ref: str) -> GradeResult | None:
 
 # --- the shared pool ---------------------------------------------------------
 
-_pool: ProcessPool[tuple[str, str, str, float], tuple[bool | None, str, str | None]] | None = None
+_pool: ProcessPool[tuple[str, str, str, float], Verdict] | None = None
 _pool_lock = threading.Lock()
 _workers: int | None = None  # None: min(4, cores)
 
@@ -108,7 +129,7 @@ def use_workers(n: int) -> None:
         _workers = n
 
 
-def _get_pool() -> ProcessPool[tuple[str, str, str, float], tuple[bool | None, str, str | None]]:
+def _get_pool() -> ProcessPool[tuple[str, str, str, float], Verdict]:
     global _pool
     with _pool_lock:
         if _pool is None:
@@ -172,14 +193,14 @@ def grade_many(
         for index, outcome in zip(slow, outcomes, strict=True):
             if outcome.status == "ok" and outcome.value is not None:
                 equal, status, detail = outcome.value
-                results[index] = GradeResult(equal=equal, status=check_status(status), grader=name, detail=detail)
+                results[index] = GradeResult(equal=equal, status=status, grader=name, detail=detail)
             else:
                 results[index] = GradeResult(equal=None, status=check_status(outcome.status), grader=name, detail=outcome.error)
     return [r for r in results if r is not None]
 
 
 def check_status(status: str) -> GradeStatus:
-    for known in ("ok", "unparsed", "timeout", "error"):
+    for known in GRADE_STATUSES:
         if status == known:
             return known
     return "error"

@@ -21,6 +21,18 @@ Equivalence (`math_equal`), in order:
    closeness (rel. 1e-4).
 Steps 1-2 are cheap and run in the calling process (`quick_equal`); the rest
 may call sympy, which can hang, so it runs in a worker with a deadline.
+
+Where tora-compat departs from ToRA: ToRA's tolerance is kept wherever a
+side is a decimal (step 1 for `0.05` against `5`, step 5 for `3.14159`
+against `\pi`): that is how ToRA defines a match, and its published figures
+depend on it (two of the 1064 correct GSM8K answers of ToRA-Code-34B are
+percentages read as x/100). But two *exact* values are never equal by
+tolerance: integers are compared as integers in step 1 (ToRA's floats call
+123456 and 123457, or 10^20+1 and 10^20, equal), with the same x/100 and
+x*100 variants, and in step 5 two exact expressions are equal only when that
+is proven (`tora.grading.exact.exact_equal`), unequal when a 50-digit
+evaluation separates them, and `unsure` otherwise. On ToRA's released GSM8K
+outputs this changes no verdict (tests/test_grade_regression.py).
 """
 
 from __future__ import annotations
@@ -30,7 +42,9 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-Verdict = tuple[bool | None, Literal["ok", "unparsed"]]
+from tora.grading.exact import exact_equal, is_exact
+from tora.grading.verdict import UNSURE, Verdict, decided
+
 ToraRule = Literal["boxed", "answer_is", "last_output", "last_number"]
 
 _REL_TOL = 1e-4
@@ -169,9 +183,27 @@ def _as_number(s: str) -> float | None:
         return None
 
 
-def numeric_equal(pred: float, ref: float, *, percentage: bool = True) -> bool:
-    candidates = (ref / 100, ref, ref * 100) if percentage else (ref,)
-    return any(math.isclose(c, pred, rel_tol=_REL_TOL) for c in candidates)
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def _as_integer(s: str) -> int | None:
+    plain = s.replace(",", "")
+    return int(plain) if _INTEGER.fullmatch(plain) else None
+
+
+def numeric_equal(pred: str, ref: str) -> bool | None:
+    """Step 1: None unless both read as numbers; integers exactly, decimals within ToRA's tolerance.
+
+    Either way the reference may also be read as a percentage: the
+    prediction may equal reference/100 or reference*100.
+    """
+    p, r = _as_number(pred), _as_number(ref)
+    if p is None or r is None:
+        return None
+    pi, ri = _as_integer(pred), _as_integer(ref)
+    if pi is not None and ri is not None:
+        return pi in (ri, ri * 100) or pi * 100 == ri
+    return any(math.isclose(c, p, rel_tol=_REL_TOL) for c in (r / 100, r, r * 100))
 
 
 def _bracket_free(pred: str, ref: str) -> tuple[str, str]:
@@ -189,9 +221,9 @@ def _bracket_free(pred: str, ref: str) -> tuple[str, str]:
 
 def quick_equal(pred: str, ref: str) -> bool | None:
     """Steps 1-2 of `math_equal`: a decision without sympy, or None when one is needed."""
-    p, r = _as_number(pred), _as_number(ref)
-    if p is not None and r is not None:
-        return numeric_equal(p, r)
+    numeric = numeric_equal(pred, ref)
+    if numeric is not None:
+        return numeric
     if not pred.strip():
         return False
     a, b = _bracket_free(pred.strip(), ref.strip())
@@ -204,34 +236,38 @@ def math_equal(pred: str, ref: str) -> Verdict:
     """Full equivalence; may run sympy (call it where a deadline can interrupt it)."""
     quick = quick_equal(pred, ref)
     if quick is not None:
-        return quick, "ok"
+        return decided(quick)
     pred, ref = pred.strip(), ref.strip()
     parts = _elementwise(pred, ref)
     if parts is not None:
-        return parts, "ok"
+        return parts
     lhs_dropped = _drop_short_lhs(pred, ref)
     if lhs_dropped is not None:
         pred, ref = lhs_dropped
         quick = quick_equal(pred, ref)
         if quick is not None:
-            return quick, "ok"
+            return decided(quick)
     return symbolic_equal(pred, ref)
 
 
-def _elementwise(pred: str, ref: str) -> bool | None:
-    """Tuples, intervals and matrices compared part by part.
+def _all_parts(verdicts: list[Verdict]) -> Verdict:
+    """Equal when every part is; a part that is unequal or does not parse makes the whole unequal."""
+    if any(v.equal is not True and v.status != "unsure" for v in verdicts):
+        return decided(False)
+    return decided(True) if all(v.equal for v in verdicts) else UNSURE
 
-    True when every part is equal, False when the shapes agree and some part
-    is not, None when the two are not tuples/matrices of the same shape.
-    """
+
+def _elementwise(pred: str, ref: str) -> Verdict | None:
+    """Tuples, intervals and matrices compared part by part; None when the two are not of one shape."""
     pairs = (("[", "]"), ("(", ")"))
     if any(pred.startswith(o) and pred.endswith(c) and ref.startswith(o) and ref.endswith(c) for o, c in pairs):
         ps, rs = _split_top(pred[1:-1]), _split_top(ref[1:-1])
         if len(ps) == len(rs) and len(ps) > 1:
-            return all(math_equal(p, r)[0] is True for p, r in zip(ps, rs, strict=True))
+            return _all_parts([math_equal(p, r) for p, r in zip(ps, rs, strict=True)])
     pm, rm = _matrix_cells(pred), _matrix_cells(ref)
     if pm is not None and rm is not None and [len(row) for row in pm] == [len(row) for row in rm]:
-        return all(math_equal(p, r)[0] is True for prow, rrow in zip(pm, rm, strict=True) for p, r in zip(prow, rrow, strict=True))
+        return _all_parts([math_equal(p, r) for prow, rrow in zip(pm, rm, strict=True)
+                           for p, r in zip(prow, rrow, strict=True)])
     return None
 
 
@@ -312,18 +348,44 @@ def symbolic_equal(pred: str, ref: str) -> Verdict:
         equation = False
     a, b = _parse(pred), _parse(ref)
     if a is None or b is None:
-        return None, "unparsed"
+        return Verdict(None, "unparsed")
     checks: list[Callable[[], bool]] = [lambda: str(a) == str(b) or bool(a == b), lambda: _zero(sympy.simplify(a - b))]
     if equation:
         checks.append(lambda: _zero(sympy.simplify(a + b)))
-    checks += [lambda: _close(a, b), lambda: _matrix_close(a, b)]
     for check in checks:
-        try:
-            if check():
-                return True, "ok"
-        except Exception:
-            continue
-    return False, "ok"
+        if _holds(check):
+            return decided(True)
+    if is_exact(a) and is_exact(b):
+        return _exact_verdict(a, b, equation)
+    # A decimal is involved: ToRA's numeric closeness.
+    return decided(_holds(lambda: _close(a, b)) or _holds(lambda: _matrix_close(a, b)))
+
+
+def _holds(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except Exception:
+        return False
+
+
+def _exact_verdict(a: Any, b: Any, equation: bool) -> Verdict:
+    """Two exact values that `simplify` did not prove equal: proven unequal, or `unsure`."""
+    import sympy
+
+    if not all(isinstance(x, sympy.Expr | sympy.MatrixBase) for x in (a, b)):
+        return decided(False)  # sets, relations: ToRA compares them only structurally
+    readings = [(a, b), (a, -b)] if equation else [(a, b)]
+    found = [_decide(x, y) for x, y in readings]
+    if True in found:
+        return decided(True)
+    return decided(False) if all(f is False for f in found) else UNSURE
+
+
+def _decide(a: Any, b: Any) -> bool | None:
+    try:
+        return exact_equal(a, b, prove=False)
+    except Exception:
+        return False  # sympy could not compare them at all: ToRA's answer
 
 
 def _zero(expr: Any) -> bool:

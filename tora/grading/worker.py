@@ -15,10 +15,9 @@ from types import FrameType
 
 from tora.grading.math_verify import mv_equal
 from tora.grading.tora_compat import math_equal
+from tora.grading.verdict import Verdict
 
-# (grader, pred, ref, seconds) -> (equal, status, detail)
-Task = tuple[str, str, str, float]
-Reply = tuple[bool | None, str, str | None]
+Task = tuple[str, str, str, float]  # grader, pred, ref, seconds
 
 
 class Deadline(BaseException):
@@ -40,16 +39,13 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_task(task: Task) -> Reply:
+def run_task(task: Task) -> Verdict:
     grader, pred, ref, seconds = task
     try:
         with deadline(seconds):
-            if grader == "math-verify":
-                return mv_equal(pred, ref)
-            equal, status = math_equal(pred, ref)
-            return equal, status, None
+            return mv_equal(pred, ref) if grader == "math-verify" else math_equal(pred, ref)
     except Deadline:
-        return None, "timeout", f"no verdict within {seconds:g} s"
+        return Verdict(None, "timeout", f"no verdict within {seconds:g} s")
 
 
 def warm_up() -> None:
