@@ -36,10 +36,13 @@ from sandbox.zmtp import Channel, Frames, WireLimits, raise_fd_limit
 
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 DELIM = b"<IDS|MSG>"
-# Once the reply (or the idle status) is in, how long the rest may take to
-# come without a message for the request in between. The idle status can be
-# lost (the kernel's own send queue drops when full); this ends the cell anyway.
+# Once the reply (or the idle status) is in, the rest may take this long to
+# come while iopub is silent, and SETTLE_MAX_S in all. The idle status can be
+# lost (the kernel's own send queue drops when full): this ends the cell
+# anyway, soon; iopub still busy (with what a cell queued before its own
+# output, gigabytes maybe) keeps it open up to the maximum.
 QUIET_S = 0.25
+SETTLE_MAX_S = 2.0
 # Finished requests whose stragglers are counted as late rather than stray.
 RECENT = 8
 
@@ -73,7 +76,13 @@ def new_id() -> str:
 class Collected:
     """What one execute request produced, and whether it is over."""
 
-    def __init__(self, msg_id: str, budget: int, on_finished: Callable[[Collected], None]) -> None:
+    def __init__(
+        self,
+        msg_id: str,
+        budget: int,
+        on_finished: Callable[[Collected], None],
+        iopub_activity: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self.msg_id = msg_id
         # How the id appears in a message's parent header (JSON).
         self.tag = json.dumps(msg_id).encode()
@@ -89,7 +98,8 @@ class Collected:
         self._loop = asyncio.get_running_loop()
         self.finished: asyncio.Future[None] = self._loop.create_future()
         self._on_finished = on_finished
-        self._last = 0.0
+        self._iopub_activity = iopub_activity
+        self._settling_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -105,18 +115,20 @@ class Collected:
         self._on_finished(self)
 
     def _heard_from(self) -> None:
-        self._last = self._loop.time()
         if self.idle and self.replied:
             self.finish()
         elif (self.idle or self.replied) and self._timer is None:
-            self._timer = self._loop.call_at(self._last + QUIET_S, self._quiet)
+            self._settling_since = self._loop.time()
+            self._timer = self._loop.call_at(self._settling_since + QUIET_S, self._settle)
 
-    def _quiet(self) -> None:
-        left = self._last + QUIET_S - self._loop.time()
-        if left <= 0:
+    def _settle(self) -> None:
+        now = self._loop.time()
+        quiet_until = max(self._settling_since, self._iopub_activity()) + QUIET_S
+        give_up = self._settling_since + SETTLE_MAX_S
+        if now >= min(quiet_until, give_up):
             self.finish()
         else:
-            self._timer = self._loop.call_later(left, self._quiet)
+            self._timer = self._loop.call_at(min(quiet_until, give_up), self._settle)
 
     def absorb(self, kind: str, content: Msg) -> bool:
         """Take one iopub message; False if its content has the wrong shape (dropped)."""
@@ -274,7 +286,7 @@ class KernelClient:
         previous = self._current
         if previous is not None:
             previous.finish()
-        request = Collected(new_id(), budget, self._finished)
+        request = Collected(new_id(), budget, self._finished, lambda: self.iopub.last_activity)
         self._current = request
         self._reading(True)
         content = {

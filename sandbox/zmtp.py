@@ -128,6 +128,8 @@ class Channel(asyncio.Protocol):
         self._wanted = True
         self._throttled = False
         self._resume: asyncio.Handle | None = None
+        # Loop time of the last bytes read: traffic, useful or not.
+        self.last_activity = 0.0
         self._reset_parser()
         self._dial()
 
@@ -225,6 +227,7 @@ class Channel(asyncio.Protocol):
         self._skipped_more = False
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = self._loop.time()
         if self._skip and not self._buf:
             # The common case of an oversized frame: pass over it without copying.
             n = min(self._skip, len(data))
@@ -313,7 +316,9 @@ class Channel(asyncio.Protocol):
                 or self._msg_bytes + size > limits.max_message_bytes
             ):
                 # Over a limit: pass over the rest of this message as it arrives.
-                self._dropping = True
+                if not self._dropping:
+                    self._dropping = True
+                    self.counts["oversized"] += 1
                 self._msg_bytes += size
                 self._skip = size
                 self._skipped_more = more
@@ -341,7 +346,6 @@ class Channel(asyncio.Protocol):
         self._frames = []
         self._msg_bytes = 0
         self._dropping = False
-        self.counts["oversized"] += 1
         self._on_oversized(kept, size)
 
     def _command(self, body: bytes) -> None:
