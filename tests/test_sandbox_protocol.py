@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from sandbox import CellResult, Kernel, KernelPool, SandboxPolicy, start_kernel
+from sandbox.output import ENTRY_COST, OutputBudget
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -454,3 +455,18 @@ async def test_each_cell_starts_with_working_stdout_and_stderr(kernels: Kernels,
     assert time.monotonic() - t < 2, r
     assert (r.status, r.stdout, r.stderr, r.restarted) == ("ok", "py\nfd\nsub\n", "err\n", False), r
     await next_cell_works(k)
+
+
+# --- what the runtime holds per cell --------------------------------------------------
+
+
+async def test_a_flood_of_tiny_pieces_is_bounded_in_objects_too() -> None:
+    out = OutputBudget(100_000)
+    for _ in range(200_000):
+        out.stdout.add("z")
+        out.add_display("")
+    # Merged into a few strings, not one object per character; display
+    # entries cost their overhead against the budget.
+    assert len(out.stdout._head) + len(out.stdout._tail) < 30
+    assert len(out.display) <= 25_000 // ENTRY_COST
+    assert out.truncated and len(out.stdout.text()) <= 50_000 + 40
