@@ -23,19 +23,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sandbox import KernelPool, SandboxPolicy
+from sandbox.process import pss_mb
 
 # Measured here: ~16 MB PSS per pool kernel; ask for some headroom.
 ESTIMATE_MB = 20
-
-
-def pss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 async def main(n: int, max_starting: int) -> None:
@@ -44,7 +35,9 @@ async def main(n: int, max_starting: int) -> None:
         t = time.perf_counter()
         kernels = await asyncio.gather(*(pool.acquire() for _ in range(n)))
         dt = time.perf_counter() - t
-        print(f"{n} live pool kernels provisioned in {dt:.1f} s: {n / dt:.1f} kernels/s (max_starting={max_starting})")
+        print(
+            f"{n} live pool kernels provisioned in {dt:.1f} s: {n / dt:.1f} kernels/s (max_starting={max_starting})"
+        )
         t = time.perf_counter()
         results = await asyncio.gather(*(k.execute(f"print({i})") for i, k in enumerate(kernels)))
         dt = time.perf_counter() - t
@@ -60,7 +53,9 @@ async def main(n: int, max_starting: int) -> None:
         )
         t = time.perf_counter()
         await asyncio.gather(*(pool.release(k) for k in kernels))
-    print(f"released and reaped (pool closed) in {time.perf_counter() - t:.1f} s; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"released and reaped (pool closed) in {time.perf_counter() - t:.1f} s; load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -160,7 +160,10 @@ class Collected:
         self._heard_from()
         return True
 
-    def got_reply(self, content: Msg) -> bool:
+    def take_reply(self, kind: str, content: Msg) -> bool:
+        """Take one shell message; False if it is the reply and has the wrong shape."""
+        if kind != "execute_reply" or self.finished.done():
+            return True
         status = content.get("status")
         if not isinstance(status, str):
             return False
@@ -416,6 +419,12 @@ class KernelClient:
                 fut.set_result(None)
 
     def _on_iopub(self, frames: Frames) -> None:
+        self._take(frames, Collected.absorb)
+
+    def _on_shell(self, frames: Frames) -> None:
+        self._take(frames, Collected.take_reply)
+
+    def _take(self, frames: Frames, take: Callable[[Collected, str, Msg], bool]) -> None:
         request = self._mine(frames)
         if request is None:
             self._elsewhere(frames)
@@ -424,22 +433,8 @@ class KernelClient:
         if (
             opened is None
             or opened[1].get("msg_id") != request.msg_id
-            or not request.absorb(opened[0], opened[2])
+            or not take(request, opened[0], opened[2])
         ):
-            self.counts["malformed"] += 1
-            request.dropped += 1
-
-    def _on_shell(self, frames: Frames) -> None:
-        request = self._mine(frames)
-        if request is None:
-            self._elsewhere(frames)
-            return
-        opened = self._open(frames)
-        if opened is None or opened[1].get("msg_id") != request.msg_id:
-            ok = False
-        else:
-            ok = opened[0] != "execute_reply" or request.got_reply(opened[2])
-        if not ok:
             self.counts["malformed"] += 1
             request.dropped += 1
 

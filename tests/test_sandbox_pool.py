@@ -19,6 +19,7 @@ from sandbox import KernelPool, SandboxPolicy, start_kernel
 from sandbox.client import KernelClient, new_key
 from sandbox.errors import IsolationUnavailableError
 from sandbox.launch import Spawned
+from sandbox.process import pss_mb
 from sandbox.tiers import check, choose_tier, landlock_abi
 
 REPORT = check()
@@ -228,16 +229,6 @@ async def test_a_cancelled_acquire_leaks_no_kernel() -> None:
     assert live_descendants() - before == set()
 
 
-def _pss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 async def test_a_hundred_live_pool_kernels_at_once() -> None:
     n = 100
     async with KernelPool(SandboxPolicy(), size=4, max_starting=4) as pool:
@@ -249,7 +240,7 @@ async def test_a_hundred_live_pool_kernels_at_once() -> None:
         pss = 0.0
         for k in kernels:
             init = psutil.Process(k.info["pid"])
-            pss += sum(_pss_mb(p.pid) for p in [init, *init.children(recursive=True)])
+            pss += sum(pss_mb(p.pid) for p in [init, *init.children(recursive=True)])
         assert pss / n < 60, f"{pss / n:.1f} MB per kernel"
         await asyncio.gather(*(pool.release(k) for k in kernels))
 
