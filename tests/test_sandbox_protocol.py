@@ -358,12 +358,15 @@ async def test_a_thread_pool_worker_reports_to_the_cell_that_submitted(kernels: 
 
 async def test_output_forged_for_predictable_ids_lands_nowhere(kernels: Kernels) -> None:
     k = await kernels.new()
-    # jupyter_client ids are session_pid_counter: forge for the next hundred.
+    # jupyter_client's ids are session_pid_counter: read the running cell's
+    # and forge output for the next hundred, as a cell could against it.
     code = (
-        "for n in range(100):\n"
-        "    for guess in (f'{_mine()[\"session\"]}_{os.getpid()}_{n}', f'{_mine()[\"session\"]}_1_{n}'):\n"
-        "        h = dict(_mine(), msg_id=guess)\n"
-        "        _iopub(*_signed(_k.session.msg_header('stream'), h, {'name': 'stdout', 'text': 'FORGED'}))"
+        "head, _, n = _mine()['msg_id'].rpartition('_')\n"
+        "guesses = [f'{head}_{int(n) + i}' for i in range(1, 101)] if n.isdigit() else []\n"
+        "guesses += [f\"{_mine()['session']}_{pid}_{i}\" for pid in (1, os.getpid()) for i in range(100)]\n"
+        "for guess in guesses:\n"
+        "    h = dict(_mine(), msg_id=guess)\n"
+        "    _iopub(*_signed(_k.session.msg_header('stream'), h, {'name': 'stdout', 'text': 'FORGED'}))"
     )
     await k.execute(code)
     for _ in range(3):
