@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,8 +21,9 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from sandbox import CellResult, Kernel, KernelPool, SandboxPolicy, start_kernel
+from sandbox import CellResult, Kernel, KernelPool, SandboxPolicy, start_kernel, zmtp
 from sandbox.output import ENTRY_COST, OutputBudget
+from sandbox.zmtp import Frames
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -172,6 +174,16 @@ FLOODS = {
     "built": "while True:\n    _k.session.send(_k.iopub_socket, 'stream', {'name': 'stdout', 'text': 'z' * 2_000_000}, parent=_k.get_parent())",
     # One signed message resent as fast as zmq takes it.
     "resent": "f = _signed(_k.session.msg_header('stream'), _mine(), {'name': 'stdout', 'text': 'z' * 2_000_000})\nwhile True:\n    _iopub(*f)",
+    # From the kernel's own iopub thread, which then does nothing else: as
+    # fast as zmq goes, its queue to the runtime always full.
+    "io thread": (
+        "f = _signed(_k.session.msg_header('stream'), _mine(), {'name': 'stdout', 'text': 'z' * 2_000_000})\n"
+        "def flood(end=time.time() + 10):\n"
+        "    while time.time() < end:\n"
+        "        _k.iopub_thread.socket.send_multipart([b'stream.stdout', *f])\n"
+        "_k.iopub_thread.schedule(flood)\n"
+        "time.sleep(60)"
+    ),
     # Many small messages: the per-message cost, not the bytes.
     "small": "f = _signed(_k.session.msg_header('stream'), _mine(), {'name': 'stdout', 'text': 'z'})\nwhile True:\n    _iopub(*f)",
 }
@@ -286,8 +298,9 @@ async def test_a_lost_idle_status_does_not_hang_the_cell(kernels: Kernels) -> No
         "orig = _k._publish_status\n"
         "_k._publish_status = lambda status, channel, parent=None: None if status == 'idle' else orig(status, channel, parent)"
     )
-    await k.execute(patch)
-    for code, out in (("print('a')", "a\n"), ("print('b')\n1/0", "b\n")):
+    # From the patching cell on (its own idle is already lost), every cell
+    # ends soon after its reply, in the same kernel.
+    for code, out in ((patch, ""), ("print('a')", "a\n"), ("print('b')\n1/0", "b\n")):
         t = time.monotonic()
         r = await k.execute(code)
         assert time.monotonic() - t < 1.5, r
@@ -303,8 +316,7 @@ async def test_a_lost_reply_does_not_hang_the_cell(kernels: Kernels) -> None:
         "    return {'content': {'status': 'ok'}} if kind == 'execute_reply' else orig_send(stream, kind, *a, **kw)\n"
         "_k.session.send = send"
     )
-    await k.execute(patch)
-    for code, status in (("print('a')", "ok"), ("1/0", "error")):
+    for code, status in ((patch, "ok"), ("print('a')", "ok"), ("1/0", "error")):
         t = time.monotonic()
         r = await k.execute(code)
         assert time.monotonic() - t < 1.5, r
@@ -473,3 +485,48 @@ async def test_a_flood_of_tiny_pieces_is_bounded_in_objects_too() -> None:
     assert len(out.stdout._head) + len(out.stdout._tail) < 30
     assert len(out.display) <= 25_000 // ENTRY_COST
     assert out.truncated and len(out.stdout.text()) <= 50_000 + 40
+
+
+async def test_a_connection_hands_the_loop_back_while_draining(tmp_path: Path) -> None:
+    # The cause of a flood stretching deadlines, on a real socket: a peer
+    # that has queued 20000 messages at once, each costing the runtime 0.1 ms.
+    # A timer must still fire on time (within a slice, not a whole read).
+    loop = asyncio.get_running_loop()
+    n = 20_000
+    blob = zmtp.encode([b"m" * 100]) * n
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(zmtp.GREETING + zmtp._ready(b"PUB"))
+        writer.write(blob)
+        await writer.drain()
+        await reader.read()
+
+    got: list[Frames] = []
+
+    def costly(frames: Frames) -> None:
+        end = time.perf_counter() + 0.0001
+        while time.perf_counter() < end:
+            pass
+        got.append(frames)
+
+    server = await asyncio.start_unix_server(peer, path=str(tmp_path / "sock"))
+    channel = zmtp.Channel(
+        str(tmp_path / "sock"),
+        b"SUB",
+        costly,
+        lambda f, n: None,
+        Counter(),
+        zmtp.WireLimits(),
+        subscribe=True,
+    )
+    late = 0.0
+    try:
+        while len(got) < n:
+            t = loop.time()
+            await asyncio.sleep(0.005)
+            late = max(late, loop.time() - t - 0.005)
+        assert late < 0.05, f"a timer fired {late * 1000:.0f} ms late"
+        assert all(f == [b"m" * 100] for f in got)
+    finally:
+        channel.close()
+        server.close()
