@@ -1,28 +1,50 @@
-"""A minimal asyncio Jupyter client over the ipc transport.
+"""An asyncio Jupyter client for one kernel: output is routed to the request that caused it.
 
 jupyter_client's KernelManager is not used: it launches with TCP ports (racy
 under concurrency, useless with an unshared network) and its readiness wait
-sleeps for a fixed time. Messages are still built and signed by
-``jupyter_client.session.Session``.
+sleeps for a fixed time. Its ``Session`` is not used either: its message ids
+are ``session_pid_counter`` (a cell could sign output for the next cell's id
+before that cell existed) and its replay check remembers up to 65536
+signatures per kernel. Here ids are 128 random bits; signatures are checked
+(HMAC-SHA256, as the kernel expects); replays are pointless, since only the
+running request's id is accepted and it is never reused.
+
+What the cell's author can do, having read this and the key in the kernel's
+memory: send anything on any channel. What it costs the runtime: see
+``sandbox.zmtp`` (bounded bytes and time per connection). A message that is
+not for the running request costs a substring search (no signature check, no
+JSON); one for it is checked, decoded, validated field by field, and anything
+of the wrong shape is dropped and counted, never raised.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
+import hmac
 import json
 import secrets
+from collections import Counter, deque
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import zmq
-import zmq.asyncio
-from jupyter_client.session import Session
-
-from sandbox.output import OutputBudget
+from sandbox.output import OutputBudget, cap_line
 from sandbox.result import CellError, strip_ansi
+from sandbox.zmtp import Channel, Frames, WireLimits, raise_fd_limit
 
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
+DELIM = b"<IDS|MSG>"
+# Once the reply (or the idle status) is in, the rest may take this long to
+# come while iopub is silent, and SETTLE_MAX_S in all. The idle status can be
+# lost (the kernel's own send queue drops when full): this ends the cell
+# anyway, soon; iopub still busy (with what a cell queued before its own
+# output, gigabytes maybe) keeps it open up to the maximum.
+QUIET_S = 0.25
+SETTLE_MAX_S = 2.0
+# Finished requests whose stragglers are counted as late rather than stray.
+RECENT = 8
 
 Msg = dict[str, Any]
 
@@ -47,107 +69,229 @@ def new_key() -> str:
     return secrets.token_hex(16)
 
 
-class Collected:
-    """What a cell produced, gathered from iopub and the shell reply."""
+def new_id() -> str:
+    return secrets.token_hex(16)
 
-    def __init__(self, budget: int) -> None:
+
+class Collected:
+    """What one execute request produced, and whether it is over."""
+
+    def __init__(
+        self,
+        msg_id: str,
+        budget: int,
+        on_finished: Callable[[Collected], None],
+        iopub_activity: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.msg_id = msg_id
+        # How the id appears in a message's parent header (JSON).
+        self.tag = json.dumps(msg_id).encode()
         self.out = OutputBudget(budget)
         self.error: CellError | None = None
+        self.reply: dict[str, str] | None = None
+        self.reply_dropped = False
         self.idle = False
-        self.reply: Msg | None = None
+        # Whether anything came on iopub for this request (its "busy" status
+        # always does): a reply with nothing on iopub means output is lost.
+        self.heard = False
+        self.dropped = 0
+        self._loop = asyncio.get_running_loop()
+        self.finished: asyncio.Future[None] = self._loop.create_future()
+        self._on_finished = on_finished
+        self._iopub_activity = iopub_activity
+        self._settling_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def replied(self) -> bool:
+        return self.reply is not None or self.reply_dropped
+
+    def finish(self) -> None:
+        if self.finished.done():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self.finished.set_result(None)
+        self._on_finished(self)
+
+    def _heard_from(self) -> None:
+        if self.idle and self.replied:
+            self.finish()
+        elif (self.idle or self.replied) and self._timer is None:
+            self._settling_since = self._loop.time()
+            self._timer = self._loop.call_at(self._settling_since + QUIET_S, self._settle)
+
+    def _settle(self) -> None:
+        now = self._loop.time()
+        quiet_until = max(self._settling_since, self._iopub_activity()) + QUIET_S
+        give_up = self._settling_since + SETTLE_MAX_S
+        if now >= min(quiet_until, give_up):
+            self.finish()
+        else:
+            self._timer = self._loop.call_at(min(quiet_until, give_up), self._settle)
+
+    def absorb(self, kind: str, content: Msg) -> bool:
+        """Take one iopub message; False if its content has the wrong shape (dropped)."""
+        if self.finished.done():
+            return True
+        self.heard = True
+        if kind == "stream":
+            text = content.get("text")
+            if not isinstance(text, str):
+                return False
+            target = self.out.stderr if content.get("name") == "stderr" else self.out.stdout
+            target.add(text)
+        elif kind in ("execute_result", "display_data"):
+            data = content.get("data")
+            if not isinstance(data, dict):
+                return False
+            text = data.get("text/plain")
+            if text is not None:
+                if not isinstance(text, str):
+                    return False
+                self.out.add_display(text)
+        elif kind == "error":
+            error = _error(content)
+            if error is None:
+                return False
+            self.error = error
+        elif kind == "status" and content.get("execution_state") == "idle":
+            self.idle = True
+        self._heard_from()
+        return True
+
+    def take_reply(self, kind: str, content: Msg) -> bool:
+        """Take one shell message; False if it is the reply and has the wrong shape."""
+        if kind != "execute_reply" or self.finished.done():
+            return True
+        status = content.get("status")
+        if not isinstance(status, str):
+            return False
+        reply = {"status": status}
+        for key in ("ename", "evalue"):
+            value = content.get(key)
+            if isinstance(value, str):
+                reply[key] = cap_line(value)
+        self.reply = reply
+        self._heard_from()
+        return True
+
+    def lost(self, kind: str, size: int) -> None:
+        """A message for this request was over the size limit and skipped unread."""
+        self.dropped += 1
+        if kind == "execute_reply":
+            self.reply_dropped = True
+            self._heard_from()
+        elif kind == "status":
+            return
+        else:
+            self.heard = True
+            self.out.note_dropped(kind, size)
+
+
+def _error(content: Msg) -> CellError | None:
+    ename, evalue, tb = content.get("ename"), content.get("evalue"), content.get("traceback", [])
+    if not isinstance(ename, str) or not isinstance(evalue, str) or not isinstance(tb, list):
+        return None
+    if not all(isinstance(line, str) for line in tb):
+        return None
+    return CellError(
+        ename=cap_line(ename),
+        evalue=cap_line(evalue),
+        traceback=_cap_traceback([cap_line(strip_ansi(line)) for line in tb]),
+    )
+
+
+def _cap_traceback(lines: list[str], keep: int = 20) -> list[str]:
+    """Deep recursion yields thousands of identical frames: keep both ends."""
+    if len(lines) <= 2 * keep:
+        return lines
+    return [*lines[:keep], f"... [{len(lines) - 2 * keep} traceback entries omitted] ...\n", *lines[-keep:]]
 
 
 class KernelClient:
-    def __init__(self, ip_prefix: str, key: str) -> None:
-        self.session = Session(key=key.encode(), signature_scheme="hmac-sha256", username="sandbox")
-        ctx = zmq.asyncio.Context.instance()
-        self._sockets: list[zmq.asyncio.Socket] = []
-
-        def sock(kind: int, port: int) -> zmq.asyncio.Socket:
-            s = ctx.socket(kind)
-            s.linger = 0
-            # The kernel binds a few ms after we connect; the default 100 ms
-            # reconnect interval would dominate start-up.
-            s.setsockopt(zmq.RECONNECT_IVL, 5)
-            s.connect(f"ipc://{ip_prefix}-{port}")
-            self._sockets.append(s)
-            return s
-
-        self.shell = sock(zmq.DEALER, CHANNEL_PORTS["shell_port"])
-        self.control = sock(zmq.DEALER, CHANNEL_PORTS["control_port"])
-        self.iopub = sock(zmq.SUB, CHANNEL_PORTS["iopub_port"])
-        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+    def __init__(self, ip_prefix: str, key: str, limits: WireLimits | None = None) -> None:
+        raise_fd_limit()
+        limits = limits or WireLimits()
+        self._mac = hmac.new(key.encode(), digestmod=hashlib.sha256)
+        self._session = new_id()
+        # late: output of a finished request; stray: for no request of ours;
+        # unparented: for no request at all (the kernel's own notices);
+        # malformed: bad signature, JSON or shape; oversized: over a limit,
+        # skipped unread; protocol_errors, reconnects: the connections' story.
+        self.counts: Counter[str] = Counter()
+        self._current: Collected | None = None
+        self._recent: deque[bytes] = deque(maxlen=RECENT)
+        # Requests other than cells (the handshake's kernel_info, interrupts):
+        # their status messages on iopub are not news.
+        self._aside: deque[bytes] = deque(maxlen=RECENT)
+        self._probe_replied: asyncio.Future[None] | None = None
+        self._probe_heard: asyncio.Future[None] | None = None
         self.closed = False
+
+        def channel(
+            port: str, kind: bytes, on_msg: Callable[[Frames], None], on_big: Callable[[Frames, int], None]
+        ) -> Channel:
+            return Channel(
+                f"{ip_prefix}-{CHANNEL_PORTS[port]}",
+                kind,
+                on_msg,
+                on_big,
+                self.counts,
+                limits,
+                kind == b"SUB",
+            )
+
+        self.shell = channel("shell_port", b"DEALER", self._on_shell, self._oversized)
+        self.iopub = channel("iopub_port", b"SUB", self._on_iopub, self._oversized)
+        # Interrupt replies are of no use: control is never read after its handshake.
+        self.control = channel("control_port", b"DEALER", _ignore, _ignore_oversized)
+        self.control.want_reading(False)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for s in self._sockets:
-            s.close(linger=0)
+        for ch in (self.shell, self.iopub, self.control):
+            ch.close()
 
-    def _send(self, socket: zmq.asyncio.Socket, msg_type: str, content: Msg) -> str:
-        msg = self.session.msg(msg_type, content=content)
-        self.session.send(socket, msg)
-        return str(msg["header"]["msg_id"])
+    def _reading(self, wanted: bool) -> None:
+        self.shell.want_reading(wanted)
+        self.iopub.want_reading(wanted)
 
-    async def _recv(self, socket: zmq.asyncio.Socket) -> Msg:
-        """The next well-formed, correctly signed message; anything else is dropped.
+    # --- sending ------------------------------------------------------------
 
-        User code can write garbage to the kernel's sockets (a forked kernel
-        shares them), and that must not break the runtime's side.
-        """
-        while True:
-            frames: list[bytes] = await socket.recv_multipart(copy=True)
-            try:
-                _, parts = self.session.feed_identities(frames, copy=True)
-                msg: Msg = self.session.deserialize(parts, content=True, copy=True)
-                if isinstance(msg.get("content"), dict) and isinstance(msg.get("parent_header"), dict):
-                    return msg
-            except Exception:
-                continue
+    def _send(self, channel: Channel, msg_type: str, content: Msg, msg_id: str | None = None) -> str:
+        msg_id = msg_id or new_id()
+        header = {
+            "msg_id": msg_id,
+            "msg_type": msg_type,
+            "username": "sandbox",
+            "session": self._session,
+            "date": datetime.now(UTC).isoformat(),
+            "version": "5.3",
+        }
+        parts = [json.dumps(header).encode(), b"{}", b"{}", json.dumps(content).encode()]
+        channel.send([DELIM, self._sign(parts), *parts])
+        return msg_id
 
-    async def handshake(self) -> None:
-        """Return once the kernel answers on shell AND we receive its iopub messages.
-
-        A reply on shell alone is not enough: until our iopub subscription has
-        reached the kernel, what it publishes (the first cell's output) is lost.
-        One kernel_info request waits, queued by zmq, until the kernel is up;
-        then iopub must show that our subscription arrived: the kernel's
-        ``iopub_welcome`` (sent when a subscription reaches it, ipykernel >= 7)
-        or the iopub status of one of our requests, which are repeated until
-        one arrives. The caller bounds the total time.
-        """
-        ids = {self._send(self.shell, "kernel_info_request", {})}
-        while True:
-            msg = await self._recv(self.shell)
-            if msg["parent_header"].get("msg_id") in ids:
-                break
-        while not await self._iopub_saw(ids, 0.05):
-            ids.add(self._send(self.shell, "kernel_info_request", {}))
-        await self._drain(self.shell)
-
-    async def _iopub_saw(self, ids: set[str], wait: float) -> bool:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + wait
-        while True:
-            left = end - loop.time()
-            if left <= 0:
-                return False
-            if not await self.iopub.poll(timeout=int(left * 1000) + 1):
-                return False
-            msg = await self._recv(self.iopub)
-            if msg["parent_header"].get("msg_id") in ids or msg["header"].get("msg_type") == "iopub_welcome":
-                return True
-
-    async def _drain(self, socket: zmq.asyncio.Socket) -> None:
-        while await socket.poll(timeout=0):
-            await socket.recv_multipart()
+    def _sign(self, parts: Frames) -> bytes:
+        mac = self._mac.copy()
+        for part in parts:
+            mac.update(part)
+        return mac.hexdigest().encode()
 
     def send_interrupt(self) -> None:
-        self._send(self.control, "interrupt_request", {})
+        self._aside.append(json.dumps(self._send(self.control, "interrupt_request", {})).encode())
 
-    def send_execute(self, code: str) -> str:
+    def execute(self, code: str, budget: int) -> Collected:
+        """Send one execute request; its output is gathered until ``finished``."""
+        previous = self._current
+        if previous is not None:
+            previous.finish()
+        request = Collected(new_id(), budget, self._finished, lambda: self.iopub.last_activity)
+        self._current = request
+        self._reading(True)
         content = {
             "code": code,
             "silent": False,
@@ -156,55 +300,164 @@ class KernelClient:
             "allow_stdin": False,
             "stop_on_error": False,
         }
-        return self._send(self.shell, "execute_request", content)
+        self._send(self.shell, "execute_request", content, request.msg_id)
+        return request
 
-    async def collect(self, msg_id: str, into: Collected) -> None:
-        """Gather the iopub output and shell reply of one request, until idle."""
-        # Re-entrant: after a timeout the caller interrupts and calls again with
-        # the same ``into``, so nothing gathered so far is lost.
-        reply_task = asyncio.ensure_future(self._reply(msg_id, into))
+    def _finished(self, request: Collected) -> None:
+        if self._current is request:
+            self._current = None
+            self._recent.append(request.tag)
+            self._reading(False)
+
+    # --- the readiness handshake ----------------------------------------------
+
+    async def handshake(self) -> None:
+        """Return once the kernel answers on shell AND we receive its iopub messages.
+
+        A reply on shell alone is not enough: until our iopub subscription has
+        reached the kernel, what it publishes (the first cell's output) is lost.
+        One kernel_info request waits, queued, until the kernel is up; then
+        iopub must show that our subscription arrived: the kernel's
+        ``iopub_welcome`` (sent when a subscription reaches it, ipykernel >= 7)
+        or the iopub status of one of our requests, which are repeated until
+        one arrives. The caller bounds the total time.
+        """
+        loop = asyncio.get_running_loop()
+        self._probe_replied = loop.create_future()
+        self._probe_heard = loop.create_future()
+        self._reading(True)
         try:
-            while not into.idle:
-                msg = await self._recv(self.iopub)
-                if msg["parent_header"].get("msg_id") != msg_id:
-                    continue
-                self._absorb(msg, into)
-            await reply_task
+            self._probe()
+            await self._probe_replied
+            while not self._probe_heard.done():
+                await asyncio.wait({self._probe_heard}, timeout=0.05)
+                if not self._probe_heard.done():
+                    self._probe()
         finally:
-            if not reply_task.done():
-                reply_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reply_task
+            self._probe_replied = self._probe_heard = None
+            if self._current is None:
+                self._reading(False)
 
-    async def _reply(self, msg_id: str, into: Collected) -> None:
-        while into.reply is None:
-            msg = await self._recv(self.shell)
-            if msg["parent_header"].get("msg_id") == msg_id:
-                into.reply = msg
+    def _probe(self) -> None:
+        self._aside.append(json.dumps(self._send(self.shell, "kernel_info_request", {})).encode())
 
-    @staticmethod
-    def _absorb(msg: Msg, into: Collected) -> None:
-        kind = msg["header"]["msg_type"]
-        content = msg["content"]
-        if kind == "stream":
-            target = into.out.stderr if content.get("name") == "stderr" else into.out.stdout
-            target.add(str(content.get("text", "")))
-        elif kind in ("execute_result", "display_data"):
-            text = content.get("data", {}).get("text/plain")
-            if text is not None:
-                into.out.add_display(str(text))
-        elif kind == "error":
-            into.error = CellError(
-                ename=str(content.get("ename", "")),
-                evalue=str(content.get("evalue", "")),
-                traceback=_cap_traceback([strip_ansi(str(line)) for line in content.get("traceback", [])]),
-            )
-        elif kind == "status" and content.get("execution_state") == "idle":
-            into.idle = True
+    def _aside_from_cells(self, parent: bytes) -> bool:
+        return any(tag in parent for tag in self._aside)
+
+    # --- receiving ------------------------------------------------------------
+
+    def _open(self, frames: Frames) -> tuple[str, Msg, Msg, bytes] | None:
+        """(msg_type, parent header, content, raw parent) of a signed, well-formed message."""
+        try:
+            at = frames.index(DELIM)
+        except ValueError:
+            return None
+        if len(frames) < at + 6:
+            return None
+        sig, header, parent, metadata, content = frames[at + 1 : at + 6]
+        mac = self._mac.copy()
+        for part in (header, parent, metadata, content):
+            mac.update(part)
+        if not hmac.compare_digest(mac.hexdigest().encode(), sig):
+            return None
+        try:
+            h, p, c = json.loads(header), json.loads(parent), json.loads(content)
+        except (ValueError, RecursionError):
+            return None
+        if not (isinstance(h, dict) and isinstance(p, dict) and isinstance(c, dict)):
+            return None
+        kind = h.get("msg_type")
+        if not isinstance(kind, str):
+            return None
+        return kind, p, c, parent
+
+    def _mine(self, frames: Frames) -> Collected | None:
+        """The running request, if this message names it (a cheap look before any real work)."""
+        request = self._current
+        if request is None:
+            return None
+        try:
+            at = frames.index(DELIM)
+        except ValueError:
+            return None
+        if len(frames) > at + 3 and request.tag in frames[at + 3]:
+            return request
+        return None
+
+    def _elsewhere(self, frames: Frames) -> None:
+        """A message not for the running request: count it, touch nothing else."""
+        if self._probe_replied is not None:
+            self._handshake_message(frames)
+            return
+        try:
+            parent = frames[frames.index(DELIM) + 3]
+        except (ValueError, IndexError):
+            self.counts["malformed"] += 1
+            return
+        if any(tag in parent for tag in self._recent):
+            self.counts["late"] += 1
+        elif parent == b"{}":
+            # The kernel's own notices (starting, iopub_welcome), or a cell's forgeries of them.
+            self.counts["unparented"] += 1
+        elif not self._aside_from_cells(parent):
+            self.counts["stray"] += 1
+
+    def _handshake_message(self, frames: Frames) -> None:
+        opened = self._open(frames)
+        if opened is None:
+            self.counts["malformed"] += 1
+            return
+        kind, _, _, parent = opened
+        for fut, hit in (
+            (self._probe_replied, kind == "kernel_info_reply" and self._aside_from_cells(parent)),
+            (
+                self._probe_heard,
+                kind == "iopub_welcome" or (kind == "status" and self._aside_from_cells(parent)),
+            ),
+        ):
+            if hit and fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _on_iopub(self, frames: Frames) -> None:
+        self._take(frames, Collected.absorb)
+
+    def _on_shell(self, frames: Frames) -> None:
+        self._take(frames, Collected.take_reply)
+
+    def _take(self, frames: Frames, take: Callable[[Collected, str, Msg], bool]) -> None:
+        request = self._mine(frames)
+        if request is None:
+            self._elsewhere(frames)
+            return
+        opened = self._open(frames)
+        if (
+            opened is None
+            or opened[1].get("msg_id") != request.msg_id
+            or not take(request, opened[0], opened[2])
+        ):
+            self.counts["malformed"] += 1
+            request.dropped += 1
+
+    def _oversized(self, frames: Frames, size: int) -> None:
+        # The frames before the one that broke the limit usually include the
+        # header: unverifiable (the signature covers what was skipped), so it
+        # only decides which note the running request gets.
+        request = self._mine(frames)
+        if request is None:
+            return
+        kind = "message"
+        try:
+            header = json.loads(frames[frames.index(DELIM) + 2])
+            if isinstance(header, dict) and isinstance(header.get("msg_type"), str):
+                kind = header["msg_type"]
+        except (ValueError, IndexError, RecursionError):
+            pass
+        request.lost(kind, size)
 
 
-def _cap_traceback(lines: list[str], keep: int = 20) -> list[str]:
-    """Deep recursion yields thousands of identical frames: keep both ends."""
-    if len(lines) <= 2 * keep:
-        return lines
-    return [*lines[:keep], f"... [{len(lines) - 2 * keep} traceback entries omitted] ...\n", *lines[-keep:]]
+def _ignore(frames: Frames) -> None:
+    return None
+
+
+def _ignore_oversized(frames: Frames, size: int) -> None:
+    return None

@@ -1,17 +1,21 @@
 """One kernel: run a cell under a deadline and always come back with a ``CellResult``.
 
 Where a kernel is killed: ``Kernel._replace`` (after a failed interrupt, after
-death) and ``Kernel.shutdown``.
+death, after its output channel broke) and ``Kernel.shutdown``.
+
+The deadline is a timer of the event loop, not a check inside any read loop:
+the client hands the loop back after every slice of work (``sandbox.zmtp``),
+so the timer fires on time whatever the cell prints.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import platform
 import time
+from collections import Counter
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from sandbox.client import Collected
 from sandbox.errors import KernelClosedError
@@ -19,6 +23,9 @@ from sandbox.launch import Launcher, Spawned
 from sandbox.policy import SandboxPolicy
 from sandbox.process import wait_first
 from sandbox.result import CellError, CellResult, CellStatus
+
+# Why a cell's result is not what the kernel replied.
+Forced = Literal["timeout", "died", "output_lost"]
 
 
 class Kernel:
@@ -31,7 +38,9 @@ class Kernel:
         self._lock = asyncio.Lock()
         self._closed = False
         self._restarts = 0
-        self._cleanup: asyncio.Task[None] | None = None
+        # What the clients of replaced processes counted (see KernelClient.counts).
+        self._counts: Counter[str] = Counter()
+        self._cleanup: asyncio.Future[CellResult] | None = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -42,6 +51,7 @@ class Kernel:
             "restarts": self._restarts,
             "limits": self.policy.limits_summary(),
             "protections": self._spawned.protections,
+            "messages": dict(self._counts + self._spawned.client.counts),
         }
 
     @property
@@ -49,82 +59,98 @@ class Kernel:
         return self._closed
 
     async def execute(self, code: str, timeout: float | None = None) -> CellResult:
+        """Run one cell. Cancelling the caller raises at once; the cell is settled in the background."""
         if self._closed:
             raise KernelClosedError("this kernel was shut down; start a new one")
         limit = self.policy.timeout_s if timeout is None else timeout
         async with self._lock:
+            if self._cleanup is not None:
+                # A cancelled cell is still being interrupted; wait for it
+                # (a cancellation of this caller propagates from here too).
+                await asyncio.wait({self._cleanup})
+                self._cleanup = None
             if self._closed:
                 raise KernelClosedError("this kernel was shut down; start a new one")
-            if self._cleanup is not None:
-                # A cancelled cell is still being interrupted; wait for it.
-                with contextlib.suppress(BaseException):
-                    await self._cleanup
-                self._cleanup = None
             return await self._run(code, limit)
 
     async def _run(self, code: str, limit: float) -> CellResult:
         if self._spawned.handle.exited:
             await self._replace()
-        spawned = self._spawned
         started = time.monotonic()
-        into = Collected(self.policy.max_output_bytes)
-        msg_id = spawned.client.send_execute(code)
-        collect = asyncio.ensure_future(spawned.client.collect(msg_id, into))
-        died = spawned.handle.exited_future()
+        spawned = self._spawned
+        into = spawned.client.execute(code, self.policy.max_output_bytes)
+        abandoned: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Everything after the send runs as its own task, so that a cancelled
+        # caller returns at once while the kernel is settled (interrupted,
+        # else replaced) behind it, still under the lock's protocol: the next
+        # execute waits for ``_cleanup``.
+        work = asyncio.ensure_future(self._complete(spawned, into, started, limit, abandoned))
         try:
-            done = await wait_first(collect, died, timeout=limit)
+            return await asyncio.shield(work)
         except asyncio.CancelledError:
-            # Leave the kernel usable for whoever calls next: interrupt in the
-            # background while still holding the lock, then re-raise.
-            self._cleanup = asyncio.ensure_future(self._settle_quietly(collect, into))
+            if not work.done():
+                abandoned.set_result(None)
+                work.add_done_callback(_retrieve)
+                self._cleanup = work
             raise
-        if collect in done:
-            if not collect.cancelled() and collect.exception() is None:
-                return self._result(into, started, None)
-            if self._closed:
-                raise KernelClosedError("this kernel was shut down while running a cell")
-            # The client side broke (sockets closed under it): same as a death.
-            await self._replace()
-            return self._result(into, started, "died")
+
+    async def _complete(
+        self, spawned: Spawned, into: Collected, started: float, limit: float, abandoned: asyncio.Future[None]
+    ) -> CellResult:
+        died = spawned.handle.exited_future()
+        done = await wait_first(into.finished, died, abandoned, timeout=limit)
+        if into.finished in done:
+            if into.replied and not into.heard:
+                # The kernel answered but nothing came on iopub, not even its
+                # "busy": the output channel is broken (closed, flooded or
+                # stopped by the cell), and every later cell would be silent.
+                await self._replace()
+                return self._result(into, started, "output_lost")
+            return self._result(into, started, None)
         if died in done:
-            await _cancel(collect)
+            into.finish()
             await self._replace()
             return self._result(into, started, "died")
-        # Deadline passed: interrupt, give it a grace period, else kill.
-        settled = await self._settle(collect, into)
+        if into.replied and abandoned not in done:
+            # The cell is over (its reply came) but its output keeps coming
+            # past the deadline: a thread of it printing. Keep what arrived.
+            into.finish()
+            return self._result(into, started, None)
+        # Deadline passed, or the caller gave up: interrupt, give it a grace
+        # period, else kill.
+        settled = await self._settle(spawned, into)
         return self._result(into, started, "timeout", restarted=not settled, limit=limit)
 
-    async def _settle(self, collect: asyncio.Future[None], into: Collected) -> bool:
+    async def _settle(self, spawned: Spawned, into: Collected) -> bool:
         """Interrupt the running cell; True if the kernel recovered, False if it was replaced."""
-        spawned = self._spawned
-        with contextlib.suppress(Exception):
-            spawned.client.send_interrupt()
+        spawned.client.send_interrupt()
         died = spawned.handle.exited_future()
-        done = await wait_first(collect, died, timeout=self.policy.interrupt_grace_s)
-        if collect in done and collect.exception() is None:
+        done = await wait_first(into.finished, died, timeout=self.policy.interrupt_grace_s)
+        if into.finished in done:
             return True
-        await _cancel(collect)
+        into.finish()
         await self._replace()
         return False
-
-    async def _settle_quietly(self, collect: asyncio.Future[None], into: Collected) -> None:
-        with contextlib.suppress(Exception):
-            await self._settle(collect, into)
 
     async def _replace(self) -> None:
         old = self._spawned
         self._restarts += 1
+        self._counts += old.client.counts
         await old.destroy()
         if self._closed:
             # shutdown() ran while a cell was in flight: do not start a new process.
             raise KernelClosedError("this kernel was shut down while running a cell")
-        self._spawned = await self._launcher.spawn()
+        new = await self._launcher.spawn()
+        if self._closed:
+            await new.destroy()
+            raise KernelClosedError("this kernel was shut down while running a cell")
+        self._spawned = new
 
     def _result(
         self,
         into: Collected,
         started: float,
-        forced: CellStatus | None,
+        forced: Forced | None,
         restarted: bool = False,
         limit: float = 0.0,
     ) -> CellResult:
@@ -148,27 +174,45 @@ class Kernel:
                 "it was restarted and its state lost",
                 traceback=[],
             )
+        elif forced == "output_lost":
+            status = "error"
+            restarted = True
+            error = CellError(
+                ename="OutputLost",
+                evalue="the cell ran but none of its output reached the runtime (the kernel's output "
+                "channel was closed or flooded); the kernel was restarted and its state lost",
+                traceback=[],
+            )
         else:
-            content = into.reply["content"] if into.reply else {}
-            if content.get("status") == "error" or error is not None:
+            reply = into.reply or {}
+            if reply.get("status") == "error" or error is not None:
                 status = "error"
                 if error is None:
                     error = CellError(
-                        ename=str(content.get("ename", "Error")),
-                        evalue=str(content.get("evalue", "")),
+                        ename=reply.get("ename", "Error"),
+                        evalue=reply.get("evalue", ""),
                         traceback=[],
                     )
+            elif into.reply is None and into.reply_dropped:
+                status = "error"
+                error = CellError(
+                    ename="OutputDropped",
+                    evalue="the kernel's reply was over the size limit for one message and was dropped; "
+                    "whether the cell succeeded is unknown",
+                    traceback=[],
+                )
             else:
                 status = "ok"
         return CellResult(
             status=status,
             stdout=into.out.stdout.text(),
-            stderr=into.out.stderr.text(),
+            stderr=into.out.stderr_text(),
             display=list(into.out.display),
             error=error,
             duration_s=duration,
-            truncated=into.out.truncated,
+            truncated=into.out.truncated or into.dropped > 0,
             restarted=restarted,
+            dropped=into.dropped,
         )
 
     async def interrupt(self) -> None:
@@ -179,10 +223,14 @@ class Kernel:
         if self._closed:
             return
         self._closed = True
-        if self._cleanup is not None and not self._cleanup.done():
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(self._cleanup), self.policy.interrupt_grace_s + 1)
-        await self._spawned.destroy()
+        try:
+            if self._cleanup is not None and not self._cleanup.done():
+                # Let an interrupt in flight finish, briefly; it sees _closed
+                # and starts nothing new.
+                await asyncio.wait({self._cleanup}, timeout=self.policy.interrupt_grace_s + 1)
+        finally:
+            # Even when the caller is cancelled: never leave the process behind.
+            await asyncio.shield(self._spawned.destroy())
 
     async def __aenter__(self) -> Kernel:
         return self
@@ -193,11 +241,10 @@ class Kernel:
         await self.shutdown()
 
 
-async def _cancel(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.cancel()
-    with contextlib.suppress(BaseException):
-        await fut
+def _retrieve(task: asyncio.Future[CellResult]) -> None:
+    """A background settle's outcome has no reader; keep asyncio from warning about it."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def start_kernel(policy: SandboxPolicy | None = None) -> Kernel:

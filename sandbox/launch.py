@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
@@ -71,16 +70,19 @@ class Spawned:
     client: KernelClient
     dirs: KernelDirs
     tier: str
-    extra_cleanup: list[asyncio.Future[None]] = field(default_factory=list)
-    destroyed: bool = False
+    _teardown: asyncio.Future[None] | None = field(default=None, repr=False)
     # What is in force for this kernel (see ``protections``); recorded with every trajectory.
     protections: dict[str, Any] = field(default_factory=dict)
 
     async def destroy(self) -> None:
-        if self.destroyed:
-            return
-        self.destroyed = True
-        self.client.close()
+        """Kill now (before the first await); every caller waits for the same reaping and cleanup."""
+        if self._teardown is None:
+            self.client.close()
+            self.handle.kill()
+            self._teardown = asyncio.ensure_future(self._reap())
+        await asyncio.shield(self._teardown)
+
+    async def _reap(self) -> None:
         await self.handle.kill_and_wait()
         await asyncio.to_thread(self.dirs.remove)
 
@@ -124,8 +126,7 @@ async def connect_and_handshake(
         spawned.protections = protections(tier, facts, handle.pid, dirs.run / REPORT_FILE)
         return spawned
     hs.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await hs
+    await asyncio.wait({hs})
     log = _log_tail(dirs.run / "kernel.log")
     await spawned.destroy()
     why = "exited" if died in done else f"did not answer within {policy.start_timeout_s:g} s"

@@ -2,12 +2,27 @@
 
 A cell that prints gigabytes must not grow the runtime's memory: keep the first
 half of the budget and a rolling tail of the second half, and remember that
-something was dropped in between.
+something was dropped in between. Sizes are counted in characters plus a fixed
+cost per piece, so a flood of empty or one-character messages is bounded too.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+
+# Pieces are merged up to this size: a tail of one-character writes costs a
+# few strings, not one Python object (~50 bytes) per character.
+CHUNK = 4096
+# What one display entry costs against the budget beyond its text.
+ENTRY_COST = 64
+
+
+def cap_line(text: str, limit: int = 4000) -> str:
+    """One field (an exception's value, a traceback entry) kept within ``limit``: both ends."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} ... [{len(text) - 2 * half} characters omitted] ... {text[-half:]}"
 
 
 class CappedText:
@@ -26,12 +41,22 @@ class CappedText:
         room = self._head_budget - self._head_len
         if room > 0 and not self._tail:
             piece = text[:room]
-            self._head.append(piece)
+            _append(self._head, piece)
             self._head_len += len(piece)
             text = text[room:]
             if not text:
                 return
-        self._tail.append(text)
+        if len(text) >= self._tail_budget:
+            # Only its end can survive; never hold more than the budget.
+            self.truncated = True
+            text = text[-self._tail_budget :] if self._tail_budget else ""
+            self._tail.clear()
+            self._tail_len = 0
+            if text:
+                self._tail.append(text)
+                self._tail_len = len(text)
+            return
+        _append(self._tail, text)
         self._tail_len += len(text)
         while self._tail_len > self._tail_budget:
             excess = self._tail_len - self._tail_budget
@@ -50,6 +75,13 @@ class CappedText:
         return head + marker + tail if self.truncated else head + tail
 
 
+def _append(pieces: list[str] | deque[str], text: str) -> None:
+    if pieces and len(pieces[-1]) < CHUNK:
+        pieces[-1] += text
+    else:
+        pieces.append(text)
+
+
 class OutputBudget:
     """Shared budget for stdout, stderr and display of one cell."""
 
@@ -61,9 +93,12 @@ class OutputBudget:
         self.display: list[str] = []
         self._display_used = 0
         self._display_truncated = False
+        # Messages too large to read at all: counts and bytes, by kind.
+        self._lost: Counter[str] = Counter()
+        self._lost_bytes: Counter[str] = Counter()
 
     def add_display(self, text: str) -> None:
-        room = self._display_budget - self._display_used
+        room = self._display_budget - self._display_used - ENTRY_COST
         if room <= 0:
             self._display_truncated = True
             return
@@ -71,8 +106,31 @@ class OutputBudget:
             text = text[:room] + "..."
             self._display_truncated = True
         self.display.append(text)
-        self._display_used += len(text)
+        self._display_used += len(text) + ENTRY_COST
+
+    def note_dropped(self, kind: str, size: int) -> None:
+        self._lost[kind] += 1
+        self._lost_bytes[kind] += size
+
+    def stderr_text(self) -> str:
+        """stderr, then one line per kind of message that was too large to read."""
+        notes = "".join(
+            f"[sandbox: {n} {kind} message{'s' if n > 1 else ''} ({_size(self._lost_bytes[kind])})"
+            " dropped unread: over the size limit for one message]\n"
+            for kind, n in sorted(self._lost.items())
+        )
+        text = self.stderr.text()
+        if notes and text and not text.endswith("\n"):
+            text += "\n"
+        return text + notes
 
     @property
     def truncated(self) -> bool:
-        return self.stdout.truncated or self.stderr.truncated or self._display_truncated
+        return self.stdout.truncated or self.stderr.truncated or self._display_truncated or bool(self._lost)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
+from collections.abc import Coroutine
 from types import TracebackType
+from typing import Any
 
 from sandbox.errors import KernelClosedError, SandboxError
 from sandbox.kernel import Kernel
@@ -27,6 +30,14 @@ def pool_launcher(policy: SandboxPolicy) -> Launcher:
 
 
 class KernelPool:
+    """Warm kernels, refilled in the background with at most ``max_starting`` starts at a time.
+
+    ``size`` kernels are kept ready; callers of ``acquire`` that find none
+    wait for the next one started, never starting their own: a drained pool
+    (a burst of a thousand acquires) starts kernels ``max_starting`` at a time,
+    not all at once.
+    """
+
     def __init__(self, policy: SandboxPolicy | None = None, size: int = 2, max_starting: int = 4) -> None:
         self.policy = policy or SandboxPolicy()
         self.size = max(1, size)
@@ -34,7 +45,8 @@ class KernelPool:
         # start's latency, few enough not to starve running cells of CPU.
         self.max_starting = max(1, max_starting)
         self._launcher: Launcher | None = None
-        self._ready: asyncio.Queue[Spawned] = asyncio.Queue()
+        self._ready: deque[Spawned] = deque()
+        self._waiters: deque[asyncio.Future[Spawned]] = deque()
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
         self._failures = 0
@@ -56,13 +68,14 @@ class KernelPool:
         self._launcher = pool_launcher(self.policy)
         # Fail here, with the reason, if kernels cannot start at all.
         first = await self._launcher.spawn()
-        self._ready.put_nowait(first)
+        self._deliver(first)
         self._top_up()
 
     def _top_up(self) -> None:
         if self._closed or self._launcher is None:
             return
-        while self._ready.qsize() + len(self._starting) < self.size and len(self._starting) < self.max_starting:
+        wanted = self.size + len(self._waiters) - len(self._ready) - len(self._starting)
+        for _ in range(min(wanted, self.max_starting - len(self._starting))):
             task = asyncio.create_task(self._start_one())
             self._starting.add(task)
             task.add_done_callback(self._started)
@@ -70,13 +83,15 @@ class KernelPool:
     async def _start_one(self) -> None:
         try:
             spawned = await self.launcher.spawn()
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
-            # Kept for whoever wonders why the pool is empty; acquire() starts
-            # a kernel itself and raises the real error there.
             self.last_error = exc
             self._failures += 1
+            # Whoever waits longest gets the real error rather than waiting on.
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                    break
             # Back off so a broken machine is not hammered in a tight loop.
             await asyncio.sleep(min(0.1 * 2**self._failures, 5.0))
             return
@@ -84,29 +99,49 @@ class KernelPool:
         if self._closed:
             await spawned.destroy()
             return
-        self._ready.put_nowait(spawned)
+        self._deliver(spawned)
+
+    def _deliver(self, spawned: Spawned) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(spawned)
+                return
+        self._ready.append(spawned)
 
     def _started(self, task: asyncio.Task[None]) -> None:
         self._starting.discard(task)
         self._top_up()
 
     async def acquire(self) -> Kernel:
-        """A fresh kernel nobody has used; starts one on the spot if none is ready."""
+        """A fresh kernel nobody has used; waits for the next one started if none is ready."""
         if self._closed:
             raise KernelClosedError("the kernel pool is closed")
         await self.start()
         while True:
-            try:
-                spawned = self._ready.get_nowait()
-            except asyncio.QueueEmpty:
-                spawned = await self.launcher.spawn()
+            spawned = self._ready.popleft() if self._ready else await self._wait()
             self._top_up()
             if spawned.handle.exited:
-                await spawned.destroy()
+                self._tear_down(spawned.destroy())
                 continue
             kernel = Kernel(spawned, self.launcher)
             self._live.add(kernel)
             return kernel
+
+    async def _wait(self) -> Spawned:
+        waiter: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._top_up()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed a kernel just as the caller gave up: pass it on.
+                self._deliver(waiter.result())
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
 
     async def release(self, kernel: Kernel) -> None:
         """Shut the kernel down; kernels are never reused.
@@ -117,11 +152,14 @@ class KernelPool:
         waits for them.
         """
         self._live.discard(kernel)
-        task = asyncio.ensure_future(kernel.shutdown())
-        self._teardowns.add(task)
-        task.add_done_callback(self._torn_down)
+        self._tear_down(kernel.shutdown())
         # Let the task run up to its first wait: the kill has been sent.
         await asyncio.sleep(0)
+
+    def _tear_down(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._teardowns.add(task)
+        task.add_done_callback(self._torn_down)
 
     def _torn_down(self, task: asyncio.Future[None]) -> None:
         self._teardowns.discard(task)
@@ -130,20 +168,26 @@ class KernelPool:
 
     @property
     def ready(self) -> int:
-        return self._ready.qsize()
+        return len(self._ready)
+
+    @property
+    def starting(self) -> int:
+        return len(self._starting)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for task in list(self._starting):
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(KernelClosedError("the kernel pool was closed"))
+        self._waiters.clear()
+        for task in self._starting:
             task.cancel()
-        for task in list(self._starting):
-            with contextlib.suppress(BaseException):
-                await task
-        pending: list[Spawned] = []
-        while not self._ready.empty():
-            pending.append(self._ready.get_nowait())
+        if self._starting:
+            await asyncio.wait(set(self._starting))
+        pending = list(self._ready)
+        self._ready.clear()
         await asyncio.gather(
             *(s.destroy() for s in pending), *(k.shutdown() for k in list(self._live)), return_exceptions=True
         )

@@ -37,3 +37,6 @@ class CellResult(BaseModel):
     # True when the kernel had to be killed and replaced: the cell's variables,
     # imports and files are gone, which a caller may want to tell the model.
     restarted: bool = False
+    # Messages of this cell's output that the runtime dropped (over the size
+    # limit for one message, or of the wrong shape); ``truncated`` is set too.
+    dropped: int = 0

@@ -69,3 +69,46 @@ def test_exec_missing_file_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_exec_requires_a_file() -> None:
     result = CliRunner().invoke(sandbox, ["exec"])
     assert result.exit_code == 2
+
+
+def test_exec_parallel_runs_each_file_in_its_own_fresh_kernel_at_once(tmp_path: Path) -> None:
+    files = []
+    for name in ("a", "b", "c"):
+        f = tmp_path / f"{name}.py"
+        f.write_text(
+            f"import time\nstart = time.time()\n{name} = 1\ntime.sleep(1)\nprint(start, time.time(), sorted(k for k in 'abc' if k in globals()))"
+        )
+        files.append(str(f))
+    result = CliRunner().invoke(sandbox, ["exec", "--parallel", "--json", *files])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["parallel"] is True
+    cells = out["cells"]
+    assert [c["file"] for c in cells] == files and all(c["status"] == "ok" for c in cells)
+    spans = [c["stdout"].split(" ", 2) for c in cells]
+    # Each kernel saw only its own file's variable: nothing carried over.
+    assert [s[2].strip() for s in spans] == ["['a']", "['b']", "['c']"]
+    # All at once: every cell started before any ended.
+    assert max(float(s[0]) for s in spans) < min(float(s[1]) for s in spans)
+    assert len({c["kernel"]["pid"] for c in cells}) == 3
+
+
+def test_exec_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    good = tmp_path / "ok.py"
+    good.write_text("print(1)")
+    binary = tmp_path / "bin.py"
+    binary.write_bytes(b"\xff\xfe\x00")
+    for args, words in (
+        ([str(tmp_path)], "is a directory"),
+        ([str(binary)], "cannot read"),
+        (["--timeout", "-1", str(good)], "--timeout"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tora.cli.main", "sandbox", "exec", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.strip().count("\n") == 0 and words in proc.stderr, proc.stderr
+        assert proc.stdout == ""

@@ -161,3 +161,18 @@ async def test_shutdown_during_a_running_cell_starts_nothing_new() -> None:
     await asyncio.sleep(0.2)
     left = [p for p in descendants() - before if psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert left == []
+
+
+async def test_shutdown_during_a_cell_raises_and_leaves_nothing() -> None:
+    before = descendants()
+    k = await start_kernel(FAST)
+    task = asyncio.create_task(k.execute("import time\ntime.sleep(60)", timeout=60))
+    await asyncio.sleep(0.3)
+    t = time.monotonic()
+    await k.shutdown()
+    with pytest.raises(Exception, match="shut down"):
+        await task
+    assert time.monotonic() - t < 2
+    await asyncio.sleep(0.2)
+    left = [p for p in descendants() - before if psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert left == []

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
-from sandbox import CellResult, SandboxError, SandboxPolicy, start_kernel
+from sandbox import CellResult, KernelPool, SandboxError, SandboxPolicy
 from sandbox.tiers import check
 
 ISOLATION = click.Choice(["auto", "bwrap", "landlock", "none"])
@@ -51,7 +51,9 @@ def check_cmd(as_json: bool, isolation: str) -> None:
         click.echo(report.model_dump_json())
         return
     console = Console(highlight=False)
-    title = f"tier [bold]{report.tier}[/bold]" + ("" if report.isolated else " [bold red](NOT ISOLATED)[/bold red]")
+    title = f"tier [bold]{report.tier}[/bold]" + (
+        "" if report.isolated else " [bold red](NOT ISOLATED)[/bold red]"
+    )
     console.print(title)
     for p in report.protections:
         mark = "[green]on [/green]" if p.active else "[red]off[/red]"
@@ -66,13 +68,20 @@ def check_cmd(as_json: bool, isolation: str) -> None:
 
 
 @sandbox.command("exec")
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds per cell.")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--timeout", type=float, default=None, help="Seconds per cell.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every cell's result.")
 @click.option("--isolation", type=ISOLATION, default="auto", show_default=True)
-def exec_cmd(files: tuple[Path, ...], timeout: float | None, as_json: bool, isolation: str) -> None:
-    """Run each FILE as one cell, in order, in one fresh sandboxed kernel.
+@click.option(
+    "--parallel", is_flag=True, help="Run each FILE in its own fresh kernel, all at once, from one pool."
+)
+def exec_cmd(
+    files: tuple[Path, ...], timeout: float | None, as_json: bool, isolation: str, parallel: bool
+) -> None:
+    """Run each FILE as one cell in fresh pool kernels (as trajectories run).
 
+    By default the files run in order in one kernel, so state carries over;
+    with --parallel each file runs alone in its own kernel, all at once.
     Exits 0 even when cells fail: the results say how each one ended.
     """
     sources: list[tuple[Path, str]] = []
@@ -81,31 +90,56 @@ def exec_cmd(files: tuple[Path, ...], timeout: float | None, as_json: bool, isol
             sources.append((path, path.read_text()))
         except FileNotFoundError:
             raise InputError(f"no such file: {path}") from None
+        except IsADirectoryError:
+            raise InputError(f"{path} is a directory, not a file") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read {path}: {exc}") from None
     fields: dict[str, Any] = {"isolation": isolation}
     if timeout is not None:
+        if not timeout > 0:
+            raise InputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
         fields["timeout_s"] = timeout
     policy = SandboxPolicy(**fields)
     try:
-        info, results = asyncio.run(_run(policy, [code for _, code in sources]))
+        ran = asyncio.run(_run(policy, [code for _, code in sources], parallel))
     except SandboxError as exc:
         raise RuntimeFailure(str(exc)) from None
     if as_json:
-        cells = [{"file": str(path), **r.model_dump()} for (path, _), r in zip(sources, results, strict=True)]
-        click.echo(json.dumps({"kernel": info, "cells": cells}))
+        cells = [
+            {"file": str(path), **r.model_dump(), **({"kernel": info} if parallel else {})}
+            for (path, _), (info, r) in zip(sources, ran, strict=True)
+        ]
+        click.echo(json.dumps({"kernel": ran[0][0], "parallel": parallel, "cells": cells}))
         return
     console = Console(highlight=False, soft_wrap=True)
-    console.print(f"kernel: tier {info['tier']}, python {info['python']}", style="dim")
-    for (path, _), r in zip(sources, results, strict=True):
+    info = ran[0][0]
+    how = "one fresh kernel per file, all at once" if parallel else "one fresh kernel, files in order"
+    console.print(f"kernel: tier {info['tier']}, python {info['python']}; {how}", style="dim")
+    for (path, _), (_, r) in zip(sources, ran, strict=True):
         console.print(_panel(path, r))
 
 
-async def _run(policy: SandboxPolicy, cells: list[str]) -> tuple[dict[str, Any], list[CellResult]]:
-    async with await start_kernel(policy) as kernel:
-        info = kernel.info
-        results = [await kernel.execute(code) for code in cells]
-    return info, results
+async def _run(
+    policy: SandboxPolicy, cells: list[str], parallel: bool
+) -> list[tuple[dict[str, Any], CellResult]]:
+    """Each cell's result with the info of the kernel that ran it (pool kernels, as trajectories get)."""
+    async with KernelPool(policy, size=1) as pool:
+
+        async def in_fresh_kernel(codes: list[str]) -> list[tuple[dict[str, Any], CellResult]]:
+            kernel = await pool.acquire()
+            ran = []
+            try:
+                for code in codes:
+                    result = await kernel.execute(code)
+                    ran.append((kernel.info, result))
+            finally:
+                await pool.release(kernel)
+            return ran
+
+        if not parallel:
+            return await in_fresh_kernel(cells)
+        done = await asyncio.gather(*(in_fresh_kernel([code]) for code in cells))
+        return [pair for one in done for pair in one]
 
 
 def _panel(path: Path, r: CellResult) -> Panel:
@@ -127,7 +161,9 @@ def _panel(path: Path, r: CellResult) -> Panel:
     if r.restarted:
         flags.append("kernel restarted")
     title = f"[{style}]{r.status}[/{style}]  {path}"
-    return Panel(body if body.plain else Text("(no output)", style="dim"), title=title, subtitle=", ".join(flags))
+    return Panel(
+        body if body.plain else Text("(no output)", style="dim"), title=title, subtitle=", ".join(flags)
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
