@@ -15,25 +15,10 @@ from rich.text import Text
 
 from sandbox import CellResult, KernelPool, SandboxError, SandboxPolicy
 from sandbox.tiers import check
+from tora.errors import ToraError, UsageError
 
 ISOLATION = click.Choice(["auto", "bwrap", "landlock", "none"])
 STATUS_STYLE = {"ok": "green", "error": "red", "timeout": "yellow", "died": "magenta"}
-
-
-class InputError(click.ClickException):
-    """A bad argument: one line on stderr, exit 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-class RuntimeFailure(click.ClickException):
-    exit_code = 1
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 @click.group("sandbox")
@@ -89,21 +74,21 @@ def exec_cmd(
         try:
             sources.append((path, path.read_text()))
         except FileNotFoundError:
-            raise InputError(f"no such file: {path}") from None
+            raise UsageError(f"no such file: {path}") from None
         except IsADirectoryError:
-            raise InputError(f"{path} is a directory, not a file") from None
+            raise UsageError(f"{path} is a directory, not a file") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read {path}: {exc}") from None
+            raise UsageError(f"cannot read {path}: {exc}") from None
     fields: dict[str, Any] = {"isolation": isolation}
     if timeout is not None:
         if not timeout > 0:
-            raise InputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
+            raise UsageError(f"--timeout must be a positive number of seconds, not {timeout:g}")
         fields["timeout_s"] = timeout
     policy = SandboxPolicy(**fields)
     try:
         ran = asyncio.run(_run(policy, [code for _, code in sources], parallel))
     except SandboxError as exc:
-        raise RuntimeFailure(str(exc)) from None
+        raise ToraError(str(exc)) from None
     if as_json:
         cells = [
             {"file": str(path), **r.model_dump(), **({"kernel": info} if parallel else {})}
