@@ -52,3 +52,14 @@ def write_released(path: Path, items: list[dict[str, Any]]) -> Path:
         for item in items:
             f.write(json.dumps(item) + "\n")
     return path
+
+
+def tora_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the `tora` command in this process: (exit code, stdout, stderr)."""
+    from tora.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    code = info.value.code
+    return (code if isinstance(code, int) else 0), out, err

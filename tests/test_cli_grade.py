@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HEAD5
+from conftest import HEAD5, tora_in_process
 
-from tora.cli.main import main
 from tora.record.schema import Generation, Problem, PromptRef, Result, Runtime, Sampling, TextStep, Trajectory
 
 # HEAD5's rows (reference, ToRA's prediction): 18/18, 3/3, 70000/10000, 540/540, 20/140: 3 of 5 right.
@@ -19,11 +18,7 @@ HEAD5_CORRECT = ["0", "1", "3"]
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    code = info.value.code
-    return (code if isinstance(code, int) else 0), out, err
+    return tora_in_process(argv, capsys)
 
 
 def json_lines(out: str) -> list[dict[str, Any]]:

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TORA
+from conftest import TORA, tora_in_process
 from trajectory_fixtures import HOSTILE, Cell, Spec, Turn, as_11, build, corpus
 
-from tora.cli.main import main
 from tora.export.formats import openai_row, sharegpt_row, tora_row, trl_row
 from tora.export.pairs import CorrectionStats, correction_rows, preference_rows
 from tora.export.view import error_view, output_spans, question_offset, turns
@@ -31,11 +30,7 @@ def everything() -> list[Trajectory]:
 
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    code = info.value.code
-    return (code if isinstance(code, int) else 0), out, err
+    return tora_in_process(argv, capsys)
 
 
 def lines(out: str) -> list[dict[str, Any]]:
