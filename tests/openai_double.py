@@ -125,15 +125,16 @@ class ScriptedServer:
         if isinstance(answer, Status):
             return JSONResponse({"error": {"message": answer.message, "type": "scripted", "code": answer.code}},
                                 status_code=answer.code, headers=answer.headers)
-        return StreamingResponse(self._events(answer), media_type="text/event-stream")
+        return StreamingResponse(self._events(answer, body.get("model")), media_type="text/event-stream")
 
-    async def _events(self, answer: Stream) -> AsyncIterator[str]:
+    async def _events(self, answer: Stream, model: str | None) -> AsyncIterator[str]:
+        """The chunks, with the model name asked for (as servers answer)."""
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         finished = False
         try:
             for chunk in answer.chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {json.dumps({**chunk, 'model': model or chunk['model']})}\n\n"
                 await asyncio.sleep(answer.delay)
             if answer.done:
                 yield "data: [DONE]\n\n"

@@ -22,6 +22,8 @@ def test_spec_syntax_with_model_url_and_options() -> None:
     assert spec.base_url == "http://127.0.0.1:8000/v1"
     assert (spec.protocol, spec.concurrency, spec.api_key_env) == ("tools", 32, "MY_KEY")
     assert (spec.retries, spec.backoff_s, spec.timeout_s) == (2, 0.1, 30.0)
+    extra = ServerSpec.parse("m@http://h:1/v1?body.repeat_penalty=1.0&body.top_k=-1&body.guided=json&body.x=[1]")
+    assert extra.body == {"repeat_penalty": 1.0, "top_k": -1, "guided": "json", "x": [1]}
 
 
 def test_spec_defaults_and_a_model_left_out() -> None:

@@ -15,7 +15,8 @@ three differences:
   trajectory but one short when several share the server.
 
 `LlamaServer` starts one as a child process and waits until it answers
-(tests, `tora serve`).
+(tests, `tora serve`); the first start on a machine also proves the CPU
+backend (about a minute, then cached).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class LlamaServer:
     """
 
     def __init__(self, model: Path | str, *, port: int | None = None, args: Sequence[str] = (),
-                 log: Path | None = None, ready_timeout_s: float = 120.0) -> None:
+                 log: Path | None = None, ready_timeout_s: float = 300.0) -> None:
         self.model = str(model)
         self.port = port or free_port()
         self.args = list(args)
@@ -113,7 +114,9 @@ class LlamaServer:
                 with urllib.request.urlopen(f"{self.url}/models", timeout=2) as r:
                     json.load(r)
                     return
-            except (OSError, urllib.error.URLError, ValueError):
+            except urllib.error.HTTPError:
+                return  # it answers (a 401 when it wants a key): it is up
+            except (OSError, ValueError):
                 time.sleep(0.2)
         raise BackendError(f"llama_cpp.server on port {self.port} not ready after {self.ready_timeout_s:.0f} s")
 

@@ -17,6 +17,9 @@ one model: it is asked (GET /models). Options, after `?` (see `ServerSpec`):
     retries       retries of a request that failed with 429, 5xx or a connection error
                   (default 4, exponential backoff from `backoff` seconds, default 0.5)
     timeout       seconds without a byte from the server before a request fails (default 600)
+    body.FIELD    a request field of the server's own, its value JSON (or a string), e.g.
+                  body.repeat_penalty=1 for llama_cpp.server, whose default of 1.1 would
+                  otherwise change sampling (the spec is recorded, so these are too)
 
 The key is read from the environment and held by the client only: the spec
 names at most the variable, and a URL with credentials in it is refused
@@ -100,7 +103,7 @@ class ServerSpec:
     retries: int = 4
     backoff_s: float = 0.5
     timeout_s: float = 600.0
-    options: dict[str, str] = field(default_factory=dict)
+    body: dict[str, Any] = field(default_factory=dict)  # extra request fields, e.g. repeat_penalty
 
     @classmethod
     def parse(cls, arg: str) -> ServerSpec:
@@ -126,9 +129,18 @@ class ServerSpec:
                 raise ModelSpecError(f"{where}: option {key!r} is given twice")
             options[key] = value
         known = {"protocol", "template", "concurrency", "api_key_env", "retries", "backoff", "timeout"}
-        unknown = sorted(set(options) - known)
+        body: dict[str, Any] = {}
+        for key in [k for k in options if k.startswith("body.")]:
+            if not key[5:]:
+                raise ModelSpecError(f"{where}: option 'body.' names no field")
+            try:
+                body[key[5:]] = json.loads(options[key])
+            except ValueError:
+                body[key[5:]] = options[key]
+        unknown = sorted(set(options) - known - {f"body.{k}" for k in body})
         if unknown:
-            raise ModelSpecError(f"{where}: unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}")
+            raise ModelSpecError(f"{where}: unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}, "
+                                 "body.FIELD")
 
         def number(name: str, kind: Callable[[str], T], default: T, low: float, strict: bool = False) -> T:
             if name not in options:
@@ -162,7 +174,7 @@ class ServerSpec:
             retries=number("retries", int, 4, 0),
             backoff_s=number("backoff", float, 0.5, 0, strict=True),
             timeout_s=number("timeout", float, 600.0, 0, strict=True),
-            options=options,
+            body=body,
         )
 
     def api_key(self) -> str | None:
@@ -358,16 +370,19 @@ class OpenAIBackend(Backend):
         if self._server_stops and request.stop and not tools:
             # Not with tools: a stop string in the code of a tool call would cut the call.
             params["stop"] = list(request.stop)
+        extra = dict(self.spec.body)
         if self._on_completions:
             params["prompt"] = request.prompt
             create = client.completions.create
         else:
             params["messages"], continued = self._messages(request.prompt, tools)
             if continued:
-                params["extra_body"] = CONTINUE_FINAL_MESSAGE
+                extra.update(CONTINUE_FINAL_MESSAGE)
             if tools:
                 params["tools"] = [PYTHON_TOOL]
             create = client.chat.completions.create
+        if extra:
+            params["extra_body"] = extra
         async with self._slots:
             response = await self._with_retries(f"POST {'/completions' if self._on_completions else '/chat/completions'}",
                                                 lambda: create(**params))
@@ -403,6 +418,10 @@ class OpenAIBackend(Backend):
         emitted = ""
         calls: dict[int, dict[str, str]] = {}
         async for chunk in response:
+            if getattr(chunk, "model", None):
+                # What the server says it ran is the record's model (a server
+                # with one model may ignore the name asked for).
+                self.model = str(chunk.model)
             if getattr(chunk, "usage", None) is not None:
                 usage = chunk.usage
             for choice in chunk.choices or []:
