@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -21,7 +22,6 @@ from pathlib import Path
 import pytest
 from conftest import TORA
 
-from tora import fences
 from tora.backends.base import Backend, Delta, Done, GenerationRequest, StreamEvent, checked_stream
 from tora.backends.embedded import embedded_model_path
 from tora.backends.llama_server import LlamaServer
@@ -114,7 +114,7 @@ def check_structure(t: Trajectory, calls: list[tuple[GenerationRequest, str, Don
         for stop in request.stop:
             assert stop not in text, f"the stop string {stop!r} leaked into the model's text"
     # Each call continued exactly the context the loop had built.
-    for (request, _, _), (later, _, _) in zip(calls, calls[1:], strict=False):
+    for (request, _, _), (later, _, _) in itertools.pairwise(calls):
         assert later.prompt.startswith(request.prompt)
     last_request, last_text, _ = calls[-1]
     assert t.prompt + "".join(s.context_text() for s in t.steps) == last_request.prompt + last_text
