@@ -20,6 +20,7 @@ from openai_double import ScriptedServer, Status, Stream, chat_chunks, completio
 
 from tora import fences
 from tora.backends.base import Delta, Done, GenerationRequest, checked_stream
+from tora.backends.llama_server import server_argv
 from tora.backends.openai import OpenAIBackend, ServerSpec
 from tora.engine import Episode, Limits, RenderSettings, SolveConfig
 from tora.errors import BackendError
@@ -271,6 +272,12 @@ async def test_the_model_is_asked_of_the_server_when_the_spec_leaves_it_out() ->
         await b.aclose()
 
 
+def test_llama_server_defaults_suit_tora_and_yield_to_given_flags() -> None:
+    argv = server_argv(["--model", "m.gguf", "--n_ctx=2048"])
+    assert argv[:3] == ["--model", "m.gguf", "--n_ctx=2048"]
+    assert argv[3:] == ["--host", "127.0.0.1", "--interrupt_requests", "False"]
+
+
 async def test_a_stream_cut_without_a_finish_reason_is_an_error() -> None:
     chunks = completion_chunks(["partial "], None)
     with ScriptedServer(lambda path, body, n: Stream(chunks, done=True)) as server:
@@ -278,6 +285,16 @@ async def test_a_stream_cut_without_a_finish_reason_is_an_error() -> None:
         with pytest.raises(BackendError, match="without a finish reason"):
             await generate(b)
         await b.aclose()
+
+
+async def test_an_error_in_the_middle_of_a_stream_names_the_server() -> None:
+    chunks = [*completion_chunks(["par", "tial"], None)[:2], {"error": {"message": "CUDA out of memory"}}]
+    with ScriptedServer(lambda path, body, n: Stream(chunks)) as server:
+        b = backend(server)
+        with pytest.raises(BackendError, match="failed in the middle of an answer: CUDA out of memory") as info:
+            await generate(b)
+        await b.aclose()
+    assert server.url in str(info.value)
 
 
 async def test_closing_the_stream_aborts_the_request_on_the_server() -> None:

@@ -355,6 +355,8 @@ class OpenAIBackend(Backend):
     # -- generation -----------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        import openai
+
         client = self._session()
         params: dict[str, Any] = {
             "model": await self._resolve_model(),
@@ -389,6 +391,11 @@ class OpenAIBackend(Backend):
             try:
                 async for event in self._events(response, request, chat=not self._on_completions):
                     yield event
+            except openai.APIConnectionError as exc:
+                raise BackendError(f"server {self.server}: the connection broke in the middle of an answer "
+                                   f"({exc.__cause__ or exc})") from exc
+            except openai.APIError as exc:  # an error event in the stream
+                raise BackendError(f"server {self.server} failed in the middle of an answer: {_message(exc)}") from exc
             finally:
                 # Closing the response aborts the request: the server stops generating.
                 await response.close()
