@@ -149,31 +149,30 @@ async def test_completions_protocol_records_a_real_trajectory(server: LlamaServe
     assert SECRET not in out.read_text() and t.generation.spec == f"openai:{spec}"
 
 
-async def test_chat_continue_with_a_local_template_uses_the_completions_endpoint(server: LlamaServer, key: str) -> None:
-    spec = f"gemma@{server.url}?protocol=chat-continue&template={GEMMA_TEMPLATE}"
+async def solve_chat(server: LlamaServer, spec: str) -> tuple[Trajectory, list[str]]:
+    """A chat-prompt trajectory, checked, and the requests the server logged for it."""
     before = len(log_lines(server))
     b = Recording(OpenAIBackend(ServerSpec.parse(spec)))
     t = await solve(b, "chat", f"openai:{spec}")
     await b.inner.aclose()
     check_structure(t, b.calls)
+    posts = [line for line in log_lines(server)[before:] if "POST /v1/" in line]
+    assert len(posts) == len(b.calls)
+    return t, posts
+
+
+async def test_chat_continue_with_a_local_template_uses_the_completions_endpoint(server: LlamaServer, key: str) -> None:
+    t, posts = await solve_chat(server, f"gemma@{server.url}?protocol=chat-continue&template={GEMMA_TEMPLATE}")
     assert t.prompt.startswith("<start_of_turn>user\nIntegrate step-by-step reasoning")
     assert t.prompt.endswith(f"{QUESTION}<end_of_turn>\n<start_of_turn>model\n")
-    posts = [line for line in log_lines(server)[before:] if "POST /v1/" in line]
-    assert posts and all("/v1/completions" in line for line in posts)
-    assert len(posts) == len(b.calls)
+    assert all("/v1/completions" in line for line in posts)
 
 
 async def test_chat_continue_on_the_servers_chat_endpoint(server: LlamaServer, key: str) -> None:
-    spec = f"gemma@{server.url}?protocol=chat-continue"
-    before = len(log_lines(server))
-    b = Recording(OpenAIBackend(ServerSpec.parse(spec)))
-    t = await solve(b, "chat", f"openai:{spec}")
-    await b.inner.aclose()
-    check_structure(t, b.calls)
-    assert t.prompt.startswith("<|system|>\nIntegrate step-by-step") and t.prompt.endswith(
-        f"<|user|>\n{QUESTION}\n<|assistant|>\n")
-    posts = [line for line in log_lines(server)[before:] if "POST /v1/" in line]
-    assert posts and all("/v1/chat/completions" in line for line in posts)
+    t, posts = await solve_chat(server, f"gemma@{server.url}?protocol=chat-continue")
+    assert t.prompt.startswith("<|system|>\nIntegrate step-by-step")
+    assert t.prompt.endswith(f"<|user|>\n{QUESTION}\n<|assistant|>\n")
+    assert all("/v1/chat/completions" in line for line in posts)
 
 
 async def test_closing_the_stream_stops_the_real_server_generating(server: LlamaServer, key: str) -> None:
