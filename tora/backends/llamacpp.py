@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 from typing import Any
 
+from tora.backends import chat_template
 from tora.backends.base import Backend, Done, FinishReason, GenerationRequest, StreamEvent
 from tora.backends.ggml_cpu import ensure_cpu_backend
 from tora.backends.threaded import stream_in_thread
@@ -74,16 +75,10 @@ class LlamaCppBackend(Backend):
         self._lock = asyncio.Lock()
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = self._llm.metadata.get("tokenizer.chat_template")
-        if not template:
+        template = chat_template.from_llama(self._llm, str(self.path))
+        if template is None:
             raise PromptError(f"{self.model} has no chat template; use a completion prompt (e.g. --prompt tora-gsm8k)")
-        eos = self._llm.detokenize([self._llm.token_eos()]).decode(errors="ignore")
-        bos = self._llm.detokenize([self._llm.token_bos()]).decode(errors="ignore")
-        formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        prompt: str = formatter(messages=messages).prompt  # type: ignore[arg-type]
-        return prompt
+        return template.render(messages)
 
     def prepare(self, prefix: str) -> None:
         """Make `prefix` (a template's text before the question) cost nothing.

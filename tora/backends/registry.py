@@ -4,6 +4,11 @@
     gguf:/path/x.gguf   any GGUF file through llama.cpp
     hf:/path/dir        a local Hugging Face model directory through transformers
     replay:FILE         plays back recorded trajectories (tora's or ToRA's format)
+    openai:MODEL@URL    an OpenAI-compatible server, e.g. openai:qwen@http://127.0.0.1:8000/v1;
+                        options after '?': protocol=completions|chat-continue|tools,
+                        template=PATH, concurrency=N, api_key_env=NAME, retries=N,
+                        backoff=S, timeout=S (tora.backends.openai says what each does).
+                        MODEL may be left out when the server serves one model.
 
 Third-party packages add backends through the `tora.backends` entry point
 group: `name = "pkg.module:factory"`, where `factory(arg: str) -> Backend`
@@ -48,11 +53,18 @@ def _replay(arg: str) -> Backend:
     return ReplayBackend(Path(arg).expanduser())
 
 
+def _openai(arg: str) -> Backend:
+    from tora.backends.openai import load_openai
+
+    return load_openai(arg)
+
+
 BUILTIN: dict[str, Callable[[str], Backend]] = {
     "embedded": _embedded,
     "gguf": _gguf,
     "hf": _hf,
     "replay": _replay,
+    "openai": _openai,
 }
 
 

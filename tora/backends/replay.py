@@ -25,6 +25,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from tora import fences
+from tora.backends import transcript
 from tora.backends.base import Backend, Delta, Done, GenerationRequest, StopScanner, StreamEvent
 from tora.errors import BackendError, ModelSpecError
 from tora.jsonl import file_format
@@ -94,7 +95,7 @@ class ReplayBackend(Backend):
         return ReplayEpisode(self, self.recording(problem, sample_index))
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
-        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        return transcript.render(messages)
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         raise BackendError("replay plays one recorded trajectory at a time: use backend.for_episode(problem, k)")
