@@ -16,8 +16,6 @@ from tora.backends.llamacpp import LlamaCppBackend
 from tora.errors import BackendError
 from tora.paths import models_dir
 
-EMBEDDED_SPEC = "embedded"
-
 
 def embedded_model_path() -> Path:
     try:

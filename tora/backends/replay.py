@@ -76,9 +76,6 @@ class ReplayBackend(Backend):
             self._by_id[pid] = samples
             self._by_question.setdefault(_norm(question), samples)
 
-    def problem_ids(self) -> list[str]:
-        return list(self._by_id)
-
     def recording(self, problem: Problem, sample_index: int) -> str:
         samples = self._by_id.get(problem.id) or self._by_question.get(_norm(problem.text))
         if samples is None:

@@ -45,12 +45,11 @@ class RichPrinter:
         self.console = console
         self._line = ""  # the current, unfinished line
         self._in_code = False
-        self._code_lines: list[str] = []
         self._printed_partial = 0  # chars of self._line already printed
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, TurnStarted):
-            self._line, self._printed_partial, self._in_code, self._code_lines = "", 0, False, []
+            self._line, self._printed_partial, self._in_code = "", 0, False
         elif isinstance(event, TextDelta):
             self._feed(event.text)
         elif isinstance(event, CodeBlockClosed):
