@@ -37,12 +37,13 @@ from sandbox.zmtp import Channel, Frames, WireLimits, raise_fd_limit
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 DELIM = b"<IDS|MSG>"
 # Once the reply (or the idle status) is in, the rest may take this long to
-# come while iopub is silent, and SETTLE_MAX_S in all. The idle status can be
-# lost (the kernel's own send queue drops when full): this ends the cell
-# anyway, soon; iopub still busy (with what a cell queued before its own
-# output, gigabytes maybe) keeps it open up to the maximum.
+# come while iopub is silent. The idle status can be lost (the kernel's own
+# send queue drops when full): this ends the cell anyway, soon. While iopub
+# is still busy (a kernel slowly sending what the cell queued before its own
+# output, gigabytes maybe, skipped unread) the cell stays open: a loaded
+# machine can take seconds over it, and cutting it short would lose the
+# output queued behind it. The cell's deadline bounds that wait.
 QUIET_S = 0.25
-SETTLE_MAX_S = 2.0
 # Finished requests whose stragglers are counted as late rather than stray.
 RECENT = 8
 
@@ -124,11 +125,10 @@ class Collected:
     def _settle(self) -> None:
         now = self._loop.time()
         quiet_until = max(self._settling_since, self._iopub_activity()) + QUIET_S
-        give_up = self._settling_since + SETTLE_MAX_S
-        if now >= min(quiet_until, give_up):
+        if now >= quiet_until:
             self.finish()
         else:
-            self._timer = self._loop.call_at(min(quiet_until, give_up), self._settle)
+            self._timer = self._loop.call_at(quiet_until, self._settle)
 
     def absorb(self, kind: str, content: Msg) -> bool:
         """Take one iopub message; False if its content has the wrong shape (dropped)."""
