@@ -127,6 +127,10 @@ class SolveConfig:
         return replace(self, sampling=replace(self.sampling, seed=seed))
 
 
+# Model calls in one turn (a turn goes on past closed fences that run nothing).
+MAX_CALLS_PER_TURN = 64
+
+
 def extract_final(completion: str) -> tuple[str | None, str | None]:
     """The final answer (normalised) and the rule that found it."""
     found = extract_answer(completion)
@@ -228,7 +232,8 @@ class Episode:
                 out_of_tokens = False
                 # One turn is one model call, or several when the model closes a
                 # fence that runs nothing (a ```text block): it simply goes on.
-                while True:
+                # Bounded, for a backend that reports no token usage.
+                for _call in range(MAX_CALLS_PER_TURN):
                     budget = min(limits.max_tokens_per_call, self._remaining())
                     if budget <= 0:
                         out_of_tokens = True
