@@ -140,8 +140,7 @@ def test_a_torn_last_line_is_moved_aside_and_a_whole_one_is_kept(tmp_path: Path)
 
 
 def test_one_run_at_a_time_holds_a_run_folder(tmp_path: Path) -> None:
-    with locked(tmp_path, "curate"):
-        with pytest.raises(UsageError, match="another tora run"), locked(tmp_path, "correct"):
-            pass
+    with locked(tmp_path, "curate"), pytest.raises(UsageError, match="another tora run"), locked(tmp_path, "correct"):
+        pass
     with locked(tmp_path, "correct"):  # released on the way out
         assert json.dumps((tmp_path / ".lock").read_text()).startswith('"correct')

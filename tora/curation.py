@@ -167,7 +167,6 @@ class Work:
         self.closed: set[str] = set()
         self.attempted: set[Unit] = set()
         self.new: list[Trajectory] = []
-        self.withdrawn = 0
 
     def latest(self) -> list[Trajectory]:
         return [t for group in self.units for t in self.ledger.done(group).values()]
@@ -192,12 +191,13 @@ class Work:
             return True
         return all(self.done(unit) for unit in self.units[group])
 
+    def not_run(self) -> int:
+        """Units of final groups that never ran: what a full group saved."""
+        return sum(1 for group in self.closed for unit in self.units[group] if unit not in self.ledger.done(group))
+
     def open(self, group: str) -> bool:
         """Whether the group still wants work (the scheduler's `wanted` check, by group)."""
-        if group in self.closed:
-            self.withdrawn += 1
-            return False
-        return True
+        return group not in self.closed
 
     def pending(self, group: str) -> Iterator[Unit]:
         """The group's units still to run, drawn lazily: none once the group is final."""

@@ -308,7 +308,7 @@ class Curation:
             "problems_final": len(self.work.closed),
             "duplicates": self.ledger.duplicate_candidates(),
             "eligible": sum(self.rule.keeps(t) for t in latest),
-            "withdrawn_samples": self.work.withdrawn,
+            "samples_not_run": self.work.not_run(),  # of problems that were full first (--stop-when-full)
             "retried": len(self.retry & self.work.attempted),
             "contamination": contamination,
         }
