@@ -122,12 +122,13 @@ def main() -> None:
             proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     start_new_session=True)
             moment = rng.uniform(0.3, full)
-            moments.append(moment)
             try:
                 proc.wait(timeout=moment)
+                moments.append(f"{moment:.1f} s (finished first)")
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                moments.append(f"{moment:.1f} s ({len(complete_ids(out / 'trajectories.jsonl'))} records)")
             seen |= complete_ids(out / "trajectories.jsonl") | complete_ids(out / "curated.jsonl")
         subprocess.run(command(out), env=env, check=True, capture_output=True)
         recs, bad_t = strict(out / "trajectories.jsonl")
@@ -143,7 +144,7 @@ def main() -> None:
         torn = sum(1 for name in ("trajectories.jsonl.torn", "curated.jsonl.torn") if (out / name).exists())
         for key, value in (("lost", lost), ("duplicated", duplicated), ("corrupt", corrupt), ("mismatch", mismatch)):
             totals[key] += value
-        print(f"  trial {trial + 1:2}: kills at {', '.join(f'{m:.1f}' for m in moments)} s; {len(recs)} records, "
+        print(f"  trial {trial + 1:2}: kills at {', '.join(moments)}; {len(recs)} records, "
               f"{len(kept)} kept; lost {lost} duplicated {duplicated} corrupt {corrupt}; "
               f"selection {'same' if not mismatch else 'DIFFERENT'}; torn lines moved aside: {torn}", flush=True)
     print(f"records lost / duplicated / corrupt: {totals['lost']} / {totals['duplicated']} / {totals['corrupt']} "

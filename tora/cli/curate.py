@@ -209,6 +209,7 @@ def _check_settings(previous: dict[str, Any] | None, settings: dict[str, Any], o
 def _guard(problems: list[Problem], eval_sets: list[str] | None, n: int, threshold: float,
            err: Console) -> tuple[list[Overlap], list[str]]:
     """The problems that overlap the evaluation sets, and the sets checked."""
+    t0 = time.monotonic()
     if eval_sets is None:
         eval_sets = [d for d in DATASETS if (path := dataset_path(d)) is not None and path.is_file()]
     evals = [p for name in eval_sets for p in load_problems(name)]
@@ -216,10 +217,9 @@ def _guard(problems: list[Problem], eval_sets: list[str] | None, n: int, thresho
         err.print("[yellow]warning:[/yellow] contamination check: no evaluation set found (set TORA_DATA_DIR or "
                   "--eval-sets); nothing was checked")
         return [], []
-    t0 = time.monotonic()
     found = NgramIndex(evals, n).check(problems, threshold)
-    err.print(f"contamination check: {len(problems)} problems against {len(evals)} of {', '.join(eval_sets)} "
-              f"in {time.monotonic() - t0:.1f} s", highlight=False, style="dim")
+    err.print(f"contamination check: {len(problems)} problems against {len(evals)} evaluation problems "
+              f"({', '.join(eval_sets)}), {n}-grams, in {time.monotonic() - t0:.1f} s", highlight=False, style="dim")
     return found, eval_sets
 
 
