@@ -7,7 +7,8 @@ Builds the index over every built-in evaluation set found (TORA_DATA_DIR or
 it (words drawn from the evaluation sets' own vocabulary, 20 to 120 words,
 1 % near copies of evaluation problems); then builds an index over the
 100k problems themselves. The same work with Python sets of word tuples
-runs beside it, and the two must flag the same problems.
+runs beside it (time and resident memory of the index), and the two must flag
+the same problems. Both are bound by splitting the text into words.
 """
 
 from __future__ import annotations
@@ -43,21 +44,24 @@ def synthetic(evals: list[Problem], count: int, seed: int) -> list[Problem]:
     return out
 
 
-def naive(evals: list[Problem], problems: list[Problem], n: int, threshold: float) -> tuple[set[str], float, float]:
+def naive(evals: list[Problem], problems: list[Problem], n: int,
+          threshold: float) -> tuple[set[str], float, float, float]:
     def grams(text: str) -> list[tuple[str, ...]]:
         w = words(text)
         return [tuple(w)] if 0 < len(w) < n else [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
 
+    before = rss_mb()
     t0 = time.perf_counter()
     index = {g for p in evals for g in grams(p.text)}
     built = time.perf_counter() - t0
+    grown = rss_mb() - before
     t0 = time.perf_counter()
     flagged = set()
     for p in problems:
         mine = grams(p.text)
         if mine and sum(g in index for g in mine) / len(mine) >= threshold:
             flagged.add(p.id)
-    return flagged, built, time.perf_counter() - t0
+    return flagged, built, time.perf_counter() - t0, grown
 
 
 def main() -> None:
@@ -79,19 +83,20 @@ def main() -> None:
     t0 = time.perf_counter()
     index = NgramIndex(evals, n=args.n)
     built = time.perf_counter() - t0
+    index_mb = rss_mb() - base
     t0 = time.perf_counter()
     found = index.check(problems, args.threshold)
     checked = time.perf_counter() - t0
     print(f"tora index: built over {len(evals)} problems ({len(index)} {args.n}-grams) in {built:.2f} s; "
           f"checked {len(problems)} problems in {checked:.2f} s ({len(problems) / checked:,.0f}/s); "
-          f"{len(found)} flagged; +{rss_mb() - base:.0f} MB")
+          f"{len(found)} flagged; index +{index_mb:.0f} MB")
     t0 = time.perf_counter()
     big = NgramIndex(problems, n=args.n)
     print(f"tora index over the {len(problems)} problems themselves: {time.perf_counter() - t0:.2f} s, "
           f"{len(big)} {args.n}-grams")
-    flagged, naive_built, naive_checked = naive(evals, problems, args.n, args.threshold)
+    flagged, naive_built, naive_checked, naive_mb = naive(evals, problems, args.n, args.threshold)
     same = flagged == {o.problem.id for o in found}
-    print(f"python sets: built in {naive_built:.2f} s, checked in {naive_checked:.2f} s; "
+    print(f"python sets: built in {naive_built:.2f} s (+{naive_mb:.0f} MB), checked in {naive_checked:.2f} s; "
           f"same verdicts: {same}")
     print(f"ratio (python sets / tora), check: {naive_checked / checked:.1f}x, build + check: "
           f"{(naive_built + naive_checked) / (built + checked):.1f}x")

@@ -1,11 +1,14 @@
 """kill -9 of `tora curate` at random moments, then resume: what is lost, doubled or corrupt.
 
-    .venv/bin/python benchmarks/bench_resume.py [--trials 10] [--kills 2] [--problems 16] [--samples 3]
+    .venv/bin/python benchmarks/bench_resume.py [--trials 10] [--kills 2] [--problems 24] [--samples 3]
 
 First one uninterrupted reference run. Then each trial starts the same
 command in a fresh folder, kills its whole process group (the CLI and its
-kernels) with SIGKILL at a random moment of a run's length, `--kills` times,
-running the same command again after each kill, and finally lets it finish.
+kernels) with SIGKILL at a random moment, `--kills` times, running the same
+command again after each kill, and finally lets it finish. Most kills fall
+while records are written (after a random number more of them, plus a random
+fraction of a second), the others at a random time of a run's length, start-up
+included.
 Before each restart it notes every complete record on disk.
 
 Counted per trial (goal 0 / 0 / 0): records lost (a record complete on disk at
@@ -91,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--kills", type=int, default=2)
-    ap.add_argument("--problems", type=int, default=16)
+    ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -113,6 +116,7 @@ def main() -> None:
                       for r in strict(reference / "curated.jsonl")[0])
     print(f"reference run {full:.1f} s, {len(expected)} kept", flush=True)
     rng = random.Random(args.seed)
+    total = args.problems * args.samples
     totals = {"lost": 0, "duplicated": 0, "corrupt": 0, "mismatch": 0}
     for trial in range(args.trials):
         out = tmp / f"trial{trial}"
@@ -121,14 +125,26 @@ def main() -> None:
         for _ in range(args.kills):
             proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     start_new_session=True)
+            # Mostly while records are being written (after a random number more of them, then a
+            # random fraction of a second), sometimes at a random time (start-up included).
+            before = len(lines(out / "trajectories.jsonl"))
+            wanted = rng.randint(before + 1, total - 1) if rng.random() < 0.7 and before < total - 1 else None
             moment = rng.uniform(0.3, full)
-            try:
-                proc.wait(timeout=moment)
-                moments.append(f"{moment:.1f} s (finished first)")
-            except subprocess.TimeoutExpired:
+            t_start = time.monotonic()
+            while proc.poll() is None:
+                if wanted is not None and len(lines(out / "trajectories.jsonl")) >= wanted:
+                    time.sleep(rng.uniform(0, 0.3))
+                    break
+                if wanted is None and time.monotonic() - t_start >= moment:
+                    break
+                time.sleep(0.01)
+            if proc.poll() is not None:
+                moments.append("finished first")
+            else:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                moments.append(f"{moment:.1f} s ({len(complete_ids(out / 'trajectories.jsonl'))} records)")
+                moments.append(f"{time.monotonic() - t_start:.1f} s ({len(complete_ids(out / 'trajectories.jsonl'))} "
+                               f"records, {len(complete_ids(out / 'curated.jsonl'))} kept)")
             seen |= complete_ids(out / "trajectories.jsonl") | complete_ids(out / "curated.jsonl")
         subprocess.run(command(out), env=env, check=True, capture_output=True)
         recs, bad_t = strict(out / "trajectories.jsonl")
