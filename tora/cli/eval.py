@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,43 +21,32 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sandbox import KernelPool, SandboxError, SandboxPolicy
+from sandbox import SandboxError, SandboxPolicy
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
+from tora.cli.batch import (
+    base_manifest,
+    check_unique,
+    episode_factory,
+    origin_for,
+    previous_run,
+    sample_config,
+    scheduled,
+)
 from tora.cli.options import capacity_from, config_from, loop_options, sandbox_from, scheduler_options
 from tora.cli.progress import BatchProgress
-from tora.data import load_problems, source_path
-from tora.engine import Episode, KernelSource, SolveConfig
+from tora.data import load_problems
+from tora.engine import SolveConfig
 from tora.errors import ToraError, UsageError
 from tora.evaluate import load_finished, regrade, work_list
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Problem, TrajectoryWriter
-from tora.run_dir import (
-    MANIFEST,
-    METRICS,
-    TRAJECTORIES,
-    default_out,
-    latest_out,
-    package_versions,
-    read_manifest,
-    sha256_file,
-    write_json,
-)
-from tora.scheduler import Capacity, Graded, Job, Scheduler
+from tora.run_dir import MANIFEST, METRICS, TRAJECTORIES, default_out, latest_out, write_json
+from tora.scheduler import Capacity, Graded, Job
 
 _MATH_SETS = {"math", "math500"}
-
-
-
-
-def _check_unique(problems: list[Problem]) -> None:
-    seen: set[str] = set()
-    for p in problems:
-        if p.id in seen:
-            raise UsageError(f"problem id {p.id!r} occurs twice; results and --resume need unique ids (see --id-field)")
-        seen.add(p.id)
 
 
 @click.command("eval")
@@ -87,10 +75,10 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
                              id_field=id_field, limit=limit)
     if not problems:
         raise UsageError(f"{dataset}: no problems to evaluate")
-    _check_unique(problems)
+    check_unique(problems)
     out = _resolve_out(dataset, out, resume)
     traj_path = out / TRAJECTORIES
-    previous = _previous(out, resume, kw["model"], dataset)
+    previous = previous_run(out, kw["model"], dataset, "eval") if resume else None
     selected = {(p.id, k) for p in problems for k in range(samples)}
     finished = {pair: t for pair, t in load_finished(traj_path).items() if pair in selected} if resume else {}
     template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
@@ -148,73 +136,29 @@ def _resolve_out(dataset: str, out: Path | None, resume: bool) -> Path:
     return out
 
 
-def _previous(out: Path, resume: bool, model: str, dataset: str) -> dict[str, Any] | None:
-    if not resume:
-        return None
-    previous = read_manifest(out)
-    if previous is None:
-        return None
-    if previous.get("model") != model:
-        raise UsageError(f"--resume: {out} was run with --model {previous.get('model')}, not {model}")
-    data = previous.get("dataset")
-    data_name = data.get("name") if isinstance(data, dict) else None
-    if data_name != dataset:
-        raise UsageError(f"--resume: {out} evaluated {data_name}, not {dataset}")
-    return previous
-
-
 def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Problem], samples: int, grader: str,
               capacity: Capacity, config: SolveConfig, model: str, backend: Backend, template: PromptTemplate,
               *, skipped: int, out: Path) -> dict[str, Any]:
-    path = source_path(dataset)  # the copy load_problems read, resolved
-    run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "skipped": skipped}
-    return {
-        "command": "eval",
-        "run_id": (previous or {}).get("run_id", out.name),
-        "argv": sys.argv[1:] if previous is None else previous.get("argv"),
-        "dataset": {"name": dataset, "path": str(path), "sha256": sha256_file(path), "problems": len(problems)},
-        "model": model,
-        "backend": {"name": backend.name, "model": backend.model},
-        "prompt": {"name": template.name, "sha256": template.sha256},
-        "samples": samples,
-        "grader": grader,
-        "capacity": dataclasses.asdict(capacity),
-        "config": dataclasses.asdict(config),
-        "versions": package_versions(),
-        "runs": [*(previous or {}).get("runs", []), run],
-    }
+    manifest = base_manifest("eval", previous, dataset, problems, model, backend, template, capacity, config,
+                             out=out, run={"skipped": skipped})
+    manifest.update(samples=samples, grader=grader)
+    return manifest
 
 
 async def _run(work: list[tuple[Problem, int]], backend: Backend, template: PromptTemplate, config: SolveConfig,
                policy: SandboxPolicy, spec: str, grader: str, capacity: Capacity, run_id: str, samples: int,
                writer: TrajectoryWriter, new: list[Graded], err: Console, total: int, already: int,
                already_hits: int) -> None:
-    origin = "replayed" if backend.name == "replay" else ("sampled" if config.sampling.temperature > 0 else "greedy")
-
-    def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
-        return Episode(job.problem, backend=backend, template=template, kernels=kernels, config=job.config,
-                       spec=spec, sample_index=job.sample_index, origin=job.origin, run_id=run_id)
-
-    def job(problem: Problem, k: int) -> Job:
-        cfg = config
-        if config.sampling.seed is not None and samples > 1:
-            cfg = config.with_seed(config.sampling.seed + k)  # distinct, reproducible samples
-        return Job(problem, k, cfg, origin)
-
-    pool = KernelPool(policy, size=min(capacity.kernels, 8))
-    scheduler = Scheduler(make_episode, pool, grader=grader, capacity=capacity)
-    try:
-        await pool.start()
+    origin = origin_for(backend, config)
+    jobs = (Job(p, k, sample_config(config, k, samples), origin) for p, k in work)
+    make_episode = episode_factory(backend, template, spec, run_id)
+    async with scheduled(make_episode, backend, policy, grader, capacity) as scheduler:
         with BatchProgress(err, "eval", total, done=already, hits=already_hits) as progress:
-            async with contextlib.aclosing(scheduler.run(job(p, k) for p, k in work)) as results:
+            async with contextlib.aclosing(scheduler.run(jobs)) as results:
                 async for result in results:
                     await writer.append(result.trajectory)
                     new.append(result)
                     progress.advance(result.correct)
-    finally:
-        await scheduler.aclose()
-        await pool.close()
-        await backend.aclose()
 
 
 def _pct(x: float | None) -> str:
