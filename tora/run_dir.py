@@ -1,4 +1,5 @@
-"""An evaluation's output folder: trajectories.jsonl, manifest.json, metrics.json.
+"""An evaluation's output folder: trajectories.jsonl, manifest.json, metrics.json;
+and, for a run spread over a cluster, shards/ and leases.jsonl (see `tora.distributed`).
 
 The trajectories file is append-only (see `tora.record.writer`). The two JSON
 files are small summaries and are replaced atomically (write, fsync, rename),
@@ -23,6 +24,9 @@ from tora.paths import trajectories_dir
 TRAJECTORIES = "trajectories.jsonl"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
+CURATED = "curated.jsonl"  # the kept trajectories (curate), and kept teacher corrections (correct)
+SHARDS = "shards"  # one record file per worker of a run spread over a cluster (tora.distributed)
+LEASES = "leases.jsonl"  # which worker was given which problems (tora.distributed)
 
 # What a figure depends on: the grader stack, the kernel stack and the engines.
 _PACKAGES = (

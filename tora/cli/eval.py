@@ -15,8 +15,9 @@ import contextlib
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -25,16 +26,25 @@ from rich.table import Table
 from sandbox import KernelPool, SandboxError, SandboxPolicy
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
-from tora.cli.options import capacity_from, config_from, loop_options, sandbox_from, scheduler_options
+from tora.cli.options import (
+    capacity_from,
+    cluster_from,
+    config_from,
+    engine_options,
+    loop_options,
+    sandbox_from,
+    scheduler_options,
+)
 from tora.cli.progress import BatchProgress
 from tora.data import load_problems, source_path
-from tora.engine import Episode, KernelSource, SolveConfig
+from tora.distributed.shards import has_shards, merge_shards
+from tora.engine import SolveConfig
 from tora.errors import ToraError, UsageError
-from tora.evaluate import load_finished, regrade, work_list
+from tora.evaluate import Pair, episode_factory, load_finished, origin_for, regrade, sample_job, work_list
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
-from tora.record import Problem, TrajectoryWriter
+from tora.record import Problem, Trajectory, TrajectoryWriter
 from tora.run_dir import (
     MANIFEST,
     METRICS,
@@ -46,7 +56,10 @@ from tora.run_dir import (
     sha256_file,
     write_json,
 )
-from tora.scheduler import Capacity, Graded, Job, Scheduler
+from tora.scheduler import Capacity, Graded, Scheduler
+
+if TYPE_CHECKING:
+    from tora.distributed.driver import ClusterOptions, ClusterRun
 
 _MATH_SETS = {"math", "math500"}
 
@@ -69,6 +82,7 @@ def _check_unique(problems: list[Problem]) -> None:
               help="Trajectories per problem (maj@k, pass@k).")
 @click.option("--grader", type=click.Choice(GRADERS), default=DEFAULT_GRADER, show_default=True)
 @scheduler_options
+@engine_options
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: trajectories/eval-<dataset>-<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (or this data set's latest run).")
@@ -82,6 +96,7 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
     """Evaluate a model on DATASET (gsm8k, math, math500, gsm-hard, svamp, asdiv, mawps) or a JSONL FILE."""
     config = config_from(kw)
     capacity = capacity_from(kw)
+    cluster = cluster_from(kw)
     err = Console(stderr=True)
     problems = load_problems(dataset, question_field=question_field, answer_field=answer_field,
                              id_field=id_field, limit=limit)
@@ -92,37 +107,45 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
     traj_path = out / TRAJECTORIES
     previous = _previous(out, resume, kw["model"], dataset)
     selected = {(p.id, k) for p in problems for k in range(samples)}
+    if resume and has_shards(out):
+        merge_shards(out)  # what the workers of a cluster run recorded counts as recorded, whichever engine resumes
     finished = {pair: t for pair, t in load_finished(traj_path).items() if pair in selected} if resume else {}
     template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
-    with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
-        backend = load_backend(kw["model"])
-        backend.prepare(template.prefix)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = _manifest(previous, dataset, problems, samples, grader, capacity, config, kw["model"], backend,
-                         template, skipped=len(finished), out=out)
-    write_json(out / MANIFEST, manifest)
-    work = work_list(problems, samples, finished)
-    if samples > 1 and config.sampling.temperature == 0 and backend.name != "replay":
-        err.print("[yellow]warning:[/yellow] --samples > 1 at temperature 0: greedy samples are all alike")
     if finished:
         err.print(f"resuming {out}: {len(finished)} of {len(selected)} trajectories already recorded", highlight=False)
-    new: list[Graded] = []
+
+    def write_manifest(backend: dict[str, str], engine: dict[str, Any]) -> dict[str, Any]:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = _manifest(previous, dataset, problems, samples, grader, capacity, config, kw["model"], backend,
+                             template, skipped=len(finished), out=out, engine=engine)
+        write_json(out / MANIFEST, manifest)
+        if samples > 1 and config.sampling.temperature == 0 and backend["name"] != "replay":
+            err.print("[yellow]warning:[/yellow] --samples > 1 at temperature 0: greedy samples are all alike")
+        return manifest
+
     t0 = time.monotonic()
-    writer = TrajectoryWriter(traj_path)
     interrupted = False
+    run_id = (previous or {}).get("run_id", out.name)
+    new: list[Graded] | None = None
     try:
-        asyncio.run(_run(work, backend, template, config, sandbox_from(kw), kw["model"], grader, capacity, manifest["run_id"],
-                         samples, writer, new, err, len(selected), len(finished),
-                         sum(t.result.correct is True for t in finished.values())))
+        if cluster is None:
+            new = _eval_local(problems, samples, finished, template, config, capacity, grader, kw, run_id, out,
+                              write_manifest, err, len(selected))
+        else:
+            _eval_on_cluster(problems, samples, finished, template, config, capacity, grader, kw, run_id, out,
+                                   write_manifest, err, cluster, previous)
     except KeyboardInterrupt:
-        interrupted = True
+        interrupted, new = True, None
     except SandboxError as exc:
         raise ToraError(f"sandbox failure: {exc}") from exc
-    finally:
-        writer.close()
-    graded = regrade(list(finished.values()), grader) + new
+    if new is not None and cluster is None:
+        graded = regrade(list(finished.values()), grader) + new
+    else:  # what this session added is in the records (the workers graded it)
+        after = {pair: t for pair, t in load_finished(traj_path).items() if pair in selected}
+        graded = regrade(list(after.values()), grader)
+        new = [g for g in graded if g.pair not in finished]
     metrics = compute_metrics(graded, problems, samples=samples, grader=grader, wall_s=time.monotonic() - t0)
-    metrics.update({"dataset": dataset, "model": kw["model"], "run_id": manifest["run_id"], "out": str(out),
+    metrics.update({"dataset": dataset, "model": kw["model"], "run_id": run_id, "out": str(out),
                     "complete": metrics["missing"] == 0, "resumed": len(finished)})
     write_json(out / METRICS, metrics)
     _report(metrics, Console(stderr=as_json), as_json)
@@ -132,6 +155,50 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
     if new and all(g.trajectory.result.finish == "error" for g in new):
         raise ToraError(f"every trajectory failed; the first: {new[0].trajectory.result.error}")
     return 0
+
+
+ManifestWriter = Callable[[dict[str, str], dict[str, Any]], dict[str, Any]]
+
+
+def _eval_local(problems: list[Problem], samples: int, finished: dict[Pair, Trajectory], template: PromptTemplate,
+                config: SolveConfig, capacity: Capacity, grader: str, kw: dict[str, Any], run_id: str, out: Path,
+                write_manifest: ManifestWriter, err: Console, total: int) -> list[Graded]:
+    with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
+        backend = load_backend(kw["model"])
+        backend.prepare(template.prefix)
+    write_manifest({"name": backend.name, "model": backend.model}, {"name": "local"})
+    new: list[Graded] = []
+    with TrajectoryWriter(out / TRAJECTORIES) as writer:
+        asyncio.run(_run(work_list(problems, samples, finished), backend, template, config, sandbox_from(kw),
+                         kw["model"], grader, capacity, run_id, samples, writer, new, err, total, len(finished),
+                         sum(t.result.correct is True for t in finished.values())))
+    return new
+
+
+def _eval_on_cluster(problems: list[Problem], samples: int, finished: dict[Pair, Trajectory],
+                     template: PromptTemplate, config: SolveConfig, capacity: Capacity, grader: str,
+                     kw: dict[str, Any], run_id: str, out: Path, write_manifest: ManifestWriter, err: Console,
+                     cluster: ClusterOptions, previous: dict[str, Any] | None) -> None:
+    from tora.distributed.driver import run_on_cluster
+    from tora.distributed.plan import EvalPlan
+    from tora.distributed.progress import ClusterProgress
+    from tora.distributed.worker import WorkerSetup
+
+    setup = WorkerSetup(model=kw["model"], template=template, policy=sandbox_from(kw), grader=grader,
+                        capacity=capacity, run_id=run_id, plan=EvalPlan(samples, config))
+
+    def started(run: ClusterRun) -> None:
+        first = run.workers[0] if run.workers else None
+        backend = {"name": first.backend, "model": first.model} if first else (previous or {}).get("backend", {})
+        write_manifest(backend, {"name": "ray", "address": cluster.address, "session": run.session,
+                                 "workers": [{"name": w.name, "node": w.node, "host": w.host} for w in run.workers],
+                                 "worker_cpus": cluster.worker_cpus, "worker_gpus": cluster.worker_gpus})
+
+    progress = ClusterProgress(err, "eval", len(problems))
+    run = asyncio.run(run_on_cluster(out, problems, setup, cluster, samples_hint=samples, progress=progress,
+                                     on_started=started))
+    for lost in run.lost:
+        err.print(f"[yellow]worker lost:[/yellow] {lost}; its unfinished problems were run again", highlight=False)
 
 
 def _resolve_out(dataset: str, out: Path | None, resume: bool) -> Path:
@@ -164,17 +231,18 @@ def _previous(out: Path, resume: bool, model: str, dataset: str) -> dict[str, An
 
 
 def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Problem], samples: int, grader: str,
-              capacity: Capacity, config: SolveConfig, model: str, backend: Backend, template: PromptTemplate,
-              *, skipped: int, out: Path) -> dict[str, Any]:
+              capacity: Capacity, config: SolveConfig, model: str, backend: dict[str, str], template: PromptTemplate,
+              *, skipped: int, out: Path, engine: dict[str, Any]) -> dict[str, Any]:
     path = source_path(dataset)  # the copy load_problems read, resolved
-    run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "skipped": skipped}
+    run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "skipped": skipped,
+           "engine": engine}
     return {
         "command": "eval",
         "run_id": (previous or {}).get("run_id", out.name),
         "argv": sys.argv[1:] if previous is None else previous.get("argv"),
         "dataset": {"name": dataset, "path": str(path), "sha256": sha256_file(path), "problems": len(problems)},
         "model": model,
-        "backend": {"name": backend.name, "model": backend.model},
+        "backend": backend,
         "prompt": {"name": template.name, "sha256": template.sha256},
         "samples": samples,
         "grader": grader,
@@ -189,24 +257,14 @@ async def _run(work: list[tuple[Problem, int]], backend: Backend, template: Prom
                policy: SandboxPolicy, spec: str, grader: str, capacity: Capacity, run_id: str, samples: int,
                writer: TrajectoryWriter, new: list[Graded], err: Console, total: int, already: int,
                already_hits: int) -> None:
-    origin = "replayed" if backend.name == "replay" else ("sampled" if config.sampling.temperature > 0 else "greedy")
-
-    def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
-        return Episode(job.problem, backend=backend, template=template, kernels=kernels, config=job.config,
-                       spec=spec, sample_index=job.sample_index, origin=job.origin, run_id=run_id)
-
-    def job(problem: Problem, k: int) -> Job:
-        cfg = config
-        if config.sampling.seed is not None and samples > 1:
-            cfg = config.with_seed(config.sampling.seed + k)  # distinct, reproducible samples
-        return Job(problem, k, cfg, origin)
-
+    origin = origin_for(backend, config)
     pool = KernelPool(policy, size=min(capacity.kernels, 8))
-    scheduler = Scheduler(make_episode, pool, grader=grader, capacity=capacity)
+    scheduler = Scheduler(episode_factory(backend, template, spec, run_id), pool, grader=grader, capacity=capacity)
     try:
         await pool.start()
         with BatchProgress(err, "eval", total, done=already, hits=already_hits) as progress:
-            async with contextlib.aclosing(scheduler.run(job(p, k) for p, k in work)) as results:
+            jobs = (sample_job(p, k, config, samples, origin) for p, k in work)
+            async with contextlib.aclosing(scheduler.run(jobs)) as results:
                 async for result in results:
                     await writer.append(result.trajectory)
                     new.append(result)

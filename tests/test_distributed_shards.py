@@ -1,0 +1,149 @@
+"""The cluster layer's files, without a cluster: shard merges, the lease log, the eval plan.
+
+The merge is what keeps a run spread over workers duplicate-free: these
+tests write shards the way workers do (TrajectoryWriter) and tear them the
+way a kill does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trajectory_fixtures import Spec, build
+
+from tora.distributed.leases import LeaseEvent, LeaseLog, open_leases, read_leases
+from tora.distributed.plan import EvalPlan
+from tora.distributed.shards import MergeCounts, ShardMerge, merge_shards, shard_files
+from tora.engine import SamplingParams, SolveConfig
+from tora.evaluate import load_finished
+from tora.record import Problem, Trajectory, TrajectoryWriter, read_trajectories
+
+
+def rec(pid: str, k: int, finish: str = "answered", answer: str = "1") -> Trajectory:
+    return build(Spec(pid, f"What is {pid}?", "1", final=f"So \\boxed{{{answer}}}.", finish=finish,
+                      final_answer=answer, sample_index=k))
+
+
+def write(path: Path, *records: Trajectory) -> None:
+    with TrajectoryWriter(path) as w:
+        for t in records:
+            w.append_sync(t)
+
+
+def ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_merge_copies_each_shard_record_once_byte_for_byte(tmp_path: Path) -> None:
+    a0, a1, b0 = rec("a", 0), rec("a", 1), rec("b", 0)
+    write(shard_files(tmp_path, "s1-w0")[0], a0, a1)
+    write(shard_files(tmp_path, "s1-w1")[0], b0)
+    merge = ShardMerge(tmp_path)
+    merge.load()
+    assert merge.merge() == MergeCounts(added=3)
+    merged = (tmp_path / "trajectories.jsonl").read_text().splitlines()
+    shard_lines = {line for n in ("s1-w0", "s1-w1") for line in shard_files(tmp_path, n)[0].read_text().splitlines()}
+    assert set(merged) == shard_lines and len(merged) == 3  # verbatim copies
+    assert merge.merge() == MergeCounts()  # nothing new
+    # A worker appends more: the next merge reads only that.
+    b1 = rec("b", 1)
+    write(shard_files(tmp_path, "s1-w1")[0], b1)
+    assert merge.merge() == MergeCounts(added=1)
+    merge.close()
+    # A fresh merge (a new session) adds nothing twice.
+    assert merge_shards(tmp_path) == MergeCounts(duplicates=4)
+    assert sorted(ids(tmp_path / "trajectories.jsonl")) == sorted(t.id for t in (a0, a1, b0, b1))
+
+
+def test_a_line_being_written_waits_and_a_torn_one_is_skipped(tmp_path: Path) -> None:
+    shard = shard_files(tmp_path, "s1-w0")[0]
+    a0, a1 = rec("a", 0), rec("a", 1)
+    write(shard, a0)
+    line = a1.model_dump_json().encode()
+    with shard.open("ab") as f:
+        f.write(line[:40])  # the worker is half-way through its write
+    merge = ShardMerge(tmp_path)
+    merge.load()
+    assert merge.merge() == MergeCounts(added=1)
+    with shard.open("ab") as f:
+        f.write(line[40:] + b"\n")  # ... and finishes it
+    assert merge.merge() == MergeCounts(added=1)
+    # Killed mid-write: the next writer starts on a fresh line, the torn one is not a record.
+    with shard.open("ab") as f:
+        f.write(rec("a", 2).model_dump_json().encode()[:55])
+    a3 = rec("a", 3)
+    write(shard, a3)
+    assert merge.merge() == MergeCounts(added=1, invalid=1)
+    merge.close()
+    assert ids(tmp_path / "trajectories.jsonl") == [a0.id, a1.id, a3.id]
+
+
+def test_a_unit_run_twice_is_merged_once_and_a_retry_after_an_error_is_kept(tmp_path: Path) -> None:
+    # A worker presumed lost kept running: two settled records of a/0. An error
+    # of b/0 was run again: both records belong to the history, as in one process.
+    first, second = rec("a", 0, answer="1"), rec("a", 0, answer="2")
+    failed, retried = rec("b", 0, finish="error"), rec("b", 0)
+    write(shard_files(tmp_path, "s1-w0")[0], first, failed)
+    write(shard_files(tmp_path, "s1-w1")[0], second, retried)
+    assert merge_shards(tmp_path) == MergeCounts(added=3, duplicates=1)
+    merged = list(read_trajectories(tmp_path / "trajectories.jsonl"))
+    assert [t.id for t in merged] == [first.id, failed.id, retried.id]
+    assert {pair: t.id for pair, t in load_finished(tmp_path / "trajectories.jsonl").items()} == {
+        ("a", 0): first.id, ("b", 0): retried.id}
+
+
+def test_kept_shards_merge_into_curated_by_id_after_the_records(tmp_path: Path) -> None:
+    a0, a1 = rec("a", 0), rec("a", 1)
+    records, kept = shard_files(tmp_path, "s1-w0")
+    write(records, a0, a1)
+    write(kept, a0)
+    write(shard_files(tmp_path, "s2-w0")[1], a0)  # a re-leased problem settled again: the same record
+    seen: list[tuple[str, bool]] = []
+    merge = ShardMerge(tmp_path, observe=lambda t, is_kept: seen.append((t.id, is_kept)))
+    merge.load()
+    assert merge.merge() == MergeCounts(added=2, kept=1, duplicates=1)
+    merge.close()
+    assert ids(tmp_path / "curated.jsonl") == [a0.id]
+    assert seen == [(a0.id, False), (a1.id, False), (a0.id, True)]
+    # The records file is never confused with the kept file of the same worker.
+    assert ids(tmp_path / "trajectories.jsonl") == [a0.id, a1.id]
+
+
+def test_a_merge_killed_half_way_is_completed_without_a_duplicate(tmp_path: Path) -> None:
+    a0, a1 = rec("a", 0), rec("a", 1)
+    write(shard_files(tmp_path, "s1-w0")[0], a0, a1)
+    target = tmp_path / "trajectories.jsonl"
+    torn = a1.model_dump_json().encode()[:70]
+    target.write_bytes((a0.model_dump_json() + "\n").encode() + torn)
+    assert merge_shards(tmp_path) == MergeCounts(added=1, duplicates=1)
+    # The torn copy stays where it was (nothing is deleted), the record follows on a line of its own.
+    assert target.read_bytes().split(b"\n")[1] == torn
+    assert [t.id for t in read_trajectories(target, skip_invalid=True)] == [a0.id, a1.id]
+
+
+def test_lease_log_round_trip_and_open_leases(tmp_path: Path) -> None:
+    log = LeaseLog(tmp_path)
+    log.write(LeaseEvent(event="start", lease="", worker="s1-w0", session=1, node="n", host="h", pid=7))
+    log.write(LeaseEvent(event="lease", lease="1-1", worker="s1-w0", session=1, problems=["a", "b"]))
+    log.write(LeaseEvent(event="lease", lease="1-2", worker="s1-w0", session=1, problems=["c"]))
+    log.write(LeaseEvent(event="done", lease="1-1", worker="s1-w0", session=1))
+    log.close()
+    with (tmp_path / "leases.jsonl").open("ab") as f:
+        f.write(b'{"event": "lost", "lea')  # the driver was killed mid-write
+    log = LeaseLog(tmp_path)
+    log.write(LeaseEvent(event="lease", lease="2-1", worker="s2-w0", session=2, problems=["c"]))
+    log.close()
+    events = list(read_leases(tmp_path))
+    assert [e.event for e in events] == ["start", "lease", "lease", "done", "lease"]
+    assert [e.lease for e in open_leases(events)] == ["1-2", "2-1"]
+
+
+def test_eval_plan_runs_only_the_samples_without_a_finished_record() -> None:
+    plan = EvalPlan(samples=3, config=SolveConfig(sampling=SamplingParams(temperature=0.7, seed=10)))
+    problem = Problem(id="a", text="What is a?", answer="1")
+    prior = [rec("a", 0), rec("a", 2, finish="interrupted"), rec("a", 5)]
+    assert plan.pending(problem, prior, [])
+    assert plan.begin(problem, prior, []) == []
+    jobs = list(plan.jobs(problem))
+    assert [(j.sample_index, j.config.sampling.seed if j.config else None) for j in jobs] == [(1, 11), (2, 12)]
+    assert not plan.pending(problem, [rec("a", 0), rec("a", 1), rec("a", 2, finish="error")], [])
