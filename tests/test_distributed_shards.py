@@ -147,3 +147,16 @@ def test_eval_plan_runs_only_the_samples_without_a_finished_record() -> None:
     jobs = list(plan.jobs(problem))
     assert [(j.sample_index, j.config.sampling.seed if j.config else None) for j in jobs] == [(1, 11), (2, 12)]
     assert not plan.pending(problem, [rec("a", 0), rec("a", 1), rec("a", 2, finish="error")], [])
+
+
+def test_a_majority_tie_goes_to_the_lowest_sample_in_any_finishing_order() -> None:
+    # Engines (and two runs of one) finish samples in different orders; maj@k must not depend on it.
+    from tora.metrics import majority_correct
+    from tora.scheduler import Graded
+
+    right = Graded(rec("a", 0, answer="1").model_copy(update={"result": rec("a", 0).result.model_copy(
+        update={"correct": True})}), pred="1")
+    wrong = Graded(rec("a", 1, answer="2").model_copy(update={"result": rec("a", 1, answer="2").result.model_copy(
+        update={"correct": False})}), pred="2")
+    assert majority_correct([right, wrong]) is True
+    assert majority_correct([wrong, right]) is True

@@ -146,6 +146,38 @@ class Driver:
         self._generation: dict[str, int] = {}
         self._remote = ray.remote(ShardWorker)
         self._prefix = actor_prefix(self.run_dir)
+        self._claim: Any = None
+
+    # --- the run folder ----------------------------------------------------
+
+    async def claim(self) -> None:
+        """Hold the run folder on this cluster, and fence the workers a dead driver of it left.
+
+        The claim is a named actor: Ray refuses a second one while the first
+        lives, and reaps it with its driver. Once it is ours, any worker of
+        this folder still alive belongs to a driver that died (being reaped,
+        or cut off): it is killed before its shard is read, so that it cannot
+        record a unit of work that this session runs again.
+        """
+        claim = self.ray.remote(num_cpus=0)(_Claim).options(name=f"{self._prefix}-driver", namespace=NAMESPACE)
+        for _ in range(_NAME_RETRIES):
+            try:
+                self._claim = claim.remote()
+                break
+            except ValueError:
+                await asyncio.sleep(1.0)  # a driver that just died is reaped in a few seconds
+        else:
+            raise UsageError(f"{self.run_dir}: another driver is running this run on this cluster; "
+                             "wait for it or stop it")
+        from ray.util import list_named_actors
+
+        for entry in list_named_actors(all_namespaces=True):
+            name, namespace = entry["name"], entry["namespace"]
+            if namespace == NAMESPACE and name.startswith(f"{self._prefix}-s"):
+                with contextlib.suppress(ValueError):
+                    stale = self.ray.get_actor(name, namespace=NAMESPACE)
+                    self.ray.kill(stale, no_restart=True)
+                    await self._dead(stale)
 
     # --- work ---------------------------------------------------------------
 
@@ -235,7 +267,7 @@ class Driver:
         self.run.lost.append(f"{slot.name}: {reason}")
         with contextlib.suppress(Exception):
             self.ray.kill(slot.handle, no_restart=True)
-        await self._dead(slot)
+        await self._dead(slot.handle)
         for fut in [f for f, (s, _) in self.pending.items() if s is slot]:
             self.pending.pop(fut)
             fut.cancel()
@@ -260,12 +292,12 @@ class Driver:
                 fresh.alive = False
                 self.run.lost.append(f"{fresh.name}: did not start: {_reason(start_exc)}")
 
-    async def _dead(self, slot: _Slot) -> None:
+    async def _dead(self, handle: Any) -> None:
         """Wait until Ray reports the worker dead: after that it appends nothing to its shard."""
         actor_died = self.ray.exceptions.RayActorError
         for _ in range(60):
             try:
-                await asyncio.wait_for(_wait(slot.handle.stats.remote()), 5)
+                await asyncio.wait_for(_wait(handle.stats.remote()), 5)
             except actor_died:
                 return
             except Exception:
@@ -351,6 +383,16 @@ class Driver:
         self.run.merged += self.merge.merge()
         self.merge.close()
         self.log.close()
+        if self._claim is not None:
+            with contextlib.suppress(Exception):
+                self.ray.kill(self._claim, no_restart=True)
+
+
+class _Claim:
+    """Holds a run folder on a cluster for as long as its driver lives (see `Driver.claim`)."""
+
+    def held(self) -> bool:
+        return True
 
 
 def _reason(exc: BaseException) -> str:
@@ -377,6 +419,7 @@ async def run_on_cluster(run_dir: Path, problems: Sequence[Problem], setup: Work
     with connected(options.address, num_cpus=total_cpus) as ray:
         driver = Driver(ray, run_dir, problems, setup, options, progress)
         try:
+            await driver.claim()
             driver.plan_work()
             if driver.todo:
                 await driver.start_workers()
