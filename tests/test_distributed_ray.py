@@ -264,3 +264,35 @@ def test_the_embedded_model_runs_in_a_worker(cluster: str, tmp_path: Path) -> No
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"]["name"] == "llama.cpp" and manifest["runs"][-1]["engine"]["name"] == "ray"
     assert records(out / "shards" / "s1-w0.jsonl") and len(records(out / "shards" / "s1-w0.jsonl")) == 2
+
+
+def test_curate_on_ray_keeps_what_one_process_keeps(cluster: str, tmp_path: Path) -> None:
+    # Per problem: right, the same right again (a duplicate), right in other words, wrong.
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "question": f"What is {i}?", "answer": str(i)}) + "\n"
+                            for i in range(6)))
+    released = write_released(tmp_path / "samples.jsonl", [
+        {"idx": f"p{i}", "question": f"What is {i}?",
+         "code": [says(i), says(i), says(i).replace("Let me compute.", "Compute it:"), says(i + 1)]}
+        for i in range(6)])
+    evalset = Path(__file__).parent / "data" / "evalsets" / "gsm8k" / "test.jsonl"
+    args = ["curate", str(data), "--model", f"replay:{released}", "--samples", "4", "--max-per-problem", "2",
+            "--eval-sets", str(evalset)]
+    local = tora([*args, "--out", str(tmp_path / "local")])
+    assert local.returncode == 0, local.stderr
+    out = tmp_path / "ray"
+    dist = tora([*args, "--engine", "ray", "--address", cluster, "--actors", "2", "--out", str(out)])
+    assert dist.returncode == 0, dist.stderr
+    for name in ("trajectories.jsonl", "curated.jsonl"):
+        assert signature(records(out / name)) == signature(records(tmp_path / "local" / name)), name
+    kept = records(out / "curated.jsonl")
+    assert len(kept) == 12 and len({r["id"] for r in kept}) == 12  # 2 of the 3 right ones, each problem
+    by_id = {r["id"]: r for r in records(out / "trajectories.jsonl")}
+    assert all(by_id[r["id"]] == r for r in kept)  # kept records are the recorded ones, verbatim
+    m_local = json.loads((tmp_path / "local" / "metrics.json").read_text())["curation"]
+    m_ray = json.loads((out / "metrics.json").read_text())["curation"]
+    for key in ("kept", "problems_with_kept", "problems_final", "duplicates", "eligible"):
+        assert m_ray[key] == m_local[key], key
+    # Each worker kept the problems it ran: the kept shards are what was merged.
+    shards = sorted(p.name for p in (out / "shards").glob("*.curated.jsonl") if p.stat().st_size)
+    assert shards == ["s1-w0.curated.jsonl", "s1-w1.curated.jsonl"]

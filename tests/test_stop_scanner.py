@@ -27,3 +27,24 @@ def test_earliest_of_several_stops_wins() -> None:
 def test_held_text_flushed_at_end() -> None:
     out, matched = feed_all(["```output"], ["tail ``"])
     assert (out, matched) == ("tail ``", None)
+
+
+def test_random_streams_cut_exactly_where_the_whole_text_first_holds_a_stop() -> None:
+    import random
+
+    rng = random.Random(0)
+    stops = ["```output", "\n```\n", "\n---", "ab"]
+    for _ in range(2000):
+        text = "".join(rng.choice(["a", "b", "`", "\n", "-", "x", "output", "```"]) for _ in range(rng.randint(0, 30)))
+        scanner = StopScanner(stops)
+        out = ""
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 8))))
+        for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
+            out += scanner.feed(text[a:b])
+        out += scanner.flush()
+        hits = [(text.find(s), n) for n, s in enumerate(stops) if s in text]  # a tie: the first listed
+        if hits:
+            at, n = min(hits)
+            assert out == text[:at] and scanner.matched == stops[n], text
+        else:
+            assert out == text and scanner.matched is None, text

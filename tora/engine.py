@@ -18,6 +18,12 @@ timeout around it) interrupts its cell, releases its kernel and leaves a
 partial trajectory marked `interrupted`. Backends are held to their stream
 contract (`checked_stream`); a failure becomes `finish="error"` with a typed
 `result.error`, never an exception out of `run()`.
+
+An episode can also start part-way (`Prefix`): from another trajectory's
+prompt and first steps, copied as they were, with its kernel state rebuilt
+by re-running the prefix's cells before the model continues. `tora correct`
+uses it to let a teacher continue a wrong trajectory; the budgets then bound
+what the continuation adds.
 """
 
 from __future__ import annotations
@@ -127,6 +133,30 @@ class SolveConfig:
         return replace(self, sampling=replace(self.sampling, seed=seed))
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """Where a continued trajectory starts: a parent's exact prompt and its first steps.
+
+    `steps` end outside every fenced block (see `tora.correction`), so the
+    model continues in prose; the prefix's code steps are re-run, in order, in
+    the new trajectory's kernel before it does, and their new outputs are not
+    shown (the context keeps the recorded ones).
+    """
+
+    parent: str  # the parent trajectory's id
+    lines: int  # how many lines of the parent's completion the prefix keeps
+    prompt: str
+    steps: tuple[Step, ...]
+
+    @property
+    def completion(self) -> str:
+        return "".join(s.context_text() for s in self.steps)
+
+    @property
+    def cells(self) -> list[str]:
+        return [s.content for s in self.steps if isinstance(s, CodeStep)]
+
+
 def extract_final(completion: str) -> tuple[str | None, str | None]:
     """The final answer (normalised) and the rule that found it."""
     found = extract_answer(completion)
@@ -153,6 +183,7 @@ class Episode:
         run_id: str | None = None,
         kernel: KernelLike | None = None,
         prefetch_kernel: bool = False,
+        prefix: Prefix | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.problem = problem
@@ -176,17 +207,24 @@ class Episode:
         # recording) fails this trajectory, not the batch it is part of.
         self._setup_error: Exception | None = None
         self.backend = backend
-        self.prompt = template.fill(problem.text) if template.kind == "completion" else ""
+        self.prefix = prefix
+        if prefix is not None:
+            self.prompt = prefix.prompt  # the parent's context, whatever template made it
+        else:
+            self.prompt = template.fill(problem.text) if template.kind == "completion" else ""
         try:
             self.backend = backend.for_episode(problem, sample_index)
-            if template.kind == "chat":
+            if template.kind == "chat" and prefix is None:
                 self.prompt = self.backend.format_chat(template.messages(problem.text))
         except PromptError:
             raise  # a bad template is the user's, and the same for every problem
         except Exception as exc:
             self._setup_error = exc
-        self.steps: list[Step] = []
-        self.stats = Stats()
+        self.steps: list[Step] = list(prefix.steps) if prefix else []
+        self.stats = _prefix_stats(self.steps)
+        # The budgets bound what this episode generates, not what a prefix brought.
+        self._base_tokens = self.stats.completion_tokens
+        self._base_calls = self.stats.tool_calls
         self._t0 = time.monotonic()
         self._seq = itertools.count()
         self._kernel_info: dict[str, Any] = {}
@@ -202,13 +240,13 @@ class Episode:
         return cls(trajectory_id=self.id, seq=next(self._seq), **fields)
 
     def _remaining(self) -> int:
-        return self.config.limits.max_tokens - self.stats.completion_tokens
+        return self.config.limits.max_tokens - (self.stats.completion_tokens - self._base_tokens)
 
     # -- the loop -------------------------------------------------------------
 
     async def run(self) -> AsyncGenerator[Event, None]:
         limits = self.config.limits
-        completion = ""
+        completion = "".join(s.context_text() for s in self.steps)
         finish: Finish = "no_answer"
         error: ErrorInfo | None = None
         if self._prefetch and self._given_kernel is None and not self.config.render.fresh_namespace:
@@ -216,6 +254,7 @@ class Episode:
         try:
             if self._setup_error is not None:
                 raise self._setup_error
+            await self._rebuild_state()
             turn = 0
             while True:
                 if self._remaining() <= 0:
@@ -266,7 +305,7 @@ class Episode:
                     else:
                         finish = "answered" if fences.final_boxed(step.content) is not None else "no_answer"
                     break
-                if self.stats.tool_calls >= limits.max_tool_calls:
+                if self.stats.tool_calls - self._base_calls >= limits.max_tool_calls:
                     finish = "max_tool_calls"
                     break
                 self.stats.tool_calls += 1
@@ -305,6 +344,15 @@ class Episode:
         async with contextlib.aclosing(checked_stream(self.backend, request)) as stream:
             async for event in stream:
                 yield event
+
+    async def _rebuild_state(self) -> None:
+        """Re-run a prefix's cells so the kernel holds what the context says it does."""
+        if self.prefix is None or not self.prefix.cells or self.config.render.fresh_namespace:
+            return
+        kernel, _ = await self._kernel()
+        self._kernel_info = dict(kernel.info)
+        for code in self.prefix.cells:
+            await kernel.execute(code, timeout=self.config.limits.timeout_s)
 
     async def _kernel(self) -> tuple[KernelLike, bool]:
         """The kernel for the next cell, and whether it is this cell's alone."""
@@ -370,6 +418,8 @@ class Episode:
             problem=self.problem,
             sample_index=self.sample_index,
             origin=self.origin,  # type: ignore[arg-type]
+            parent=self.prefix.parent if self.prefix else None,
+            prefix_lines=self.prefix.lines if self.prefix else None,
             generation=Generation(
                 backend=self.backend.name,
                 model=self.backend.model,
@@ -402,6 +452,17 @@ class Episode:
         trajectory.content_hash = trajectory.compute_content_hash()
         self.trajectory = trajectory
         return trajectory
+
+
+def _prefix_stats(steps: list[Step]) -> Stats:
+    """What a prefix's steps already count: its tool calls, failed cells and tokens."""
+    cells = [s for s in steps if isinstance(s, ExecutionStep)]
+    return Stats(
+        tool_calls=sum(isinstance(s, CodeStep) for s in steps),
+        exec_errors=sum(c.status != "ok" for c in cells),
+        prompt_tokens=sum(s.prompt_tokens for s in steps if isinstance(s, TextStep)),
+        completion_tokens=sum(s.completion_tokens for s in steps if isinstance(s, TextStep)),
+    )
 
 
 def _error_info(exc: Exception) -> ErrorInfo:

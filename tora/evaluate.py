@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-from tora.backends.base import Backend
-from tora.engine import Episode, KernelSource, SolveConfig
 from tora.grading import DEFAULT_TIMEOUT, grade_trajectories
 from tora.grading.items import trajectory_prediction
-from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory, read_trajectories
-from tora.scheduler import EpisodeFactory, Graded, Job, graded
+from tora.scheduler import Graded, graded
 
 Pair = tuple[str, int]  # (problem id, sample index): the unit of work and of resume
 
@@ -26,29 +22,6 @@ def work_list(problems: Sequence[Problem], samples: int, done: Iterable[Pair] = 
     """Every (problem, sample) pair not already done, problem-major so early results span few problems."""
     skip = set(done)
     return [(p, k) for p in problems for k in range(samples) if (p.id, k) not in skip]
-
-
-def origin_for(backend: Backend, config: SolveConfig) -> str:
-    if backend.name == "replay":
-        return "replayed"
-    return "sampled" if config.sampling.temperature > 0 else "greedy"
-
-
-def sample_job(problem: Problem, k: int, config: SolveConfig, samples: int, origin: str) -> Job:
-    """Sample k of a problem; with a seed and several samples, seed + k (distinct, reproducible)."""
-    if config.sampling.seed is not None and samples > 1:
-        config = config.with_seed(config.sampling.seed + k)
-    return Job(problem, k, config, origin)
-
-
-def episode_factory(backend: Backend, template: PromptTemplate, spec: str, run_id: str) -> EpisodeFactory:
-    """How a batch verb's scheduler turns a job into a trajectory."""
-
-    def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
-        return Episode(job.problem, backend=backend, template=template, kernels=kernels, config=job.config,
-                       spec=spec, sample_index=job.sample_index, origin=job.origin, run_id=run_id)
-
-    return make_episode
 
 
 # --- resume ------------------------------------------------------------------

@@ -16,6 +16,12 @@ only its own trajectory. The limits:
   left its in-flight slot, in batches: whatever finished while the previous
   batch was graded goes to the worker pool together.
 
+Jobs are drawn lazily and can be withdrawn: `run(jobs, wanted=...)` asks
+`wanted(job)` when the job's slot comes up, just before its trajectory
+would start, and drops a job no longer wanted without running it (`tora
+curate --stop-when-full` stops sampling a problem once enough are kept,
+with no synchronous rounds).
+
 Consumers get `Graded` results as trajectories finish (`run`), or, for one
 trajectory at a time with its events (the HTTP server), `submit`. A failing
 item becomes a record with `finish="error"` and a typed `result.error`; it
@@ -31,7 +37,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tora.engine import Episode, KernelLike, KernelSource, SolveConfig
+from tora.engine import Episode, KernelLike, KernelSource, Prefix, SolveConfig
 from tora.errors import GraderError
 from tora.events import Event, Finished
 from tora.grading import DEFAULT_TIMEOUT
@@ -48,6 +54,7 @@ class Job:
     sample_index: int = 0
     config: SolveConfig | None = None  # None: the scheduler's default
     origin: str = "greedy"
+    prefix: Prefix | None = None  # continue another trajectory (tora correct)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -183,6 +190,7 @@ EpisodeFactory = Callable[[Job, KernelSource[Any]], Episode]
 class SchedulerStats:
     started: int = 0
     finished: int = 0
+    skipped: int = 0  # withdrawn before they started (`wanted`)
     t0: float = field(default_factory=time.monotonic)
 
     @property
@@ -206,7 +214,16 @@ class Scheduler:
 
     async def trajectory(self, job: Job, on_event: Callable[[Event], None] | None = None) -> Graded:
         """Run one job to its graded trajectory, feeding its events to `on_event` as they happen."""
+        result = await self._trajectory(job, on_event, None)
+        assert result is not None  # only a `wanted` check withdraws a job
+        return result
+
+    async def _trajectory(self, job: Job, on_event: Callable[[Event], None] | None,
+                          wanted: Callable[[Job], bool] | None) -> Graded | None:
         async with self._slots:
+            if wanted is not None and not wanted(job):
+                self.stats.skipped += 1
+                return None
             self.in_flight += 1
             self.stats.started += 1
             try:
@@ -228,15 +245,21 @@ class Scheduler:
                     return event.trajectory
         raise RuntimeError("the episode ended without a Finished event")  # engine contract broken
 
-    async def run(self, jobs: Iterable[Job]) -> AsyncGenerator[Graded, None]:
+    async def run(self, jobs: Iterable[Job], *,
+                  wanted: Callable[[Job], bool] | None = None) -> AsyncGenerator[Graded, None]:
         """Yield each job's graded trajectory as soon as it is done, in finishing order.
 
         At most `in_flight` trajectories run, plus those being graded; jobs are
-        drawn from `jobs` only as room frees up. Closing the generator (or
-        cancelling its consumer) cancels every trajectory still running.
+        drawn from `jobs` only as room frees up. A job for which `wanted`
+        says False when its slot comes up is dropped unrun (and yields
+        nothing). Closing the generator (or cancelling its consumer) cancels
+        every trajectory still running.
         """
+        running: set[asyncio.Task[Graded | None]] = set()
+        # Finished tasks queue themselves: taking the next one costs the same
+        # with 4000 tasks running as with 4 (asyncio.wait would look at all).
+        finished: asyncio.Queue[asyncio.Task[Graded | None]] = asyncio.Queue()
         pending = iter(jobs)
-        running: set[asyncio.Task[Graded]] = set()
         # Keep a few more tasks than slots, so a slot freed by a trajectory
         # that is now being graded is filled at once.
         window = max(1, self.capacity.in_flight) * 2
@@ -246,16 +269,19 @@ class Scheduler:
                 job = next(pending, None)
                 if job is None:
                     return
-                running.add(asyncio.create_task(self.trajectory(job)))
+                task = asyncio.create_task(self._trajectory(job, None, wanted))
+                task.add_done_callback(finished.put_nowait)
+                running.add(task)
 
         try:
             top_up()
             while running:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    running.discard(task)
-                    yield task.result()
-                top_up()
+                task = await finished.get()
+                running.discard(task)
+                result = task.result()
+                top_up()  # before the consumer gets the result: new work starts while it stores this one
+                if result is not None:
+                    yield result
         finally:
             for task in running:
                 task.cancel()

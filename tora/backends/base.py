@@ -129,12 +129,18 @@ class StopScanner:
             self.matched = first[1]
             self._held = ""
             return buf[: first[0]]
+        # Hold back the longest tail that a stop string could still begin with.
+        # It starts with that stop's first character, so only those places are
+        # tried: most tokens hold none, and this runs once per token of every
+        # trajectory in flight.
         keep = 0
         for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), 0, -1):
-                if buf.endswith(stop[:k]):
-                    keep = max(keep, k)
+            i = buf.find(stop[0], max(0, len(buf) - len(stop) + 1))
+            while i >= 0:
+                if stop.startswith(buf[i:]):
+                    keep = max(keep, len(buf) - i)
                     break
+                i = buf.find(stop[0], i + 1)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -23,9 +22,19 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sandbox import KernelPool, SandboxError, SandboxPolicy
+from sandbox import SandboxError, SandboxPolicy
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
+from tora.cli.batch import (
+    backend_ref,
+    base_manifest,
+    check_unique,
+    episode_factory,
+    origin_for,
+    previous_run,
+    sample_config,
+    scheduled,
+)
 from tora.cli.options import (
     capacity_from,
     cluster_from,
@@ -36,27 +45,17 @@ from tora.cli.options import (
     scheduler_options,
 )
 from tora.cli.progress import BatchProgress
-from tora.data import load_problems, source_path
+from tora.data import load_problems
 from tora.distributed.shards import has_shards, merge_shards
 from tora.engine import SolveConfig
 from tora.errors import ToraError, UsageError
-from tora.evaluate import Pair, episode_factory, load_finished, origin_for, regrade, sample_job, work_list
+from tora.evaluate import Pair, load_finished, regrade, work_list
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Problem, Trajectory, TrajectoryWriter
-from tora.run_dir import (
-    MANIFEST,
-    METRICS,
-    TRAJECTORIES,
-    default_out,
-    latest_out,
-    package_versions,
-    read_manifest,
-    sha256_file,
-    write_json,
-)
-from tora.scheduler import Capacity, Graded, Scheduler
+from tora.run_dir import MANIFEST, METRICS, TRAJECTORIES, default_out, latest_out, write_json
+from tora.scheduler import Capacity, Graded, Job
 
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions, ClusterRun
@@ -64,14 +63,6 @@ if TYPE_CHECKING:
 _MATH_SETS = {"math", "math500"}
 
 
-
-
-def _check_unique(problems: list[Problem]) -> None:
-    seen: set[str] = set()
-    for p in problems:
-        if p.id in seen:
-            raise UsageError(f"problem id {p.id!r} occurs twice; results and --resume need unique ids (see --id-field)")
-        seen.add(p.id)
 
 
 @click.command("eval")
@@ -102,10 +93,10 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
                              id_field=id_field, limit=limit)
     if not problems:
         raise UsageError(f"{dataset}: no problems to evaluate")
-    _check_unique(problems)
+    check_unique(problems)
     out = _resolve_out(dataset, out, resume)
     traj_path = out / TRAJECTORIES
-    previous = _previous(out, resume, kw["model"], dataset)
+    previous = previous_run(out, kw["model"], dataset, "eval") if resume else None
     selected = {(p.id, k) for p in problems for k in range(samples)}
     if resume and has_shards(out):
         merge_shards(out)  # what the workers of a cluster run recorded counts as recorded, whichever engine resumes
@@ -166,7 +157,7 @@ def _eval_local(problems: list[Problem], samples: int, finished: dict[Pair, Traj
     with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
         backend = load_backend(kw["model"])
         backend.prepare(template.prefix)
-    write_manifest({"name": backend.name, "model": backend.model}, {"name": "local"})
+    write_manifest(backend_ref(backend), {"name": "local"})
     new: list[Graded] = []
     with TrajectoryWriter(out / TRAJECTORIES) as writer:
         asyncio.run(_run(work_list(problems, samples, finished), backend, template, config, sandbox_from(kw),
@@ -188,11 +179,7 @@ def _eval_on_cluster(problems: list[Problem], samples: int, finished: dict[Pair,
                         capacity=capacity, run_id=run_id, plan=EvalPlan(samples, config))
 
     def started(run: ClusterRun) -> None:
-        first = run.workers[0] if run.workers else None
-        backend = {"name": first.backend, "model": first.model} if first else (previous or {}).get("backend", {})
-        write_manifest(backend, {"name": "ray", "address": cluster.address, "session": run.session,
-                                 "workers": [{"name": w.name, "node": w.node, "host": w.host} for w in run.workers],
-                                 "worker_cpus": cluster.worker_cpus, "worker_gpus": cluster.worker_gpus})
+        write_manifest(run.backend(previous), cluster.describe(run))
 
     progress = ClusterProgress(err, "eval", len(problems))
     run = asyncio.run(run_on_cluster(out, problems, setup, cluster, samples_hint=samples, progress=progress,
@@ -215,42 +202,13 @@ def _resolve_out(dataset: str, out: Path | None, resume: bool) -> Path:
     return out
 
 
-def _previous(out: Path, resume: bool, model: str, dataset: str) -> dict[str, Any] | None:
-    if not resume:
-        return None
-    previous = read_manifest(out)
-    if previous is None:
-        return None
-    if previous.get("model") != model:
-        raise UsageError(f"--resume: {out} was run with --model {previous.get('model')}, not {model}")
-    data = previous.get("dataset")
-    data_name = data.get("name") if isinstance(data, dict) else None
-    if data_name != dataset:
-        raise UsageError(f"--resume: {out} evaluated {data_name}, not {dataset}")
-    return previous
-
-
 def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Problem], samples: int, grader: str,
               capacity: Capacity, config: SolveConfig, model: str, backend: dict[str, str], template: PromptTemplate,
               *, skipped: int, out: Path, engine: dict[str, Any]) -> dict[str, Any]:
-    path = source_path(dataset)  # the copy load_problems read, resolved
-    run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "skipped": skipped,
-           "engine": engine}
-    return {
-        "command": "eval",
-        "run_id": (previous or {}).get("run_id", out.name),
-        "argv": sys.argv[1:] if previous is None else previous.get("argv"),
-        "dataset": {"name": dataset, "path": str(path), "sha256": sha256_file(path), "problems": len(problems)},
-        "model": model,
-        "backend": backend,
-        "prompt": {"name": template.name, "sha256": template.sha256},
-        "samples": samples,
-        "grader": grader,
-        "capacity": dataclasses.asdict(capacity),
-        "config": dataclasses.asdict(config),
-        "versions": package_versions(),
-        "runs": [*(previous or {}).get("runs", []), run],
-    }
+    manifest = base_manifest("eval", previous, dataset, problems, model, backend, template, capacity, config,
+                             out=out, run={"skipped": skipped, "engine": engine})
+    manifest.update(samples=samples, grader=grader)
+    return manifest
 
 
 async def _run(work: list[tuple[Problem, int]], backend: Backend, template: PromptTemplate, config: SolveConfig,
@@ -258,21 +216,15 @@ async def _run(work: list[tuple[Problem, int]], backend: Backend, template: Prom
                writer: TrajectoryWriter, new: list[Graded], err: Console, total: int, already: int,
                already_hits: int) -> None:
     origin = origin_for(backend, config)
-    pool = KernelPool(policy, size=min(capacity.kernels, 8))
-    scheduler = Scheduler(episode_factory(backend, template, spec, run_id), pool, grader=grader, capacity=capacity)
-    try:
-        await pool.start()
+    jobs = (Job(p, k, sample_config(config, k, samples), origin) for p, k in work)
+    make_episode = episode_factory(backend, template, spec, run_id)
+    async with scheduled(make_episode, backend, policy, grader, capacity) as scheduler:
         with BatchProgress(err, "eval", total, done=already, hits=already_hits) as progress:
-            jobs = (sample_job(p, k, config, samples, origin) for p, k in work)
             async with contextlib.aclosing(scheduler.run(jobs)) as results:
                 async for result in results:
                     await writer.append(result.trajectory)
                     new.append(result)
                     progress.advance(result.correct)
-    finally:
-        await scheduler.aclose()
-        await pool.close()
-        await backend.aclose()
 
 
 def _pct(x: float | None) -> str:

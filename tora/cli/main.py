@@ -34,6 +34,8 @@ def _register() -> None:
         ("tora.cli.replay", "replay"),
         ("tora.cli.export", "export"),
         ("tora.cli.report", "report"),
+        ("tora.cli.curate", "curate"),
+        ("tora.cli.correct", "correct"),
     ]
     for module, attr in optional:
         try:

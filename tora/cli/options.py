@@ -20,47 +20,71 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def loop_options(func: F) -> F:
-    """--model, --prompt and the budgets; each flag also reads TORA_<NAME>."""
-    opts = [
-        click.option("--model", "-m", "model", envvar="TORA_MODEL", default="embedded", show_default=True,
-                     help="Model spec: embedded | gguf:FILE | hf:DIR | replay:FILE."),
-        click.option("--prompt", "-p", "prompt", envvar="TORA_PROMPT", default=None,
-                     help="Prompt template name (see prompts/) or file [default: tora-gsm8k; tora-math for MATH sets]."),
-        click.option("--max-tool-calls", type=click.IntRange(0), default=4, show_default=True),
-        click.option("--max-tokens", type=click.IntRange(1), default=2048, show_default=True,
-                     help="Completion token budget for the whole trajectory."),
-        click.option("--max-tokens-per-call", type=click.IntRange(1), default=1024, show_default=True),
-        click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None),
-        click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=10.0, show_default=True,
-                     help="Wall-time limit per code cell, seconds."),
-        click.option("--render", "render_policy", type=click.Choice(sorted(RENDERERS)), default="default",
-                     show_default=True, help="How execution results are shown to the model."),
-        click.option("--run-on", "run_on", type=click.Choice(["close", "output"]), default="close", show_default=True,
-                     help="Run a python block when the model closes it, or only when it writes ```output (ToRA)."),
-        click.option("--fresh-namespace", is_flag=True,
-                     help="Run each code block alone in a fresh kernel (what ToRA-trained models expect)."),
-        click.option("--isolation", type=click.Choice(["auto", "bwrap", "landlock", "none"]), default=None,
-                     envvar="TORA_ISOLATION", help="Sandbox tier [default: auto, the strongest available]."),
-        click.option("--memory-mb", type=click.IntRange(64), default=None, envvar="TORA_MEMORY_MB",
-                     help="Memory limit per kernel [default: 2048]. Other limits: TORA_SANDBOX_<FIELD>."),
-    ]
+_MODEL = [
+    click.option("--model", "-m", "model", envvar="TORA_MODEL", default="embedded", show_default=True,
+                 help="Model spec: embedded | gguf:FILE | hf:DIR | replay:FILE."),
+    click.option("--prompt", "-p", "prompt", envvar="TORA_PROMPT", default=None,
+                 help="Prompt template name (see prompts/) or file [default: tora-gsm8k; tora-math for MATH sets]."),
+]
+_BUDGETS = [
+    click.option("--max-tool-calls", type=click.IntRange(0), default=4, show_default=True),
+    click.option("--max-tokens", type=click.IntRange(1), default=2048, show_default=True,
+                 help="Completion token budget for the whole trajectory."),
+    click.option("--max-tokens-per-call", type=click.IntRange(1), default=1024, show_default=True),
+]
+_SAMPLING = [
+    click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True),
+    click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True),
+    click.option("--seed", type=int, default=None),
+    click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=10.0, show_default=True,
+                 help="Wall-time limit per code cell, seconds."),
+]
+_RENDER = [
+    click.option("--render", "render_policy", type=click.Choice(sorted(RENDERERS)), default="default",
+                 show_default=True, help="How execution results are shown to the model."),
+    click.option("--run-on", "run_on", type=click.Choice(["close", "output"]), default="close", show_default=True,
+                 help="Run a python block when the model closes it, or only when it writes ```output (ToRA)."),
+    click.option("--fresh-namespace", is_flag=True,
+                 help="Run each code block alone in a fresh kernel (what ToRA-trained models expect)."),
+]
+_SANDBOX = [
+    click.option("--isolation", type=click.Choice(["auto", "bwrap", "landlock", "none"]), default=None,
+                 envvar="TORA_ISOLATION", help="Sandbox tier [default: auto, the strongest available]."),
+    click.option("--memory-mb", type=click.IntRange(64), default=None, envvar="TORA_MEMORY_MB",
+                 help="Memory limit per kernel [default: 2048]. Other limits: TORA_SANDBOX_<FIELD>."),
+]
+
+
+def _apply(opts: list[Callable[[F], F]], func: F) -> F:
     for opt in reversed(opts):
         func = opt(func)
     return func
 
 
+def loop_options(func: F) -> F:
+    """--model, --prompt and the budgets; each flag also reads TORA_<NAME>."""
+    return _apply([*_MODEL, *_BUDGETS, *_SAMPLING, *_RENDER, *_SANDBOX], func)
+
+
+def continuation_options(func: F) -> F:
+    """The budgets, sampling and sandbox flags of a verb that continues recorded trajectories
+    (`tora correct`): the model is its own flag, and the rendering is the recorded one."""
+    return _apply([*_BUDGETS, *_SAMPLING, *_SANDBOX], func)
+
+
+def sampling_from(kw: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(temperature=kw["temperature"], top_p=kw["top_p"], seed=kw["seed"])
+
+
+def limits_from(kw: dict[str, Any]) -> Limits:
+    return Limits(max_tool_calls=kw["max_tool_calls"], max_tokens=kw["max_tokens"],
+                  max_tokens_per_call=kw["max_tokens_per_call"], timeout_s=kw["timeout_s"])
+
+
 def config_from(kw: dict[str, Any]) -> SolveConfig:
     return SolveConfig(
-        sampling=SamplingParams(temperature=kw["temperature"], top_p=kw["top_p"], seed=kw["seed"]),
-        limits=Limits(
-            max_tool_calls=kw["max_tool_calls"],
-            max_tokens=kw["max_tokens"],
-            max_tokens_per_call=kw["max_tokens_per_call"],
-            timeout_s=kw["timeout_s"],
-        ),
+        sampling=sampling_from(kw),
+        limits=limits_from(kw),
         render=RenderSettings(policy=kw["render_policy"], run_on=kw["run_on"], fresh_namespace=kw["fresh_namespace"]),
     )
 
@@ -72,7 +96,7 @@ def sandbox_from(kw: dict[str, Any]) -> SandboxPolicy:
 
 def scheduler_options(func: F) -> F:
     """The batch verbs' three limits, sized independently."""
-    opts = [
+    return _apply([
         click.option("--concurrency", "-c", type=click.IntRange(1), default=4, show_default=True,
                      help="Trajectories in flight at once."),
         click.option("--kernels", type=click.IntRange(1), default=None,
@@ -80,10 +104,7 @@ def scheduler_options(func: F) -> F:
                           "code block to its end."),
         click.option("--graders", type=click.IntRange(1), default=2, show_default=True,
                      help="Grading worker processes."),
-    ]
-    for opt in reversed(opts):
-        func = opt(func)
-    return func
+    ], func)
 
 
 def capacity_from(kw: dict[str, Any]) -> Capacity:

@@ -63,6 +63,12 @@ class ClusterOptions:
     poll_s: float = 1.0  # progress polls and merges
     start_timeout_s: float = 600.0  # for the workers to start (model load, first kernel)
 
+    def describe(self, run: ClusterRun) -> dict[str, Any]:
+        """The manifest's `engine` entry of a session."""
+        return {"name": "ray", "address": self.address, "session": run.session,
+                "workers": [{"name": w.name, "node": w.node, "host": w.host} for w in run.workers],
+                "worker_cpus": self.worker_cpus, "worker_gpus": self.worker_gpus}
+
 
 @dataclass
 class ClusterRun:
@@ -76,6 +82,13 @@ class ClusterRun:
     skipped: int = 0  # problems complete before this session
     reopened: int = 0  # leases the previous session left open
     merged: MergeCounts = field(default_factory=MergeCounts)
+
+    def backend(self, previous: dict[str, Any] | None) -> dict[str, str]:
+        """The manifest's `backend`: as the workers loaded it (the driver loads no model), else as before."""
+        if self.workers:
+            return {"name": self.workers[0].backend, "model": self.workers[0].model}
+        found = (previous or {}).get("backend")
+        return found if isinstance(found, dict) else {"name": "?", "model": "?"}
 
 
 @dataclass

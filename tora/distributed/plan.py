@@ -12,9 +12,11 @@ pickles it) and calls, for each problem of a lease:
    kept file now (a curated problem whose kept set a kill cut short);
 2. `jobs(problem)`: its jobs still to run, drawn lazily as slots free up (a
    curator can stop yielding once a problem is full);
+   and `wanted(job)` when a drawn job's slot comes up (False withdraws it:
+   the problem filled up meanwhile);
 3. `recorded(result)` after each result is fsynced in the worker's shard:
    returns records to keep now (the per-problem finalisation hook);
-4. `end(problem)` once every job drawn for it has come back.
+4. `end(problem)` once every job drawn for it has come back or was withdrawn.
 
 `pending(problem, records, kept)` is asked on the driver, before leasing:
 False means the problem is complete and is not leased at all.
@@ -27,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tora.backends.base import Backend
-from tora.engine import SolveConfig
-from tora.evaluate import origin_for, sample_job
+from tora.cli.batch import origin_for, sample_config
+from tora.curation import KeepRule, Ledger, Work
+from tora.engine import SamplingParams, SolveConfig
 from tora.record import Problem, Trajectory
 from tora.scheduler import Graded, Job
 
@@ -53,6 +56,9 @@ class ProblemPlan(Protocol):
         ...
 
     def jobs(self, problem: Problem) -> Iterator[Job]:
+        ...
+
+    def wanted(self, job: Job) -> bool:
         ...
 
     def recorded(self, result: Graded) -> list[Trajectory]:
@@ -89,7 +95,10 @@ class EvalPlan:
         done = self._done.get(problem.id, set())
         for k in range(self.samples):
             if k not in done:
-                yield sample_job(problem, k, self.config, self.samples, self.origin)
+                yield Job(problem, k, sample_config(self.config, k, self.samples), self.origin)
+
+    def wanted(self, job: Job) -> bool:
+        return True
 
     def recorded(self, result: Graded) -> list[Trajectory]:
         return []
@@ -97,3 +106,75 @@ class EvalPlan:
     def end(self, problem: Problem) -> list[Trajectory]:
         self._done.pop(problem.id, None)
         return []
+
+
+@dataclass
+class CuratePlan:
+    """`tora curate`: a problem's samples, kept by `tora.curation`'s rules (`KeepRule`, dedupe, cap,
+    seeded rank, stop when full), decided where they all are. One `Ledger` and `Work` per worker,
+    holding only the problems it is leased (dropped as they end)."""
+
+    samples: int
+    config: SolveConfig
+    rule: KeepRule
+    cap: int | None = None
+    seed: int = 0
+    stop_when_full: bool = False
+    retry_errors: bool = False
+    greedy_first: bool = False
+    _backend: Backend | None = None
+    _work: Work | None = None
+
+    def _fresh(self) -> Work:
+        ledger = Ledger(key=lambda t: (t.problem.id, t.sample_index), group=lambda t: t.problem.id,
+                        eligible=self.rule.keeps, cap=self.cap, seed=self.seed)
+        return Work(ledger, {}, retry_errors=self.retry_errors, stop_when_full=self.stop_when_full)
+
+    def _load(self, work: Work, problem: Problem, records: Sequence[Trajectory], kept: Sequence[Trajectory]) -> None:
+        # As `load_finished` reads them: the latest record of each sample, interrupted ones not counted.
+        work.units[problem.id] = [(problem.id, k) for k in range(self.samples)]
+        work.ledger.load([t for t in records if t.result.finish != "interrupted" and t.sample_index < self.samples],
+                         [t for t in kept if t.origin != "teacher_corrected"])
+
+    def start(self, backend: Backend) -> None:
+        self._backend = backend
+        self._work = self._fresh()
+
+    def pending(self, problem: Problem, records: Sequence[Trajectory], kept: Sequence[Trajectory]) -> bool:
+        work = self._fresh()
+        self._load(work, problem, records, kept)
+        return not work.final(problem.id) or bool(work.ledger.settle(problem.id))
+
+    def _state(self) -> Work:
+        if self._work is None:
+            raise RuntimeError("CuratePlan.start() was not called")  # the worker's contract
+        return self._work
+
+    def begin(self, problem: Problem, records: Sequence[Trajectory], kept: Sequence[Trajectory]) -> list[Trajectory]:
+        work = self._state()
+        self._load(work, problem, records, kept)
+        # Final already (a kill cut its kept set short, or it filled up): settled again, idempotently.
+        return work.settle_closed(problem.id) if work.final(problem.id) else []
+
+    def jobs(self, problem: Problem) -> Iterator[Job]:
+        work, backend = self._state(), self._backend
+        assert backend is not None
+        greedy = SolveConfig(sampling=SamplingParams(), limits=self.config.limits, render=self.config.render)
+        for _, k in work.pending(problem.id):
+            cfg = greedy if self.greedy_first and k == 0 else sample_config(self.config, k, self.samples)
+            yield Job(problem, k, cfg, origin_for(backend, cfg))
+
+    def wanted(self, job: Job) -> bool:
+        return self._state().open(job.problem.id)
+
+    def recorded(self, result: Graded) -> list[Trajectory]:
+        t = result.trajectory
+        return self._state().note(t, (t.problem.id, t.sample_index)) or []
+
+    def end(self, problem: Problem) -> list[Trajectory]:
+        work = self._state()
+        kept = [] if problem.id in work.closed else work.settle_closed(problem.id)
+        work.units.pop(problem.id, None)
+        work.ledger.records.pop(problem.id, None)  # its content hashes stay: later problems are deduplicated too
+        work.ledger.kept.pop(problem.id, None)
+        return kept

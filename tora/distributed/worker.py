@@ -28,10 +28,10 @@ from typing import Any, Protocol
 
 from sandbox import KernelPool, SandboxPolicy
 from tora.backends.base import Backend, Done, GenerationRequest, StreamEvent
+from tora.cli.batch import episode_factory
 from tora.distributed.plan import Prior, ProblemPlan
 from tora.distributed.shards import shard_files
 from tora.engine import K, KernelSource
-from tora.evaluate import episode_factory
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory, TrajectoryWriter
 from tora.scheduler import Capacity, Job, Scheduler
@@ -182,8 +182,7 @@ class ShardWorker:
             return 0
         if self._kept is None:
             self._kept = TrajectoryWriter(shard_files(self.run_dir, self.name)[1])
-        for t in kept:
-            await self._kept.append(t)
+        await self._kept.append_all(kept)  # a problem's kept set in one write
         return len(kept)
 
     async def run_lease(self, lease: str, problems: list[Problem], prior: dict[str, Prior]) -> LeaseReport:
@@ -216,7 +215,14 @@ class ShardWorker:
             self.counts["problems"] -= 1
             kept += await self._keep(plan.end(by_id[pid]))
 
-        async with contextlib.aclosing(scheduler.run(feed())) as results:
+        def wanted(job: Job) -> bool:
+            if plan.wanted(job):
+                return True
+            outstanding[job.problem.id] -= 1  # withdrawn: it will yield no result
+            self.counts["withdrawn"] += 1
+            return False
+
+        async with contextlib.aclosing(scheduler.run(feed(), wanted=wanted)) as results:
             async for result in results:
                 t = result.trajectory
                 await records.append(t)
@@ -225,9 +231,8 @@ class ShardWorker:
                 self.counts["errors"] += t.result.finish == "error"
                 self.counts["correct"] += result.correct
                 kept += await self._keep(plan.recorded(result))
-                pid = t.problem.id
-                outstanding[pid] -= 1
-                if pid in exhausted and outstanding[pid] == 0 and pid not in ended:
+                outstanding[t.problem.id] -= 1
+                for pid in [pid for pid in exhausted - ended if outstanding[pid] == 0]:
                     await end(pid)
         for p in problems:
             if p.id not in ended:
@@ -244,7 +249,7 @@ class ShardWorker:
         return WorkerStats(
             name=self.name, node=self._node, host=self._host, at=time.time(), tokens=c["tokens"],
             trajectories=c["trajectories"], errors=c["errors"], correct=c["correct"], in_flight=in_flight,
-            waiting=max(0, c["drawn"] - started), grading=max(0, started - finished - in_flight),
+            waiting=max(0, c["drawn"] - started - c["withdrawn"]), grading=max(0, started - finished - in_flight),
             kernels_live=kernels.live if kernels else 0, kernels_limit=kernels.limit if kernels else 0,
             problems=c["problems"])
 

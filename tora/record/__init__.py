@@ -15,7 +15,7 @@ from tora.record.schema import (
     TextStep,
     Trajectory,
 )
-from tora.record.writer import TrajectoryWriter, read_trajectories
+from tora.record.writer import TrajectoryWriter, read_trajectories, repair_tail
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -33,4 +33,5 @@ __all__ = [
     "Trajectory",
     "TrajectoryWriter",
     "read_trajectories",
+    "repair_tail",
 ]

@@ -26,7 +26,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # 1.1: result.error is a typed object (kind, message, traceback), not a string;
-# generation.run_on records when code runs. 1.0 records are read as they were.
+# generation.run_on records when code runs; a teacher's continuation of another
+# trajectory (origin "teacher_corrected") names it in `parent` and says in
+# `prefix_lines` how many lines of the parent's completion it starts from.
+# 1.0 records are read as they were.
 SCHEMA_VERSION = "1.1"
 
 Finish = Literal["answered", "no_answer", "max_tool_calls", "max_tokens", "error", "interrupted"]
@@ -180,7 +183,8 @@ class Trajectory(_Record):
     problem: Problem
     sample_index: int = 0
     origin: Literal["greedy", "sampled", "teacher_corrected", "interactive", "replayed"] = "greedy"
-    parent: str | None = None
+    parent: str | None = None  # the trajectory this one continues (teacher_corrected)
+    prefix_lines: int | None = None  # lines of the parent's completion kept before the continuation
     generation: Generation
     runtime: Runtime
     prompt: str

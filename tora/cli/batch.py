@@ -1,0 +1,120 @@
+"""What the batch verbs (eval, curate, correct) share: problems in, a manifest,
+one scheduler over one kernel pool, and the episodes it runs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sandbox import KernelPool, SandboxPolicy
+from tora.backends.base import Backend
+from tora.engine import Episode, KernelSource, SolveConfig
+from tora.errors import UsageError
+from tora.prompts import PromptTemplate
+from tora.record import Problem
+from tora.run_dir import package_versions, read_manifest, sha256_file
+from tora.scheduler import Capacity, EpisodeFactory, Job, Scheduler
+
+
+def dataset_file(dataset: str) -> Path | None:
+    """The file a data set name or path reads (for the manifest's sha256)."""
+    if Path(dataset).is_file():
+        return Path(dataset).resolve()
+    from tora.data import dataset_path
+
+    return dataset_path(dataset)
+
+
+def check_unique(problems: Sequence[Problem]) -> None:
+    seen: set[str] = set()
+    for p in problems:
+        if p.id in seen:
+            raise UsageError(f"problem id {p.id!r} occurs twice; results and resuming need unique ids (see --id-field)")
+        seen.add(p.id)
+
+
+def previous_run(out: Path, model: str, dataset: str, command: str) -> dict[str, Any] | None:
+    """The manifest of the run in `out` to continue, checked to be the same kind of run."""
+    previous = read_manifest(out)
+    if previous is None:
+        return None
+    if previous.get("command", command) != command:
+        raise UsageError(f"{out} holds a `tora {previous.get('command')}` run, not a `tora {command}` one")
+    if previous.get("model") != model:
+        raise UsageError(f"resume: {out} was run with --model {previous.get('model')}, not {model}")
+    data = previous.get("dataset")
+    data_name = data.get("name") if isinstance(data, dict) else None
+    if data_name != dataset:
+        raise UsageError(f"resume: {out} ran on {data_name}, not {dataset}")
+    return previous
+
+
+def backend_ref(backend: Backend) -> dict[str, str]:
+    """What a manifest says of the model (on a cluster the workers report it: the driver loads none)."""
+    return {"name": backend.name, "model": backend.model}
+
+
+def base_manifest(command: str, previous: dict[str, Any] | None, dataset: str, problems: Sequence[Problem],
+                  model: str, backend: dict[str, str], template: PromptTemplate, capacity: Capacity,
+                  config: SolveConfig, *, out: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields every batch verb writes; `run` describes this invocation."""
+    path = dataset_file(dataset)
+    run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], **run}
+    return {
+        **(previous or {}),  # what other verbs added (`tora correct`'s section) stays
+        "command": command,
+        "run_id": (previous or {}).get("run_id", out.name),
+        "argv": sys.argv[1:] if previous is None else previous.get("argv"),
+        "dataset": {"name": dataset, "path": str(path) if path else None,
+                    "sha256": sha256_file(path) if path else None, "problems": len(problems)},
+        "model": model,
+        "backend": backend,
+        "prompt": {"name": template.name, "sha256": template.sha256},
+        "capacity": dataclasses.asdict(capacity),
+        "config": dataclasses.asdict(config),
+        "versions": package_versions(),
+        "runs": [*(previous or {}).get("runs", []), run],
+    }
+
+
+def origin_for(backend: Backend, config: SolveConfig) -> str:
+    if backend.name == "replay":
+        return "replayed"
+    return "sampled" if config.sampling.temperature > 0 else "greedy"
+
+
+def sample_config(config: SolveConfig, k: int, samples: int) -> SolveConfig:
+    """Sample k's config: with a seed and several samples, seed + k (distinct, reproducible)."""
+    if config.sampling.seed is not None and samples > 1:
+        return config.with_seed(config.sampling.seed + k)
+    return config
+
+
+def episode_factory(backend: Backend, template: PromptTemplate, spec: str, run_id: str) -> EpisodeFactory:
+    def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
+        return Episode(job.problem, backend=backend, template=template, kernels=kernels, config=job.config,
+                       spec=spec, sample_index=job.sample_index, origin=job.origin, run_id=run_id,
+                       prefix=job.prefix)
+
+    return make_episode
+
+
+@contextlib.asynccontextmanager
+async def scheduled(make_episode: EpisodeFactory, backend: Backend, policy: SandboxPolicy, grader: str,
+                    capacity: Capacity) -> AsyncIterator[Scheduler]:
+    """A scheduler over a started kernel pool; the pool, the grading workers and the model are
+    closed on the way out, however it is left."""
+    pool = KernelPool(policy, size=min(capacity.kernels, 8))
+    scheduler = Scheduler(make_episode, pool, grader=grader, capacity=capacity)
+    try:
+        await pool.start()
+        yield scheduler
+    finally:
+        await scheduler.aclose()
+        await pool.close()
+        await backend.aclose()

@@ -1,0 +1,292 @@
+"""`tora correct RUN_DIR --teacher SPEC`: output-space shaping of a curation run.
+
+For each wrong trajectory of RUN_DIR (graded `correct: false`, not an
+infrastructure failure), for its line prefixes (`--prefixes all`, or N of
+them drawn with `--seed`; see `tora.correction` for where a prefix may
+end), the teacher continues it through the same runtime: a new episode
+starts from the parent's exact prompt and first steps, its kernel rebuilt by
+re-running the prefix's cells, the rendering as the parent recorded it.
+
+RUN_DIR receives corrections.jsonl (every continuation, graded, appended and
+fsynced: the record of this verb's work, keyed by parent and prefix length)
+and, in curated.jsonl beside curate's kept trajectories, the kept
+corrections: correct, answered, every cell the teacher ran clean (unless
+`--keep-tool-errors`), no duplicates, at most `--max-per-parent` per wrong
+trajectory. They have `origin: teacher_corrected`, `parent` (the wrong
+trajectory's id) and `prefix_lines`. A wrong trajectory's kept corrections
+are appended once all its prefixes are done, exactly as curate appends a
+problem's, so running the same command again resumes with nothing lost or
+doubled. metrics.json gets a `correction` section.
+
+Exit: 0 done, 2 usage or bad data, 1 infrastructure failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from sandbox import SandboxError
+from tora import fences
+from tora.backends.base import Backend
+from tora.backends.registry import load_backend
+from tora.cli.batch import scheduled
+from tora.cli.options import (
+    capacity_from,
+    continuation_options,
+    limits_from,
+    sampling_from,
+    sandbox_from,
+    scheduler_options,
+)
+from tora.cli.progress import BatchProgress
+from tora.correction import choose_prefixes, prefix_of
+from tora.curation import KeepRule, Ledger, Work, content_hash, tool_errors
+from tora.engine import Episode, KernelSource, RenderSettings, SolveConfig
+from tora.errors import DataError, ToraError, UsageError
+from tora.evaluate import load_finished
+from tora.grading import GRADERS
+from tora.prompts import PLACEHOLDER, PromptTemplate
+from tora.record import Trajectory, TrajectoryWriter, read_trajectories, repair_tail
+from tora.run_dir import (
+    CORRECTIONS,
+    CURATED,
+    MANIFEST,
+    METRICS,
+    TRAJECTORIES,
+    locked,
+    read_manifest,
+    update_json,
+    write_json,
+)
+from tora.scheduler import Capacity, Job
+
+Attempt = tuple[str, int]  # (parent id, prefix lines): the unit of work and of resume
+# Settings a resumed run must share with the run it continues: they decide what is run and kept.
+_FIXED = ("teacher", "prefixes", "seed", "grader", "keep_tool_errors", "max_per_parent")
+
+
+def _prefixes(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UsageError(f"--prefixes: {value!r} is neither 'all' nor a positive number")
+    return count
+
+
+@click.command("correct")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--teacher", required=True, help="Model spec of the teacher: embedded | gguf:FILE | hf:DIR | replay:FILE.")
+@click.option("--prefixes", "prefixes", default="all", show_default=True,
+              help="Line prefixes of each wrong trajectory to continue: all, or N drawn with --seed.")
+@continuation_options
+@click.option("--keep-tool-errors", is_flag=True, help="Also keep corrections in which a teacher's cell failed.")
+@click.option("--max-per-parent", type=click.IntRange(1), default=None,
+              help="Keep at most M corrections per wrong trajectory [default: all that qualify].")
+@click.option("--retry-errors", is_flag=True, help="Run again the continuations that failed for infrastructure reasons.")
+@click.option("--grader", type=click.Choice(GRADERS), default=None, help="[default: the run's grader]")
+@scheduler_options
+def correct(run_dir: Path, teacher: str, prefixes: str, keep_tool_errors: bool, max_per_parent: int | None,
+            retry_errors: bool, grader: str | None, **kw: Any) -> int:
+    """Let a teacher continue the wrong trajectories of a `tora curate` RUN_DIR from their line prefixes."""
+    count = _prefixes(prefixes)
+    seed = 0 if kw["seed"] is None else kw["seed"]
+    err = Console(stderr=True)
+    if not (run_dir / TRAJECTORIES).is_file():
+        raise UsageError(f"{run_dir}: no {TRAJECTORIES}; point tora correct at a `tora curate` run folder")
+    with locked(run_dir, "correct"):
+        manifest = read_manifest(run_dir)
+        if manifest is None or manifest.get("command") != "curate":
+            raise DataError(run_dir / MANIFEST, None, "command", "not a `tora curate` run")
+        grader = grader or str(manifest.get("grader") or "math-verify")
+        settings = {"teacher": teacher, "prefixes": prefixes, "seed": seed, "grader": grader,
+                    "keep_tool_errors": keep_tool_errors, "max_per_parent": max_per_parent}
+        section = manifest.get("correct")
+        previous = section if isinstance(section, dict) else None
+        _check_settings(previous, settings, run_dir)
+        for name in (CORRECTIONS, CURATED):
+            moved = repair_tail(run_dir / name)
+            if moved:
+                err.print(f"{run_dir / name}: moved a torn last line ({moved} bytes) to {name}.torn", highlight=False)
+        config = SolveConfig(sampling=sampling_from(kw), limits=limits_from(kw))
+        state = Correction(KeepRule(keep_tool_errors), max_per_parent, seed, count, retry_errors, config)
+        state.load(run_dir)
+        if not state.parents:
+            err.print(f"{run_dir}: no wrong trajectory to correct", highlight=False)
+            return 0
+        with err.status("loading teacher…") if err.is_terminal else contextlib.nullcontext():
+            backend = load_backend(teacher)
+        run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_records": state.loaded}
+        manifest["correct"] = {**settings, "backend": {"name": backend.name, "model": backend.model},
+                               "capacity": {"in_flight": kw["concurrency"], "kernels": kw["kernels"],
+                                            "graders": kw["graders"]},
+                               "limits": {"max_tool_calls": kw["max_tool_calls"], "max_tokens": kw["max_tokens"],
+                                          "max_tokens_per_call": kw["max_tokens_per_call"],
+                                          "timeout_s": kw["timeout_s"]},
+                               "runs": [*(previous or {}).get("runs", []), run]}
+        write_json(run_dir / MANIFEST, manifest)
+        if state.loaded:
+            err.print(f"resuming {run_dir}: {state.loaded} continuations recorded, {len(state.work.closed)} of "
+                      f"{len(state.parents)} wrong trajectories final", highlight=False)
+        interrupted = False
+        t0 = time.monotonic()
+        try:
+            asyncio.run(state.run(run_dir, backend, teacher, str(manifest["run_id"]), kw, grader,
+                                  capacity_from(kw), err))
+        except KeyboardInterrupt:
+            interrupted = True
+        except SandboxError as exc:
+            raise ToraError(f"sandbox failure: {exc}") from exc
+        summary = state.summary(time.monotonic() - t0, complete=not interrupted)
+        update_json(run_dir / METRICS, {"correction": summary})
+    err.print(f"kept {summary['kept']} corrections of {summary['parents_corrected']} of {summary['parents']} wrong "
+              f"trajectories ({summary['continuations']} continuations, {summary['correct']} correct); "
+              f"written to {run_dir}", highlight=False)
+    if interrupted:
+        err.print("interrupted: run the same command again to continue", highlight=False)
+        raise KeyboardInterrupt
+    if state.work.new and all(t.result.finish == "error" for t in state.work.new):
+        raise ToraError(f"every continuation failed; the first: {state.work.new[0].result.error}")
+    return 0
+
+
+def _check_settings(previous: dict[str, Any] | None, settings: dict[str, Any], run_dir: Path) -> None:
+    if previous is None:
+        return
+    for name in _FIXED:
+        if name in previous and previous[name] != settings[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"resume: {run_dir} was corrected with {flag} {previous[name]}, not {settings[name]}; "
+                             "finish that run with the same flags first")
+
+
+def template_of(parent: Trajectory) -> PromptTemplate:
+    """The parent's template as its record names it, with its stop strings.
+
+    The prompt itself comes from the record (the teacher sees the parent's
+    exact context), so only the name, the sha256 and the stops matter here.
+    """
+    loop_stops = {fences.OUTPUT_FENCE, fences.CLOSE_FENCE}
+    ref = parent.generation.prompt_template
+    return PromptTemplate(name=ref.name, kind="completion", body=PLACEHOLDER, sha256=ref.sha256,
+                          stop=[s for s in parent.generation.sampling.stop if s not in loop_stops])
+
+
+def render_of(parent: Trajectory) -> RenderSettings:
+    """Code runs and shows its results as it did in the parent, so the context stays one protocol."""
+    return RenderSettings(policy=parent.runtime.render_policy, run_on=parent.generation.run_on,
+                          fresh_namespace=parent.runtime.fresh_namespace)
+
+
+class Correction:
+    """One correction run's work: wrong trajectories x their prefixes, grouped by wrong trajectory."""
+
+    def __init__(self, rule: KeepRule, cap: int | None, seed: int, count: int | None, retry_errors: bool,
+                 config: SolveConfig) -> None:
+        self.rule = rule
+        self.cap = cap
+        self.seed = seed
+        self.count = count
+        self.retry_errors = retry_errors
+        self.config = config
+        self.parents: dict[str, Trajectory] = {}
+        self.prefix_steps: dict[Attempt, int] = {}
+        self.ledger = Ledger(key=_attempt, group=lambda t: t.parent or "", eligible=self._eligible, cap=cap,
+                             seed=seed)
+        self.work = Work(self.ledger, {}, retry_errors=retry_errors)
+        self.loaded = 0
+
+    def _eligible(self, t: Trajectory) -> bool:
+        steps = self.prefix_steps.get(_attempt(t))
+        return steps is not None and self.rule.keeps(t, since_step=steps)
+
+    def load(self, run_dir: Path) -> None:
+        seen: set[str] = set()
+        for t in load_finished(run_dir / TRAJECTORIES).values():
+            if t.result.correct is False and t.result.finish != "error":
+                lines = choose_prefixes(t, self.count, self.seed)
+                if not lines or content_hash(t) in seen:
+                    continue  # nowhere to cut it (one line, or all code and output), or a duplicate
+                seen.add(content_hash(t))
+                self.parents[t.id] = t
+                self.work.units[t.id] = [(t.id, n) for n in lines]
+                for n in lines:
+                    self.prefix_steps[(t.id, n)] = len(prefix_of(t, n).steps)
+        records: list[Trajectory] = []
+        if (run_dir / CORRECTIONS).is_file():
+            records = [t for t in read_trajectories(run_dir / CORRECTIONS, skip_invalid=True)
+                       if t.result.finish != "interrupted" and _attempt(t) in self.prefix_steps]
+        kept: list[Trajectory] = []
+        if (run_dir / CURATED).is_file():
+            kept = [t for t in read_trajectories(run_dir / CURATED, skip_invalid=True)
+                    if t.origin == "teacher_corrected" and t.parent in self.parents]
+        self.ledger.load(records, kept)  # in file order: a later record of an attempt supersedes
+        self.loaded = len({_attempt(t) for t in records})
+
+    def jobs(self) -> Iterator[Job]:
+        for pid, parent in self.parents.items():
+            config = SolveConfig(sampling=self.config.sampling, limits=self.config.limits, render=render_of(parent))
+            for _, n in self.work.pending(pid):
+                yield Job(parent.problem, parent.sample_index, config, "teacher_corrected", prefix_of(parent, n))
+
+    async def run(self, run_dir: Path, backend: Backend, spec: str, run_id: str, kw: dict[str, Any], grader: str,
+                  capacity: Capacity, err: Console) -> None:
+        templates = {pid: template_of(p) for pid, p in self.parents.items()}
+
+        def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
+            assert job.prefix is not None
+            return Episode(job.problem, backend=backend, template=templates[job.prefix.parent], kernels=kernels,
+                           config=job.config, spec=spec, sample_index=job.sample_index, origin=job.origin,
+                           run_id=run_id, prefix=job.prefix)
+
+        work = self.work
+        with TrajectoryWriter(run_dir / CORRECTIONS) as records, TrajectoryWriter(run_dir / CURATED) as curated:
+            await work.close_finished(curated)
+            loaded = work.latest()
+            with BatchProgress(err, "correct", len(self.parents), done=len(work.closed), scored=len(loaded),
+                               hits=sum(t.result.correct is True for t in loaded), rate_unit=" traj/s",
+                               score_label="correct", counters=("kept", "exec errors")) as progress:
+                progress.add(kept=self.ledger.kept_count())
+                async with (scheduled(make_episode, backend, sandbox_from(kw), grader, capacity) as scheduler,
+                            contextlib.aclosing(scheduler.run(self.jobs(), wanted=self._wanted)) as results):
+                    async for result in results:
+                        t = result.trajectory
+                        attempt = _attempt(t)
+                        progress.score(result.correct, **{"exec errors": tool_errors(t, self.prefix_steps[attempt])})
+                        kept = await work.record(t, attempt, records, curated)
+                        if kept is not None:
+                            progress.complete()
+                            progress.add(kept=kept)
+
+    def _wanted(self, job: Job) -> bool:
+        return job.prefix is None or self.work.open(job.prefix.parent)
+
+    def summary(self, wall_s: float, *, complete: bool) -> dict[str, Any]:
+        latest = self.work.latest()
+        return {
+            "parents": len(self.parents),
+            "prefixes": len(self.prefix_steps),
+            "continuations": len(latest),
+            "correct": sum(t.result.correct is True for t in latest),
+            "errors": sum(t.result.finish == "error" for t in latest),
+            "kept": self.ledger.kept_count(),
+            "parents_corrected": sum(1 for pid in self.parents if self.ledger.kept.get(pid)),
+            "duplicates": self.ledger.duplicate_candidates(),
+            "complete": complete and len(self.work.closed) == len(self.parents),
+            "wall_s": round(wall_s, 3),
+        }
+
+
+def _attempt(t: Trajectory) -> Attempt:
+    return (t.parent or "", t.prefix_lines or 0)
