@@ -62,7 +62,7 @@ from tora.curation import KeepRule, Ledger, Work
 from tora.data import DATASETS, dataset_path, load_problems
 from tora.distributed.shards import has_shards, merge_shards
 from tora.engine import SamplingParams, SolveConfig
-from tora.errors import ToraError, UsageError
+from tora.errors import DataError, ToraError, UsageError
 from tora.evaluate import Pair, load_finished, regrade
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
@@ -260,12 +260,20 @@ def _check_settings(previous: dict[str, Any] | None, settings: dict[str, Any], o
                              "these decide what is kept: use another --out")
 
 
+def _available(name: str) -> bool:
+    try:
+        path = dataset_path(name)
+    except DataError:  # not shipped, and no copy in the data folders
+        return False
+    return path is not None and path.is_file()
+
+
 def _guard(problems: list[Problem], eval_sets: list[str] | None, n: int, threshold: float,
            err: Console) -> tuple[list[Overlap], list[str]]:
     """The problems that overlap the evaluation sets, and the sets checked."""
     t0 = time.monotonic()
     if eval_sets is None:
-        eval_sets = [d for d in DATASETS if (path := dataset_path(d)) is not None and path.is_file()]
+        eval_sets = [d for d in DATASETS if _available(d)]
     evals = [p for name in eval_sets for p in load_problems(name)]
     if not evals:
         err.print("[yellow]warning:[/yellow] contamination check: no evaluation set found (set TORA_DATA_DIR or "
