@@ -1,6 +1,6 @@
 """`--engine ray`: its overhead against one process, and how trajectories/s scales with nodes.
 
-    .venv/bin/python benchmarks/bench_ray.py overhead [--repeat 2] [--copies 4]
+    .venv/bin/python benchmarks/bench_ray.py overhead [--repeat 2] [--copies 4,20]
     .venv/bin/python benchmarks/bench_ray.py scaling [--nodes 1,2,4,8,12,16] [--out DIR]
 
 overhead: the same workload (ToRA-Code-34B's first 15 GSM8K completions,
@@ -8,8 +8,10 @@ replayed `--copies` times, every cell run by a real sandboxed kernel, graded)
 through `tora eval`'s own single-process loop and through `run_on_cluster`
 with one Ray worker of the same capacity, on a Ray cluster on loopback that
 is already up, alternated `--repeat` times, side by side in one process.
-Printed: each wall time, the ratio (goal <= 1.10), and Ray's one-off costs
-(starting the cluster; starting a worker).
+Printed: each wall time and the ratio; the marginal time per trajectory of
+each engine (the slope between two workload sizes, free of fixed costs) and
+its ratio (goal <= 1.10); Ray's fixed costs (starting the cluster, once;
+starting the worker, each run).
 
 scaling: a simulated cluster of `max(--nodes)` one-CPU nodes (Ray's
 `cluster_utils.Cluster`: real raylets, real actors, real RPCs, all on this
@@ -124,34 +126,47 @@ async def on_ray(problems: list[Problem], capacity: Capacity, out: Path) -> tupl
 
 
 def overhead(args: argparse.Namespace) -> None:
-    problems = workload(args.copies)
     capacity = Capacity(in_flight=4, kernels=4, graders=1)
+    sizes = [int(c) for c in args.copies.split(",")]
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, namespace="tora", log_to_driver=False, logging_level="ERROR")
     init_s = time.perf_counter() - t0
-    local: list[float] = []
-    dist: list[tuple[float, float]] = []
+    local: dict[int, list[float]] = {c: [] for c in sizes}
+    dist: dict[int, list[tuple[float, float]]] = {c: [] for c in sizes}
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         for r in range(args.repeat):
-            a, b = Path(tmp) / f"local{r}", Path(tmp) / f"ray{r}"
-            a.mkdir()
-            local.append(asyncio.run(one_process(problems, capacity, a)))
-            dist.append(asyncio.run(on_ray(problems, capacity, b)))
-            assert count(a) == count(b) == len(problems), (count(a), count(b))
-            print(f"  run {r + 1}: one process {local[-1]:.1f} s, ray {dist[-1][0]:.1f} s "
-                  f"({dist[-1][1]:.1f} s after the worker was up)", flush=True)
+            for c in sizes:
+                problems = workload(c)
+                a, b = Path(tmp) / f"local{r}-{c}", Path(tmp) / f"ray{r}-{c}"
+                a.mkdir()
+                local[c].append(asyncio.run(one_process(problems, capacity, a)))
+                dist[c].append(asyncio.run(on_ray(problems, capacity, b)))
+                assert count(a) == count(b) == len(problems), (count(a), count(b))
+                print(f"  run {r + 1}, {len(problems)} trajectories: one process {local[c][-1]:.1f} s, ray "
+                      f"{dist[c][-1][0]:.1f} s ({dist[c][-1][1]:.1f} s after the worker was up)", flush=True)
     ray.shutdown()
-    lo, rw, rs = min(local), min(d[0] for d in dist), min(d[1] for d in dist)
-    print(f"\noverhead: {len(problems)} trajectories, real kernels, math-verify grading, capacity "
-          f"{capacity.in_flight}/{capacity.kernels}/{capacity.graders}; load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
-    print("| engine | best wall (s) | runs (s) |\n|---|---|---|")
-    print(f"| one process | {lo:.1f} | {', '.join(f'{x:.1f}' for x in local)} |")
-    print(f"| ray, 1 worker, wall | {rw:.1f} | {', '.join(f'{d[0]:.1f}' for d in dist)} |")
-    print(f"| ray, 1 worker, after start | {rs:.1f} | {', '.join(f'{d[1]:.1f}' for d in dist)} |")
-    print(f"ratio ray / one process: {rw / lo:.2f} wall, {rs / lo:.2f} after the worker started (goal <= 1.10)")
+    print(f"\noverhead: real kernels, math-verify grading, capacity {capacity.in_flight}/{capacity.kernels}/"
+          f"{capacity.graders} (in flight/kernels/graders) in one process and in the one Ray worker; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| trajectories | one process: best wall (s) | ray, 1 worker: best wall (s) | ratio | runs (s) |")
+    print("|---|---|---|---|---|")
+    for c in sizes:
+        lo, rw = min(local[c]), min(d[0] for d in dist[c])
+        runs = "; ".join(f"{x:.1f} / {d[0]:.1f}" for x, d in zip(local[c], dist[c], strict=True))
+        print(f"| {15 * c} | {lo:.1f} | {rw:.1f} | {rw / lo:.2f} | {runs} |")
+    if len(sizes) > 1:
+        small, large = min(sizes), max(sizes)
+        n = 15 * (large - small)
+        slope_local = (min(local[large]) - min(local[small])) / n
+        slope_ray = (min(d[0] for d in dist[large]) - min(d[0] for d in dist[small])) / n
+        fixed = min(d[0] for d in dist[small]) - slope_ray * 15 * small
+        print(f"per trajectory, marginal (the slope between {15 * small} and {15 * large}): one process "
+              f"{1000 * slope_local:.1f} ms, ray {1000 * slope_ray:.1f} ms: ratio {slope_ray / slope_local:.2f} "
+              f"(goal <= 1.10)")
+        print(f"fixed cost of a ray run on a running cluster (the intercept): {fixed:.1f} s; "
+              f"one process: {min(local[small]) - slope_local * 15 * small:.1f} s")
     print(f"one-off: ray.init of a local cluster {init_s:.1f} s; starting the worker "
-          f"{statistics.median(d[0] - d[1] for d in dist):.1f} s (median)")
+          f"{statistics.median(d[0] - d[1] for c in sizes for d in dist[c]):.1f} s (median)")
 
 
 # --- scaling --------------------------------------------------------------------
@@ -240,7 +255,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="part", required=True)
     o = sub.add_parser("overhead")
     o.add_argument("--repeat", type=int, default=2)
-    o.add_argument("--copies", type=int, default=4, help="times the 15 problems are run")
+    o.add_argument("--copies", default="4,20", help="workload sizes: times the 15 problems are run")
     s = sub.add_parser("scaling")
     s.add_argument("--nodes", default="1,2,4,8,12,16")
     s.add_argument("--endpoints", type=int, default=4)
