@@ -78,6 +78,8 @@ class ListenerWatch:
 
     def __init__(self) -> None:
         self.seen: set[tuple[str, int, str]] = set()
+        self.pids: dict[int, str] = {}  # pid -> name of every listening process seen
+        self.before: set[int] = set()  # ... of those listening already when the watch began
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -88,6 +90,7 @@ class ListenerWatch:
             if c.status == psutil.CONN_LISTEN and c.pid in pids:
                 with_name = psutil.Process(c.pid).name() if psutil.pid_exists(c.pid) else "?"
                 self.seen.add((c.laddr.ip, c.laddr.port, with_name))
+                self.pids[c.pid] = with_name
 
     def _watch(self) -> None:
         while not self._stop.wait(0.3):
@@ -101,6 +104,7 @@ class ListenerWatch:
 
     def __enter__(self) -> ListenerWatch:
         self.sample()
+        self.before = set(self.pids)
         self._thread.start()
         return self
 
@@ -296,3 +300,22 @@ def test_curate_on_ray_keeps_what_one_process_keeps(cluster: str, tmp_path: Path
     # Each worker kept the problems it ran: the kept shards are what was merged.
     shards = sorted(p.name for p in (out / "shards").glob("*.curated.jsonl") if p.stat().st_size)
     assert shards == ["s1-w0.curated.jsonl", "s1-w1.curated.jsonl"]
+
+
+def test_a_private_cluster_listens_on_loopback_only_and_is_stopped(tmp_path: Path) -> None:
+    # No --address: tora starts Ray itself. The environment given lacks the loopback settings,
+    # so what keeps Ray on 127.0.0.1 is tora's own doing.
+    data, released = fixture(tmp_path, problems=4, samples=1)
+    env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV and k != "RAY_ADDRESS"}
+    out = tmp_path / "ray"
+    with ListenerWatch() as watch:
+        proc = subprocess.run([*TORA, "eval", str(data), "--model", f"replay:{released}", "--engine", "ray",
+                               "--actors", "1", "--out", str(out), "--json"],
+                              capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["complete"] is True and len(records(out / "trajectories.jsonl")) == 4
+    daemons = {pid for pid, name in watch.pids.items() if name in ("gcs_server", "raylet") and pid not in watch.before}
+    assert len(daemons) >= 2, watch.pids  # the check saw the CLI's own GCS and raylet listening
+    assert watch.off_loopback() == []
+    # Stopped on the way out: none of them outlives the CLI.
+    wait_for(lambda: not any(psutil.pid_exists(pid) for pid in daemons), 30, "the private cluster to stop")

@@ -160,3 +160,33 @@ def test_a_majority_tie_goes_to_the_lowest_sample_in_any_finishing_order() -> No
         update={"correct": False})}), pred="2")
     assert majority_correct([right, wrong]) is True
     assert majority_correct([wrong, right]) is True
+
+
+def test_the_progress_table_sums_workers_per_node_and_measures_rates() -> None:
+    import io
+
+    from rich.console import Console
+
+    from tora.distributed.progress import ClusterProgress
+    from tora.distributed.worker import WorkerStats
+
+    def stats(name: str, node: str, at: float, tokens: int, done: int) -> WorkerStats:
+        return WorkerStats(name=name, node=node, host="h", at=at, tokens=tokens, trajectories=done, errors=0,
+                           correct=done // 2, in_flight=3, waiting=2, grading=1, kernels_live=2, kernels_limit=4,
+                           problems=5)
+
+    out = io.StringIO()
+    with ClusterProgress(Console(file=out, width=200), "eval", 10) as progress:
+        progress.update([stats("s1-w0", "n1", 0.0, 0, 0), stats("s1-w1", "n1", 0.0, 0, 0),
+                         stats("s1-w2", "n2", 0.0, 0, 0)], done=0, lost=0)
+        progress.update([stats("s1-w0", "n1", 2.0, 200, 4), stats("s1-w1", "n1", 2.0, 100, 2),
+                         stats("s1-w2", "n2", 2.0, 50, 1)], done=3, lost=1)
+        rows = {r.node: r for r in progress.rows()}
+    # Two nodes on one host: told apart by node id; each row sums its workers, rates over the window.
+    assert set(rows) == {"h:n1", "h:n2"}
+    n1 = rows["h:n1"]
+    assert n1.workers == 2 and n1.tokens_s == 150 and n1.trajectories_s == 3
+    assert (n1.in_flight, n1.waiting, n1.kernels_live, n1.kernels_limit, n1.problems) == (6, 4, 4, 8, 10)
+    assert rows["h:n2"].tokens_s == 25
+    text = out.getvalue()  # not a terminal: plain lines, the last with the totals
+    assert "eval 3/10 problems, 7 trajectories, 3.50 traj/s, 175 tok/s, 3 workers" in text and "1 workers lost" in text
