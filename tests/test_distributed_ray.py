@@ -189,8 +189,19 @@ def test_eval_on_ray_equals_the_one_process_run_and_listens_on_loopback_only(clu
     assert Counter(e.event for e in events)["done"] == sum(e.event == "lease" for e in events)
 
 
+def expected(problems: int, samples: int) -> list[tuple[str, int, str, str, bool]]:
+    """What the fixture's recordings say each trajectory ends with (written here, not computed by tora)."""
+    return sorted((f"p{i}", k, str(i + k % 2), "answered", k % 2 == 0) for i in range(problems) for k in range(samples))
+
+
+def outcome(rows: list[dict[str, Any]]) -> list[tuple[str, int, str, str, bool]]:
+    return sorted((r["problem"]["id"], r["sample_index"], r["result"]["final_answer"], r["result"]["finish"],
+                   r["result"]["correct"]) for r in rows)
+
+
+@pytest.mark.slow
 def test_a_killed_workers_unfinished_problems_are_redone_once(cluster: str, tmp_path: Path) -> None:
-    data, released = fixture(tmp_path, problems=8, samples=2, sleep=0.8)
+    data, released = fixture(tmp_path, problems=6, samples=2, sleep=0.6)
     out = tmp_path / "ray"
     args = ["eval", str(data), "--model", f"replay:{released}", "--samples", "2", "--concurrency", "2", "--json"]
     proc = start([*args, "--engine", "ray", "--address", cluster, "--actors", "2", "--out", str(out)])
@@ -210,21 +221,19 @@ def test_a_killed_workers_unfinished_problems_are_redone_once(cluster: str, tmp_
     # The problems of the lost leases were leased once more, the others once.
     again = {p for e in events if e.event == "lease" and e.lease in lost for p in e.problems}
     leased = Counter(p for e in events if e.event == "lease" for p in e.problems)
-    assert again and leased == Counter({f"p{i}": 2 if f"p{i}" in again else 1 for i in range(8)})
+    assert again and leased == Counter({f"p{i}": 2 if f"p{i}" in again else 1 for i in range(6)})
     # Never twice: over all shards, each unit of work was recorded exactly once, so what the lost
     # worker had recorded was not run again; what it had in flight was run once, elsewhere.
     units = shard_units(out)
-    assert units == Counter({(f"p{i}", k): 1 for i in range(8) for k in range(2)})
+    assert units == Counter({(f"p{i}", k): 1 for i in range(6) for k in range(2)})
     assert any(r["problem"]["id"] in again for r in records(victim))
-    local = tora([*args, "--out", str(tmp_path / "local")])
-    assert local.returncode == 0, local.stderr
-    merged = records(out / "trajectories.jsonl")
-    assert signature(merged) == signature(records(tmp_path / "local" / "trajectories.jsonl"))
+    assert outcome(records(out / "trajectories.jsonl")) == expected(6, 2)
     assert json.loads(stdout)["complete"] is True
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed_runs_the_rest_once(cluster: str, tmp_path: Path) -> None:
-    data, released = fixture(tmp_path, problems=8, samples=2, sleep=0.8)
+    data, released = fixture(tmp_path, problems=6, samples=2, sleep=0.6)
     out = tmp_path / "ray"
     args = ["eval", str(data), "--model", f"replay:{released}", "--samples", "2", "--concurrency", "2",
             "--engine", "ray", "--address", cluster, "--actors", "2", "--out", str(out), "--json"]
@@ -236,15 +245,13 @@ def test_resume_after_the_driver_is_killed_runs_the_rest_once(cluster: str, tmp_
     finally:
         proc.kill()
     before = shard_units(out)
-    assert 3 <= sum(before.values()) < 16
+    assert 3 <= sum(before.values()) < 12
     again = tora([*args, "--resume"])
     assert again.returncode == 0, again.stderr
     merged = records(out / "trajectories.jsonl")
-    assert sorted((r["problem"]["id"], r["sample_index"]) for r in merged) == [
-        (f"p{i}", k) for i in range(8) for k in range(2)]
-    assert len({r["id"] for r in merged}) == 16
+    assert outcome(merged) == expected(6, 2) and len({r["id"] for r in merged}) == 12
     # What the first session recorded was kept, not run again; the rest ran once.
-    assert shard_units(out) == Counter({(f"p{i}", k): 1 for i in range(8) for k in range(2)})
+    assert shard_units(out) == Counter({(f"p{i}", k): 1 for i in range(6) for k in range(2)})
     events = list(read_leases(out))
     assert {e.session for e in events} == {1, 2}
     assert {e.worker for e in events if e.event == "start"} == {"s1-w0", "s1-w1", "s2-w0", "s2-w1"}
@@ -254,20 +261,21 @@ def test_resume_after_the_driver_is_killed_runs_the_rest_once(cluster: str, tmp_
 
 
 @pytest.mark.model
+@pytest.mark.slow
 def test_the_embedded_model_runs_in_a_worker(cluster: str, tmp_path: Path) -> None:
     out = tmp_path / "ray"
-    proc = tora(["eval", "gsm8k", "--limit", "2", "--max-tokens", "384", "--engine", "ray", "--address", cluster,
+    proc = tora(["eval", "gsm8k", "--limit", "1", "--max-tokens", "256", "--engine", "ray", "--address", cluster,
                  "--actors", "1", "--out", str(out), "--json"], timeout=900)
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout)
-    assert m["trajectories"] == 2 and m["complete"] is True
+    assert m["trajectories"] == 1 and m["complete"] is True
     recs = records(out / "trajectories.jsonl")
-    assert len(recs) == 2 and {r["generation"]["backend"] for r in recs} == {"llama.cpp"}
+    assert len(recs) == 1 and {r["generation"]["backend"] for r in recs} == {"llama.cpp"}
     assert all(r["steps"] and r["steps"][0]["type"] == "text" and r["result"]["grade_status"] for r in recs)
     assert all(r["stats"]["completion_tokens"] > 0 for r in recs)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"]["name"] == "llama.cpp" and manifest["runs"][-1]["engine"]["name"] == "ray"
-    assert records(out / "shards" / "s1-w0.jsonl") and len(records(out / "shards" / "s1-w0.jsonl")) == 2
+    assert records(out / "shards" / "s1-w0.jsonl") == recs  # the merged record is the worker's, verbatim
 
 
 def test_curate_on_ray_keeps_what_one_process_keeps(cluster: str, tmp_path: Path) -> None:
@@ -302,10 +310,11 @@ def test_curate_on_ray_keeps_what_one_process_keeps(cluster: str, tmp_path: Path
     assert shards == ["s1-w0.curated.jsonl", "s1-w1.curated.jsonl"]
 
 
+@pytest.mark.slow
 def test_a_private_cluster_listens_on_loopback_only_and_is_stopped(tmp_path: Path) -> None:
     # No --address: tora starts Ray itself. The environment given lacks the loopback settings,
     # so what keeps Ray on 127.0.0.1 is tora's own doing.
-    data, released = fixture(tmp_path, problems=4, samples=1)
+    data, released = fixture(tmp_path, problems=2, samples=1)
     env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV and k != "RAY_ADDRESS"}
     out = tmp_path / "ray"
     with ListenerWatch() as watch:
@@ -313,7 +322,7 @@ def test_a_private_cluster_listens_on_loopback_only_and_is_stopped(tmp_path: Pat
                                "--actors", "1", "--out", str(out), "--json"],
                               capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["complete"] is True and len(records(out / "trajectories.jsonl")) == 4
+    assert json.loads(proc.stdout)["complete"] is True and len(records(out / "trajectories.jsonl")) == 2
     daemons = {pid for pid, name in watch.pids.items() if name in ("gcs_server", "raylet") and pid not in watch.before}
     assert len(daemons) >= 2, watch.pids  # the check saw the CLI's own GCS and raylet listening
     assert watch.off_loopback() == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from trajectory_fixtures import Spec, build
 
 from tora.distributed.leases import LeaseEvent, LeaseLog, open_leases, read_leases
@@ -190,3 +191,19 @@ def test_the_progress_table_sums_workers_per_node_and_measures_rates() -> None:
     assert rows["h:n2"].tokens_s == 25
     text = out.getvalue()  # not a terminal: plain lines, the last with the totals
     assert "eval 3/10 problems, 7 trajectories, 3.50 traj/s, 175 tok/s, 3 workers" in text and "1 workers lost" in text
+
+
+def test_eval_refuses_a_folder_whose_shards_hold_records_without_resume(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import tora_in_process
+
+    data = tmp_path / "set.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "What is a?", "answer": "1"}) + "\n")
+    out = tmp_path / "run"
+    write(shard_files(out, "s1-w0")[0], rec("a", 0))  # a cluster run killed before its first merge
+    code, _, err = tora_in_process(["eval", str(data), "--model", "replay:none.jsonl", "--out", str(out)], capsys)
+    assert code == 2 and "add --resume" in err
+    assert not (out / "trajectories.jsonl").exists()
+    # --engine flags without the engine are a usage error too.
+    code, _, err = tora_in_process(["eval", str(data), "--actors", "2", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--actors need --engine ray" in err

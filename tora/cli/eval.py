@@ -197,7 +197,7 @@ def _resolve_out(dataset: str, out: Path | None, resume: bool) -> Path:
             raise UsageError(f"--resume: no earlier run of {dataset} found; name it with --out")
         return found
     records = out / TRAJECTORIES
-    if not resume and records.is_file() and records.stat().st_size > 0:
+    if not resume and ((records.is_file() and records.stat().st_size > 0) or has_shards(out)):
         raise UsageError(f"{out} already holds trajectories; add --resume to continue that run, or pick another --out")
     return out
 
