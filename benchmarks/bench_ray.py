@@ -237,8 +237,8 @@ def scaling(args: argparse.Namespace) -> None:
               f"{r['steady_traj_per_s'] / rows[0]['steady_traj_per_s']:.1f} | {ideal * r['nodes']:.1f} | "
               f"{r['tokens_per_s']} | {100 * r['endpoint_occupancy']:.0f}% | {r['worker_start_s']} |")
     bars = [Bar(f"{r['nodes']} node{'s' if r['nodes'] > 1 else ''}", r["steady_traj_per_s"],
-                f"{r['steady_traj_per_s']:.1f}/s · {100 * r['endpoint_occupancy']:.0f}% busy") for r in rows]
-    svg = hbars(bars, title="trajectories/s by node count (simulated endpoints and cells)")
+                f"{r['steady_traj_per_s']:.1f}/s · {100 * r['endpoint_occupancy']:.0f}%") for r in rows]
+    svg = hbars(bars, title="trajectories/s by node count · endpoint occupancy (simulated endpoints and cells)")
     (out / "scaling.svg").write_text(svg)
     note = (f"{args.endpoints} simulated endpoints × {args.slots} slots × {args.tokens_per_s:g} tok/s; "
             f"{args.concurrency} in flight per worker; cells sleep {args.cell_s} s; one worker per one-CPU node")
