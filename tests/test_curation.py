@@ -106,6 +106,14 @@ def test_settling_again_completes_what_a_kill_cut_short_and_never_duplicates() -
     assert [t.id for t in grown.settle("a")] == [records[1].id]
 
 
+def test_what_another_verb_kept_counts_as_seen() -> None:
+    sample = traj("a", 0)
+    same = traj("a", 1)  # the same content as sample 0, under another unit of work
+    led = ledger()
+    led.load([same], [], seen=[sample])
+    assert led.settle("a") == [] and led.duplicate_candidates() == 1
+
+
 def test_work_is_final_when_every_unit_is_done_or_the_group_is_full() -> None:
     led = ledger(cap=1)
     work = Work(led, {"a": [("a", 0), ("a", 1)]}, stop_when_full=False)

@@ -140,11 +140,15 @@ class Ledger:
     def kept_count(self) -> int:
         return sum(len(k) for k in self.kept.values())
 
-    def load(self, records: Iterable[Trajectory], kept: Iterable[Trajectory]) -> None:
+    def load(self, records: Iterable[Trajectory], kept: Iterable[Trajectory],
+             seen: Iterable[Trajectory] = ()) -> None:
+        """An earlier session's records and kept ones; `seen`: other kept records (of another
+        verb, in the same kept file) that count for duplicates but belong to no group here."""
         for t in records:
             self.add_record(t)
         for t in kept:
             self.add_kept(t)
+        self.hashes.update(content_hash(t) for t in seen)
 
 
 class Work:

@@ -227,11 +227,11 @@ class Correction:
         if (run_dir / CORRECTIONS).is_file():
             records = [t for t in read_trajectories(run_dir / CORRECTIONS, skip_invalid=True)
                        if t.result.finish != "interrupted" and _attempt(t) in self.prefix_steps]
-        kept: list[Trajectory] = []
-        if (run_dir / CURATED).is_file():
-            kept = [t for t in read_trajectories(run_dir / CURATED, skip_invalid=True)
-                    if t.origin == "teacher_corrected" and t.parent in self.parents]
-        self.ledger.load(records, kept)  # in file order: a later record of an attempt supersedes
+        curated = list(read_trajectories(run_dir / CURATED, skip_invalid=True)) if (run_dir / CURATED).is_file() else []
+        kept = [t for t in curated if t.origin == "teacher_corrected" and t.parent in self.parents]
+        # In file order: a later record of an attempt supersedes. Curate's kept ones count as
+        # seen, so a continuation identical to a kept sample is a duplicate too.
+        self.ledger.load(records, kept, seen=curated)
         self.loaded = len({_attempt(t) for t in records})
 
     def jobs(self) -> Iterator[Job]:

@@ -67,7 +67,7 @@ from tora.evaluate import Pair, load_finished, regrade
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
-from tora.record import Problem, Trajectory, TrajectoryWriter, read_trajectories, repair_tail
+from tora.record import Problem, TrajectoryWriter, read_trajectories, repair_tail
 from tora.run_dir import (
     CONTAMINATION,
     CURATED,
@@ -319,11 +319,9 @@ class Curation:
         """What an earlier run left: valid records only, the latest per sample."""
         ids = set(self.work.units)
         records = [t for (pid, k), t in load_finished(out / TRAJECTORIES).items() if pid in ids and k < self.samples]
-        kept: list[Trajectory] = []
-        if (out / CURATED).is_file():
-            kept = [t for t in read_trajectories(out / CURATED, skip_invalid=True)
-                    if t.origin != "teacher_corrected" and t.problem.id in ids]
-        self.ledger.load(records, kept)
+        curated = list(read_trajectories(out / CURATED, skip_invalid=True)) if (out / CURATED).is_file() else []
+        kept = [t for t in curated if t.origin != "teacher_corrected" and t.problem.id in ids]
+        self.ledger.load(records, kept, seen=curated)
         self.loaded = len(records)
         self.retry = self.work.to_retry()
 
