@@ -133,8 +133,9 @@ class CuratePlan:
     def _load(self, work: Work, problem: Problem, records: Sequence[Trajectory], kept: Sequence[Trajectory]) -> None:
         # As `load_finished` reads them: the latest record of each sample, interrupted ones not counted.
         work.units[problem.id] = [(problem.id, k) for k in range(self.samples)]
+        # `tora correct`'s kept continuations of the problem count as seen for duplicates, as in one process.
         work.ledger.load([t for t in records if t.result.finish != "interrupted" and t.sample_index < self.samples],
-                         [t for t in kept if t.origin != "teacher_corrected"])
+                         [t for t in kept if t.origin != "teacher_corrected"], seen=kept)
 
     def start(self, backend: Backend) -> None:
         self._backend = backend
