@@ -215,10 +215,31 @@ class Work:
         """Append the final group's kept set (one write); returns how many were appended."""
         kept = self.ledger.settle(group)
         await kept_file.append_all(kept)
+        self._book(group, kept)
+        return len(kept)
+
+    def _book(self, group: str, kept: list[Trajectory]) -> None:
         for t in kept:
             self.ledger.add_kept(t)
         self.closed.add(group)
-        return len(kept)
+
+    def settle_closed(self, group: str) -> list[Trajectory]:
+        """Close a final group and return its kept set, for a caller that appends it itself
+        (a cluster worker, to its shard: `tora.distributed.plan.CuratePlan`)."""
+        kept = self.ledger.settle(group)
+        self._book(group, kept)
+        return kept
+
+    def _add(self, t: Trajectory, unit: Unit) -> bool:
+        """Book a finished trajectory; True if that made its (open) group final."""
+        self.new.append(t)
+        self.attempted.add(unit)
+        self.ledger.add_record(t)
+        return unit[0] not in self.closed and self.final(unit[0])
+
+    def note(self, t: Trajectory, unit: Unit) -> list[Trajectory] | None:
+        """A finished trajectory its caller has appended: booked; the group's kept set if that closed it."""
+        return self.settle_closed(unit[0]) if self._add(t, unit) else None
 
     async def close_finished(self, kept_file: TrajectoryWriter) -> None:
         """At the start of a session: groups an earlier one finished, whose kept set a kill may have cut short."""
@@ -231,10 +252,4 @@ class Work:
         """A finished trajectory: appended to the records first, then, if that made its group
         final, the group is settled. Returns how many were kept if the group closed."""
         await records.append(t)
-        self.new.append(t)
-        self.attempted.add(unit)
-        self.ledger.add_record(t)
-        group = unit[0]
-        if group not in self.closed and self.final(group):
-            return await self.close(group, kept_file)
-        return None
+        return await self.close(unit[0], kept_file) if self._add(t, unit) else None

@@ -25,10 +25,11 @@ def _frac(num: int, den: int) -> float | None:
 
 
 def majority_correct(samples: Sequence[Graded]) -> bool:
-    """Self-consistency: the most common answer (first seen wins a tie) decides."""
+    """Self-consistency: the most common answer decides; a tie goes to the answer of the lowest
+    sample index (not to the first to finish, which differs from run to run and between engines)."""
     votes: Counter[str] = Counter()
     first: dict[str, Graded] = {}
-    for g in samples:
+    for g in sorted(samples, key=lambda g: g.trajectory.sample_index):
         if not g.pred:
             continue
         key = normalize_answer(g.pred) or g.pred

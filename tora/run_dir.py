@@ -1,5 +1,6 @@
 """A batch run's folder: trajectories.jsonl, manifest.json, metrics.json, and
-for curation runs curated.jsonl, corrections.jsonl and contamination.jsonl.
+for curation runs curated.jsonl, corrections.jsonl and contamination.jsonl; for
+a run spread over a cluster, shards/ and leases.jsonl (see `tora.distributed`).
 
 The JSONL record files are append-only (see `tora.record.writer`). The JSON
 files and the contamination report are small summaries and are replaced
@@ -33,6 +34,8 @@ CURATED = "curated.jsonl"  # the kept trajectories (curate), and kept teacher co
 CORRECTIONS = "corrections.jsonl"  # every teacher continuation `tora correct` ran
 CONTAMINATION = "contamination.jsonl"  # problems that overlap an evaluation set
 LOCK = ".lock"
+SHARDS = "shards"  # one record file per worker of a run spread over a cluster (tora.distributed)
+LEASES = "leases.jsonl"  # which worker was given which problems (tora.distributed)
 
 # What a figure depends on: the grader stack, the kernel stack and the engines.
 _PACKAGES = (

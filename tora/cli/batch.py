@@ -46,9 +46,14 @@ def previous_run(out: Path, model: str, dataset: str, command: str) -> dict[str,
     return previous
 
 
+def backend_ref(backend: Backend) -> dict[str, str]:
+    """What a manifest says of the model (on a cluster the workers report it: the driver loads none)."""
+    return {"name": backend.name, "model": backend.model}
+
+
 def base_manifest(command: str, previous: dict[str, Any] | None, dataset: str, problems: Sequence[Problem],
-                  model: str, backend: Backend, template: PromptTemplate, capacity: Capacity, config: SolveConfig,
-                  *, out: Path, run: dict[str, Any]) -> dict[str, Any]:
+                  model: str, backend: dict[str, str], template: PromptTemplate, capacity: Capacity,
+                  config: SolveConfig, *, out: Path, run: dict[str, Any]) -> dict[str, Any]:
     """The manifest fields every batch verb writes; `run` describes this invocation."""
     path = source_path(dataset)  # the copy load_problems read, resolved
     run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], **run}
@@ -59,7 +64,7 @@ def base_manifest(command: str, previous: dict[str, Any] | None, dataset: str, p
         "argv": sys.argv[1:] if previous is None else previous.get("argv"),
         "dataset": {"name": dataset, "path": str(path), "sha256": sha256_file(path), "problems": len(problems)},
         "model": model,
-        "backend": {"name": backend.name, "model": backend.model},
+        "backend": backend,
         "prompt": {"name": template.name, "sha256": template.sha256},
         "capacity": dataclasses.asdict(capacity),
         "config": dataclasses.asdict(config),

@@ -27,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -38,6 +38,7 @@ from sandbox import SandboxError
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.batch import (
+    backend_ref,
     base_manifest,
     check_unique,
     episode_factory,
@@ -46,13 +47,22 @@ from tora.cli.batch import (
     sample_config,
     scheduled,
 )
-from tora.cli.options import capacity_from, config_from, loop_options, sandbox_from, scheduler_options
+from tora.cli.options import (
+    capacity_from,
+    cluster_from,
+    config_from,
+    engine_options,
+    loop_options,
+    sandbox_from,
+    scheduler_options,
+)
 from tora.cli.progress import BatchProgress
 from tora.contamination import DEFAULT_N, DEFAULT_THRESHOLD, NgramIndex, Overlap
 from tora.curation import KeepRule, Ledger, Work
 from tora.data import DATASETS, dataset_path, load_problems
+from tora.distributed.shards import has_shards, merge_shards
 from tora.engine import SamplingParams, SolveConfig
-from tora.errors import ToraError, UsageError
+from tora.errors import DataError, ToraError, UsageError
 from tora.evaluate import Pair, load_finished, regrade
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
@@ -70,6 +80,9 @@ from tora.run_dir import (
     write_jsonl,
 )
 from tora.scheduler import Capacity, Job
+
+if TYPE_CHECKING:
+    from tora.distributed.driver import ClusterOptions
 
 _MATH_SETS = {"math", "math500"}
 # Settings a resumed run must share with the run it continues: they decide what is kept.
@@ -97,6 +110,7 @@ def _sets(value: str | None) -> list[str] | None:
               help="Run again the samples whose record is an infrastructure failure (backend, kernel, sandbox, internal).")
 @click.option("--grader", type=click.Choice(GRADERS), default=DEFAULT_GRADER, show_default=True)
 @scheduler_options
+@engine_options
 @click.option("--eval-sets", default=None,
               help="Comma-separated evaluation sets (names or JSONL files) to check problems against "
                    "[default: every built-in set found].")
@@ -120,6 +134,7 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
     if stop_when_full and cap is None:
         raise UsageError("--stop-when-full needs --max-per-problem M")
     config = config_from(kw)
+    cluster = cluster_from(kw)
     err = Console(stderr=True)
     problems = load_problems(problems_arg, question_field=question_field, answer_field=answer_field,
                              id_field=id_field, limit=limit)
@@ -140,6 +155,8 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
             moved = repair_tail(out / name)
             if moved:
                 err.print(f"{out / name}: moved a torn last line ({moved} bytes) to {name}.torn", highlight=False)
+        if has_shards(out):
+            merge_shards(out)  # what the workers of a cluster run recorded, whichever engine resumes
         flagged, checked = _guard(problems, _sets(eval_sets), ngram, threshold, err)
         excluded = {o.problem.id for o in flagged} if not allow_contaminated else set()
         write_jsonl(out / CONTAMINATION, [{**o.row(), "excluded": o.problem.id in excluded} for o in flagged])
@@ -149,35 +166,45 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
             raise UsageError(f"nothing to curate: every problem overlaps an evaluation set (see {out / CONTAMINATION}); "
                              "--allow-contaminated keeps them")
         template = load_prompt(kw["prompt"] or ("tora-math" if problems_arg in _MATH_SETS else DEFAULT_PROMPT))
-        with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
-            backend = load_backend(kw["model"])
-            backend.prepare(template.prefix)
         state = Curation(problems, samples, KeepRule(keep_tool_errors), cap, select_seed, stop_when_full,
                          retry_errors, greedy_first)
         state.load(out)
         contamination = {"n": ngram, "threshold": threshold, "checked_against": checked, "flagged": len(flagged),
                          "excluded": len(excluded)}
         capacity = capacity_from(kw)
-        manifest = base_manifest("curate", previous, problems_arg, problems, kw["model"], backend, template,
-                                 capacity, config, out=out,
-                                 run={"resumed_records": state.loaded, "retry_errors": retry_errors})
-        manifest.update(settings, contamination=contamination)
-        write_json(out / MANIFEST, manifest)
-        if samples > 1 and config.sampling.temperature == 0 and backend.name != "replay":
-            err.print("[yellow]warning:[/yellow] --samples > 1 at temperature 0: greedy samples are all alike")
+        run_id = (previous or {}).get("run_id", out.name)
+
+        def write_manifest(backend: dict[str, str], engine: dict[str, Any]) -> None:
+            manifest = base_manifest("curate", previous, problems_arg, problems, kw["model"], backend, template,
+                                     capacity, config, out=out, run={"resumed_records": state.loaded,
+                                                                     "retry_errors": retry_errors, "engine": engine})
+            manifest.update(settings, contamination=contamination)
+            write_json(out / MANIFEST, manifest)
+            if samples > 1 and config.sampling.temperature == 0 and backend["name"] != "replay":
+                err.print("[yellow]warning:[/yellow] --samples > 1 at temperature 0: greedy samples are all alike")
+
         if state.loaded:
-            err.print(f"resuming {out}: {state.loaded} trajectories recorded, {len(state.work.closed)} of "
-                      f"{len(problems)} problems final", highlight=False)
+            err.print(f"resuming {out}: {state.loaded} trajectories recorded", highlight=False)
         t0 = time.monotonic()
         interrupted = False
         try:
-            asyncio.run(state.run(out, backend, template, config, kw, grader, capacity, manifest["run_id"], err))
+            if cluster is None:
+                with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
+                    backend = load_backend(kw["model"])
+                    backend.prepare(template.prefix)
+                write_manifest(backend_ref(backend), {"name": "local"})
+                asyncio.run(state.run(out, backend, template, config, kw, grader, capacity, run_id, err))
+            else:
+                state = _curate_on_cluster(state, problems, out, template, config, kw, grader, capacity, run_id,
+                                           cluster, previous, write_manifest, err)
         except KeyboardInterrupt:
             interrupted = True
+            if cluster is not None:
+                state = state.reloaded(out)
         except SandboxError as exc:
             raise ToraError(f"sandbox failure: {exc}") from exc
         metrics = state.metrics(problems, grader, time.monotonic() - t0, contamination)
-        metrics.update({"dataset": problems_arg, "model": kw["model"], "run_id": manifest["run_id"], "out": str(out),
+        metrics.update({"dataset": problems_arg, "model": kw["model"], "run_id": run_id, "out": str(out),
                         "complete": not interrupted and len(state.work.closed) == len(problems)})
         update_json(out / METRICS, metrics)  # `tora correct`'s section stays
     c = metrics["curation"]
@@ -196,6 +223,33 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _curate_on_cluster(state: Curation, problems: list[Problem], out: Path, template: PromptTemplate,
+                       config: SolveConfig, kw: dict[str, Any], grader: str, capacity: Capacity, run_id: str,
+                       cluster: ClusterOptions, previous: dict[str, Any] | None,
+                       write_manifest: Callable[[dict[str, str], dict[str, Any]], None], err: Console) -> Curation:
+    """The same curation sharded by problem over Ray workers (`tora.distributed`); returns the state
+    read back from the merged files."""
+    from tora.distributed.driver import ClusterRun, run_on_cluster
+    from tora.distributed.plan import CuratePlan
+    from tora.distributed.progress import ClusterProgress
+    from tora.distributed.worker import WorkerSetup
+
+    ledger, work = state.ledger, state.work
+    plan = CuratePlan(state.samples, config, state.rule, ledger.cap, ledger.seed, work.stop_when_full,
+                      work.retry_errors, state.greedy_first)
+    setup = WorkerSetup(model=kw["model"], template=template, policy=sandbox_from(kw), grader=grader,
+                        capacity=capacity, run_id=run_id, plan=plan)
+
+    def started(run: ClusterRun) -> None:
+        write_manifest(run.backend(previous), cluster.describe(run))
+
+    run = asyncio.run(run_on_cluster(out, problems, setup, cluster, samples_hint=state.samples,
+                                     progress=ClusterProgress(err, "curate", len(problems)), on_started=started))
+    for lost in run.lost:
+        err.print(f"[yellow]worker lost:[/yellow] {lost}; its unfinished problems were run again", highlight=False)
+    return state.reloaded(out)
+
+
 def _check_settings(previous: dict[str, Any] | None, settings: dict[str, Any], out: Path) -> None:
     if previous is None:
         return
@@ -206,12 +260,20 @@ def _check_settings(previous: dict[str, Any] | None, settings: dict[str, Any], o
                              "these decide what is kept: use another --out")
 
 
+def _available(name: str) -> bool:
+    try:
+        path = dataset_path(name)
+    except DataError:  # not shipped, and no copy in the data folders
+        return False
+    return path is not None and path.is_file()
+
+
 def _guard(problems: list[Problem], eval_sets: list[str] | None, n: int, threshold: float,
            err: Console) -> tuple[list[Overlap], list[str]]:
     """The problems that overlap the evaluation sets, and the sets checked."""
     t0 = time.monotonic()
     if eval_sets is None:
-        eval_sets = [d for d in DATASETS if (path := dataset_path(d)) is not None and path.is_file()]
+        eval_sets = [d for d in DATASETS if _available(d)]
     evals = [p for name in eval_sets for p in load_problems(name)]
     if not evals:
         err.print("[yellow]warning:[/yellow] contamination check: no evaluation set found (set TORA_DATA_DIR or "
@@ -262,6 +324,20 @@ class Curation:
         self.ledger.load(records, kept, seen=curated)
         self.loaded = len(records)
         self.retry = self.work.to_retry()
+
+    def reloaded(self, out: Path) -> Curation:
+        """The same run read back from its files (after the workers of a cluster wrote them):
+        what this session added counts as new, final problems as closed."""
+        fresh = Curation(self.problems, self.samples, self.rule, self.ledger.cap, self.ledger.seed,
+                         self.work.stop_when_full, self.work.retry_errors, self.greedy_first)
+        fresh.load(out)
+        before = {t.id for t in self.work.latest()}
+        fresh.work.new = [t for t in fresh.work.latest() if t.id not in before]
+        fresh.work.attempted = {(t.problem.id, t.sample_index) for t in fresh.work.new}
+        fresh.work.closed = {p.id for p in self.problems if fresh.work.final(p.id)}
+        fresh.loaded = self.loaded
+        fresh.retry = self.retry
+        return fresh
 
     def jobs(self, config: SolveConfig, backend: Backend) -> Iterator[Job]:
         """Problem-major, drawn lazily: a problem that became final is passed over."""

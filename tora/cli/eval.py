@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -25,6 +26,7 @@ from sandbox import SandboxError, SandboxPolicy
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.batch import (
+    backend_ref,
     base_manifest,
     check_unique,
     episode_factory,
@@ -33,20 +35,34 @@ from tora.cli.batch import (
     sample_config,
     scheduled,
 )
-from tora.cli.options import capacity_from, config_from, loop_options, sandbox_from, scheduler_options
+from tora.cli.options import (
+    capacity_from,
+    cluster_from,
+    config_from,
+    engine_options,
+    loop_options,
+    sandbox_from,
+    scheduler_options,
+)
 from tora.cli.progress import BatchProgress
 from tora.data import load_problems
+from tora.distributed.shards import has_shards, merge_shards
 from tora.engine import SolveConfig
 from tora.errors import ToraError, UsageError
-from tora.evaluate import load_finished, regrade, work_list
+from tora.evaluate import Pair, load_finished, regrade, work_list
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
-from tora.record import Problem, TrajectoryWriter
+from tora.record import Problem, Trajectory, TrajectoryWriter
 from tora.run_dir import MANIFEST, METRICS, TRAJECTORIES, default_out, latest_out, write_json
 from tora.scheduler import Capacity, Graded, Job
 
+if TYPE_CHECKING:
+    from tora.distributed.driver import ClusterOptions, ClusterRun
+
 _MATH_SETS = {"math", "math500"}
+
+
 
 
 @click.command("eval")
@@ -57,6 +73,7 @@ _MATH_SETS = {"math", "math500"}
               help="Trajectories per problem (maj@k, pass@k).")
 @click.option("--grader", type=click.Choice(GRADERS), default=DEFAULT_GRADER, show_default=True)
 @scheduler_options
+@engine_options
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: trajectories/eval-<dataset>-<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (or this data set's latest run).")
@@ -70,6 +87,7 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
     """Evaluate a model on DATASET (gsm8k, math, math500, gsm-hard, svamp, asdiv, mawps) or a JSONL FILE."""
     config = config_from(kw)
     capacity = capacity_from(kw)
+    cluster = cluster_from(kw)
     err = Console(stderr=True)
     problems = load_problems(dataset, question_field=question_field, answer_field=answer_field,
                              id_field=id_field, limit=limit)
@@ -80,37 +98,45 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
     traj_path = out / TRAJECTORIES
     previous = previous_run(out, kw["model"], dataset, "eval") if resume else None
     selected = {(p.id, k) for p in problems for k in range(samples)}
+    if resume and has_shards(out):
+        merge_shards(out)  # what the workers of a cluster run recorded counts as recorded, whichever engine resumes
     finished = {pair: t for pair, t in load_finished(traj_path).items() if pair in selected} if resume else {}
     template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
-    with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
-        backend = load_backend(kw["model"])
-        backend.prepare(template.prefix)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = _manifest(previous, dataset, problems, samples, grader, capacity, config, kw["model"], backend,
-                         template, skipped=len(finished), out=out)
-    write_json(out / MANIFEST, manifest)
-    work = work_list(problems, samples, finished)
-    if samples > 1 and config.sampling.temperature == 0 and backend.name != "replay":
-        err.print("[yellow]warning:[/yellow] --samples > 1 at temperature 0: greedy samples are all alike")
     if finished:
         err.print(f"resuming {out}: {len(finished)} of {len(selected)} trajectories already recorded", highlight=False)
-    new: list[Graded] = []
+
+    def write_manifest(backend: dict[str, str], engine: dict[str, Any]) -> dict[str, Any]:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = _manifest(previous, dataset, problems, samples, grader, capacity, config, kw["model"], backend,
+                             template, skipped=len(finished), out=out, engine=engine)
+        write_json(out / MANIFEST, manifest)
+        if samples > 1 and config.sampling.temperature == 0 and backend["name"] != "replay":
+            err.print("[yellow]warning:[/yellow] --samples > 1 at temperature 0: greedy samples are all alike")
+        return manifest
+
     t0 = time.monotonic()
-    writer = TrajectoryWriter(traj_path)
     interrupted = False
+    run_id = (previous or {}).get("run_id", out.name)
+    new: list[Graded] | None = None
     try:
-        asyncio.run(_run(work, backend, template, config, sandbox_from(kw), kw["model"], grader, capacity, manifest["run_id"],
-                         samples, writer, new, err, len(selected), len(finished),
-                         sum(t.result.correct is True for t in finished.values())))
+        if cluster is None:
+            new = _eval_local(problems, samples, finished, template, config, capacity, grader, kw, run_id, out,
+                              write_manifest, err, len(selected))
+        else:
+            _eval_on_cluster(problems, samples, finished, template, config, capacity, grader, kw, run_id, out,
+                                   write_manifest, err, cluster, previous)
     except KeyboardInterrupt:
-        interrupted = True
+        interrupted, new = True, None
     except SandboxError as exc:
         raise ToraError(f"sandbox failure: {exc}") from exc
-    finally:
-        writer.close()
-    graded = regrade(list(finished.values()), grader) + new
+    if new is not None and cluster is None:
+        graded = regrade(list(finished.values()), grader) + new
+    else:  # what this session added is in the records (the workers graded it)
+        after = {pair: t for pair, t in load_finished(traj_path).items() if pair in selected}
+        graded = regrade(list(after.values()), grader)
+        new = [g for g in graded if g.pair not in finished]
     metrics = compute_metrics(graded, problems, samples=samples, grader=grader, wall_s=time.monotonic() - t0)
-    metrics.update({"dataset": dataset, "model": kw["model"], "run_id": manifest["run_id"], "out": str(out),
+    metrics.update({"dataset": dataset, "model": kw["model"], "run_id": run_id, "out": str(out),
                     "complete": metrics["missing"] == 0, "resumed": len(finished)})
     write_json(out / METRICS, metrics)
     _report(metrics, Console(stderr=as_json), as_json)
@@ -122,6 +148,46 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
     return 0
 
 
+ManifestWriter = Callable[[dict[str, str], dict[str, Any]], dict[str, Any]]
+
+
+def _eval_local(problems: list[Problem], samples: int, finished: dict[Pair, Trajectory], template: PromptTemplate,
+                config: SolveConfig, capacity: Capacity, grader: str, kw: dict[str, Any], run_id: str, out: Path,
+                write_manifest: ManifestWriter, err: Console, total: int) -> list[Graded]:
+    with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
+        backend = load_backend(kw["model"])
+        backend.prepare(template.prefix)
+    write_manifest(backend_ref(backend), {"name": "local"})
+    new: list[Graded] = []
+    with TrajectoryWriter(out / TRAJECTORIES) as writer:
+        asyncio.run(_run(work_list(problems, samples, finished), backend, template, config, sandbox_from(kw),
+                         kw["model"], grader, capacity, run_id, samples, writer, new, err, total, len(finished),
+                         sum(t.result.correct is True for t in finished.values())))
+    return new
+
+
+def _eval_on_cluster(problems: list[Problem], samples: int, finished: dict[Pair, Trajectory],
+                     template: PromptTemplate, config: SolveConfig, capacity: Capacity, grader: str,
+                     kw: dict[str, Any], run_id: str, out: Path, write_manifest: ManifestWriter, err: Console,
+                     cluster: ClusterOptions, previous: dict[str, Any] | None) -> None:
+    from tora.distributed.driver import run_on_cluster
+    from tora.distributed.plan import EvalPlan
+    from tora.distributed.progress import ClusterProgress
+    from tora.distributed.worker import WorkerSetup
+
+    setup = WorkerSetup(model=kw["model"], template=template, policy=sandbox_from(kw), grader=grader,
+                        capacity=capacity, run_id=run_id, plan=EvalPlan(samples, config))
+
+    def started(run: ClusterRun) -> None:
+        write_manifest(run.backend(previous), cluster.describe(run))
+
+    progress = ClusterProgress(err, "eval", len(problems))
+    run = asyncio.run(run_on_cluster(out, problems, setup, cluster, samples_hint=samples, progress=progress,
+                                     on_started=started))
+    for lost in run.lost:
+        err.print(f"[yellow]worker lost:[/yellow] {lost}; its unfinished problems were run again", highlight=False)
+
+
 def _resolve_out(dataset: str, out: Path | None, resume: bool) -> Path:
     if out is None:
         if not resume:
@@ -131,16 +197,16 @@ def _resolve_out(dataset: str, out: Path | None, resume: bool) -> Path:
             raise UsageError(f"--resume: no earlier run of {dataset} found; name it with --out")
         return found
     records = out / TRAJECTORIES
-    if not resume and records.is_file() and records.stat().st_size > 0:
+    if not resume and ((records.is_file() and records.stat().st_size > 0) or has_shards(out)):
         raise UsageError(f"{out} already holds trajectories; add --resume to continue that run, or pick another --out")
     return out
 
 
 def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Problem], samples: int, grader: str,
-              capacity: Capacity, config: SolveConfig, model: str, backend: Backend, template: PromptTemplate,
-              *, skipped: int, out: Path) -> dict[str, Any]:
+              capacity: Capacity, config: SolveConfig, model: str, backend: dict[str, str], template: PromptTemplate,
+              *, skipped: int, out: Path, engine: dict[str, Any]) -> dict[str, Any]:
     manifest = base_manifest("eval", previous, dataset, problems, model, backend, template, capacity, config,
-                             out=out, run={"skipped": skipped})
+                             out=out, run={"skipped": skipped, "engine": engine})
     manifest.update(samples=samples, grader=grader)
     return manifest
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from sandbox import SandboxPolicy
 from tora.engine import Limits, RenderSettings, SamplingParams, SolveConfig
+from tora.errors import UsageError
 from tora.kernels import sandbox_policy
 from tora.render import RENDERERS
 from tora.scheduler import Capacity
+
+if TYPE_CHECKING:
+    from tora.distributed.driver import ClusterOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,3 +109,40 @@ def scheduler_options(func: F) -> F:
 
 def capacity_from(kw: dict[str, Any]) -> Capacity:
     return Capacity(in_flight=kw["concurrency"], kernels=kw["kernels"] or kw["concurrency"], graders=kw["graders"])
+
+
+def engine_options(func: F) -> F:
+    """Where the batch verbs run: this process, or workers on a Ray cluster (sized apart from each worker's limits)."""
+    opts = [
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     envvar="TORA_ENGINE",
+                     help="local: this process. ray: problems sharded across Ray workers, each with its own "
+                          "scheduler, kernel pool and model client; --concurrency, --kernels and --graders are "
+                          "then per worker."),
+        click.option("--address", default=None, envvar="RAY_ADDRESS",
+                     help="Ray cluster to join (host:port, or auto) [default: a private cluster on this machine, "
+                          "loopback only]. The run folder must be on a filesystem every node sees."),
+        click.option("--actors", type=click.IntRange(1), default=None,
+                     help="Ray workers [default: one per node]."),
+        click.option("--actor-cpus", type=click.FloatRange(0.0), default=1.0, show_default=True,
+                     help="CPUs each Ray worker reserves (its kernels and event loop run on them)."),
+        click.option("--actor-gpus", type=click.FloatRange(0.0), default=0.0, show_default=True,
+                     help="GPUs each Ray worker reserves (for a model loaded in the worker)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def cluster_from(kw: dict[str, Any]) -> ClusterOptions | None:
+    """The cluster sizing of `--engine ray`; None for the local engine."""
+    from tora.distributed.driver import ClusterOptions
+
+    if kw["engine"] != "ray":
+        given = [flag for flag, name, default in (("--actors", "actors", None), ("--actor-cpus", "actor_cpus", 1.0),
+                                                  ("--actor-gpus", "actor_gpus", 0.0)) if kw[name] != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} need --engine ray")
+        return None
+    return ClusterOptions(address=kw["address"] or None, workers=kw["actors"], worker_cpus=kw["actor_cpus"],
+                          worker_gpus=kw["actor_gpus"])

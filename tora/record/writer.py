@@ -52,11 +52,16 @@ class TrajectoryWriter:
 
     def append_all_sync(self, trajectories: Sequence[Trajectory]) -> None:
         """Several records in one write and one fsync (a curated group is appended whole)."""
-        data = "".join(t.model_dump_json() + "\n" for t in trajectories).encode()
+        self.append_bytes("".join(t.model_dump_json() + "\n" for t in trajectories).encode())
+
+    def append_bytes(self, data: bytes) -> None:
+        """Whole serialised records (lines already ending in a newline), in one write and one fsync.
+
+        The merge of shard files copies records byte for byte through this.
+        """
         try:
             while data:
-                written = os.write(self._fd, data)
-                data = data[written:]
+                data = data[os.write(self._fd, data) :]
             os.fsync(self._fd)
         except OSError as exc:
             raise RecordError(f"cannot append to {self.path}: {exc.strerror}") from exc
