@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
-
 from tora.prompts import load_prompt
 from tora.record import (
     CodeStep,
@@ -157,27 +155,9 @@ def corpus() -> list[Trajectory]:
     ]]
 
 
-class StructuredError(BaseModel):
-    """Schema 1.1's `result.error`."""
-
-    kind: str
-    message: str
-    traceback: str | None = None
-
-
-class Result11(Result):
-    error: StructuredError | str | None = None  # type: ignore[assignment]
-
-
-class Trajectory11(Trajectory):
-    """A 1.1 record as the coming schema will read it: structured error, prefix_lines."""
-
-    result: Result11  # type: ignore[assignment]
-    prefix_lines: int | None = None
-
-
-def as_11(t: Trajectory, **update: Any) -> Trajectory11:
+def as_11(t: Trajectory, **update: Any) -> Trajectory:
+    """A copy of `t` as a 1.1 record with `update` applied (e.g. a structured error, prefix_lines)."""
     raw = t.model_dump()
     raw["schema_version"] = "1.1"
     raw.update(update)
-    return Trajectory11.model_validate(raw)
+    return Trajectory.model_validate(raw)
