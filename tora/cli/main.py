@@ -32,6 +32,8 @@ def _register() -> None:
         ("tora.cli.grade", "grade"),
         ("tora.cli.eval", "eval_cmd"),
         ("tora.cli.replay", "replay"),
+        ("tora.cli.serve", "serve"),
+        ("tora.cli.lmeval", "lm_eval"),
     ]
     for module, attr in optional:
         try:

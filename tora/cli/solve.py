@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.display import PlainPrinter, RichPrinter
 from tora.cli.options import config_from, loop_options, sandbox_from
+from tora.data import problem_from_text
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.events import Event, Finished
 from tora.kernels import FreshKernels
@@ -30,11 +30,6 @@ EXIT_NO_ANSWER = 3
 
 def default_record_path() -> Path:
     return trajectories_dir() / "solve.jsonl"
-
-
-def problem_from_text(text: str, answer: str | None = None) -> Problem:
-    digest = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:12]
-    return Problem(id=f"adhoc-{digest}", text=text.strip(), answer=answer, source="cli")
 
 
 async def run_episode(
