@@ -47,10 +47,10 @@ class ServeLimits:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+    def __init__(self, status: int, message: str, type_: str | None = None, param: str | None = None,
                  code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.type, self.param, self.code = status, type_, param, code
+        self.status, self.type, self.param, self.code = status, type_ or _type_for(status), param, code
 
     def response(self) -> JSONResponse:
         body = error_body(str(self), self.type, self.param, self.code)
@@ -198,12 +198,11 @@ def create_app(runner: Runner, *, served_name: str, limits: ServeLimits, api_key
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = "no such route" if exc.status_code == 404 else str(exc.detail)
-        return ApiError(exc.status_code, f"{message}: {request.method} {request.url.path}",
-                        _type_for(exc.status_code)).response()
+        return ApiError(exc.status_code, f"{message}: {request.method} {request.url.path}").response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()
 
     def card() -> p.ModelCard:
         return p.ModelCard(id=served_name, created=created, tora={
@@ -222,7 +221,7 @@ def create_app(runner: Runner, *, served_name: str, limits: ServeLimits, api_key
     async def model(model_id: str) -> p.ModelCard:
         if model_id not in names:
             raise ApiError(404, f"the model {model_id!r} does not exist; this server serves {served_name!r}",
-                           "not_found_error", "model", "model_not_found")
+                           param="model", code="model_not_found")
         return card()
 
     async def complete(request: Request, kind: Kind) -> Response:
@@ -230,7 +229,7 @@ def create_app(runner: Runner, *, served_name: str, limits: ServeLimits, api_key
             p.ChatCompletionRequest if kind == "chat" else p.CompletionRequest, await request.body())
         if req.model not in names:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {served_name!r}",
-                           "not_found_error", "model", "model_not_found")
+                           param="model", code="model_not_found")
         texts = [req.problem_text()] if isinstance(req, p.ChatCompletionRequest) else req.prompts()
         if any(not t.strip() for t in texts):
             field = "messages" if kind == "chat" else "prompt"
@@ -247,7 +246,7 @@ def create_app(runner: Runner, *, served_name: str, limits: ServeLimits, api_key
             specs += [ChoiceSpec(problem, configs[k], k) for k in range(req.n)]
         if not runner.admit(len(specs)):
             raise ApiError(429, f"the server is busy ({runner.max_admitted} trajectories running or queued); "
-                                "retry later", "rate_limit_error", code="server_busy")
+                                "retry later", code="server_busy")
         choices = Choices(runner, specs, req.stop_list(), request.receive, kind=kind, model=req.model,
                           stream=req.stream)
         if req.stream:
@@ -256,7 +255,7 @@ def create_app(runner: Runner, *, served_name: str, limits: ServeLimits, api_key
         try:
             body: BaseModel | None = await choices.response()
         except TrajectoryFailed as exc:
-            raise ApiError(exc.status, str(exc), _type_for(exc.status), code=exc.code) from exc
+            raise ApiError(exc.status, str(exc), code=exc.code) from exc
         if body is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
         return Response(body.model_dump_json(), media_type="application/json")

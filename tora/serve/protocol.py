@@ -124,11 +124,13 @@ class CompletionRequest(_Sampling):
     _logprobs = field_validator("logprobs")(_refuse(_NO_LOGPROBS))
     _suffix = field_validator("suffix")(_refuse("insertion is not supported"))
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, value: str | list[str]) -> str | list[str]:
+    def _prompt(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("an empty list of prompts")
+        if isinstance(value, list) and any(isinstance(x, int | list) for x in value):
+            raise ValueError("token ids are not accepted; send the problem as text")
         return value
 
     @model_validator(mode="after")
