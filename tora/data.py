@@ -13,6 +13,7 @@ naming file, line and field.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -274,3 +275,10 @@ def load_problems(
             problems.append(problem)
         return problems
     return _user_file(path, question_field, answer_field, id_field, limit)
+
+
+def problem_from_text(text: str, answer: str | None = None, source: str = "cli") -> Problem:
+    """A problem typed by a user or sent by a client: its id is a digest of the
+    whitespace-normalised text, so the same question gets the same id."""
+    digest = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:12]
+    return Problem(id=f"adhoc-{digest}", text=text.strip(), answer=answer, source=source)

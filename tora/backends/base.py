@@ -148,3 +148,11 @@ class StopScanner:
         """At the end of generation, what was held back is real text."""
         held, self._held = self._held, ""
         return held if self.matched is None else ""
+
+
+def cut_at_stops(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to the first of `stops` (not kept), and whether one occurred:
+    what a stream through `StopScanner` would have emitted."""
+    scanner = StopScanner(stops)
+    out = scanner.feed(text) + scanner.flush()
+    return out, scanner.matched is not None

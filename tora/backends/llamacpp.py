@@ -149,6 +149,7 @@ class LlamaCppBackend(Backend):
                             return
                 finally:
                     chunks.close()
+                    self._free_sampler()
 
             def natural_finish() -> FinishReason:
                 return "length" if ended["reason"] == "length" else "eos"
@@ -161,6 +162,16 @@ class LlamaCppBackend(Backend):
             ) as events:
                 async for event in events:
                     yield event
+
+    def _free_sampler(self) -> None:
+        """Free the call's sampler now. llama-cpp-python builds one per completion; it
+        holds a vocabulary-sized native buffer (3 MB for Gemma 3) and sits in a
+        reference cycle, so only the cyclic GC freed it: a server's RSS grew by
+        about 3 MB a call. The next completion builds its own."""
+        sampler = getattr(self._llm, "_sampler", None)
+        if sampler is not None:
+            sampler.close()
+            self._llm._sampler = None
 
     async def aclose(self) -> None:
         close = getattr(self._llm, "close", None)

@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import Callable
 
 from tora.engine import Episode
 from tora.events import Event, Finished
-from tora.record import Problem, Trajectory, TrajectoryWriter
-
-
-def problem_from_text(text: str, answer: str | None = None) -> Problem:
-    digest = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:12]
-    return Problem(id=f"adhoc-{digest}", text=text.strip(), answer=answer, source="cli")
+from tora.record import Trajectory, TrajectoryWriter
 
 
 async def run_episode(

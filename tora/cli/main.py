@@ -36,6 +36,8 @@ def _register() -> None:
         ("tora.cli.report", "report"),
         ("tora.cli.curate", "curate"),
         ("tora.cli.correct", "correct"),
+        ("tora.cli.serve", "serve"),
+        ("tora.cli.lmeval", "lm_eval"),
     ]
     for module, attr in optional:
         try:

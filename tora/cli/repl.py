@@ -21,7 +21,8 @@ from sandbox import SandboxPolicy
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.display import PlainPrinter, RichPrinter
-from tora.cli.interactive import problem_from_text, run_episode
+from tora.cli.interactive import run_episode
+from tora.data import problem_from_text
 from tora.engine import Episode, SolveConfig
 from tora.errors import ToraError
 from tora.kernels import FreshKernels

@@ -15,8 +15,9 @@ from sandbox import SandboxPolicy
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.display import PlainPrinter, RichPrinter
-from tora.cli.interactive import problem_from_text, run_episode
+from tora.cli.interactive import run_episode
 from tora.cli.options import config_from, loop_options, sandbox_from
+from tora.data import problem_from_text
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.kernels import FreshKernels
 from tora.paths import trajectories_dir
