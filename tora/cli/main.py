@@ -32,6 +32,7 @@ def _register() -> None:
         ("tora.cli.grade", "grade"),
         ("tora.cli.eval", "eval_cmd"),
         ("tora.cli.replay", "replay"),
+        ("tora.cli.models", "models"),
     ]
     for module, attr in optional:
         try:
