@@ -47,7 +47,7 @@ def test_a_gguf_file_is_pointed_at_the_conversion(tmp_path: Path) -> None:
 
 
 def test_a_directory_without_config_is_a_spec_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelSpecError, match="no config.json"):
+    with pytest.raises(ModelSpecError, match=r"no config\.json"):
         load_backend(f"vllm:{tmp_path}")
 
 
