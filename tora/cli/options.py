@@ -20,7 +20,7 @@ def loop_options(func: F) -> F:
     """--model, --prompt and the budgets; each flag also reads TORA_<NAME>."""
     opts = [
         click.option("--model", "-m", "model", envvar="TORA_MODEL", default="embedded", show_default=True,
-                     help="Model spec: embedded | gguf:FILE | hf:DIR | replay:FILE."),
+                     help="Model spec: embedded | gguf:FILE | hf:DIR | vllm:DIR | vllm:embedded | replay:FILE."),
         click.option("--prompt", "-p", "prompt", envvar="TORA_PROMPT", default=None,
                      help="Prompt template name (see prompts/) or file [default: tora-gsm8k; tora-math for MATH sets]."),
         click.option("--max-tool-calls", type=click.IntRange(0), default=4, show_default=True),
