@@ -7,7 +7,8 @@
 Options: enforce_eager (0/1: skip torch.compile, a much faster start-up and
 slower decoding), max_model_len, dtype, kv_cache_gb (the KV cache size, the
 way to size it on a CPU; VLLM_CPU_KVCACHE_SPACE also works), gpu_memory_utilization,
-max_num_seqs.
+max_num_seqs. vLLM's own environment variables pass through (on a CPU, e.g.
+VLLM_CPU_NUM_OF_RESERVED_CPU: by default one core is left to the caller).
 
 vLLM batches every request in flight, so many trajectories at once (the
 scheduler's `--concurrency`) share each forward pass; llama.cpp serves one
