@@ -107,5 +107,6 @@ def convert_cmd(source: str, out: Path | None, dtype: str) -> None:
     src = resolve_source(source)
     target = (out or default_out(src)).expanduser().absolute()
     done = convert(src, target, dtype=dtype, notify=lambda line: err.print(line, highlight=False))
-    err.print(f"ready: --model vllm:{'embedded' if source == EMBEDDED and out is None else done}", highlight=False)
     sys.stdout.write(f"{done}\n")
+    sys.stdout.flush()
+    err.print(f"ready: --model vllm:{'embedded' if source == EMBEDDED and out is None else done}", highlight=False)
