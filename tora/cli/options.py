@@ -22,7 +22,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _MODEL = [
     click.option("--model", "-m", "model", envvar="TORA_MODEL", default="embedded", show_default=True,
-                 help="Model spec: embedded | gguf:FILE | hf:DIR | replay:FILE | openai:MODEL@URL[?OPTIONS]."),
+                 help="Model spec: embedded | gguf:FILE | hf:DIR | vllm:DIR | vllm:embedded | replay:FILE | openai:MODEL@URL[?OPTIONS]."),
     click.option("--prompt", "-p", "prompt", envvar="TORA_PROMPT", default=None,
                  help="Prompt template name (see prompts/) or file [default: tora-gsm8k; tora-math for MATH sets]."),
 ]

