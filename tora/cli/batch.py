@@ -46,6 +46,17 @@ def previous_run(out: Path, model: str, dataset: str, command: str) -> dict[str,
     return previous
 
 
+def check_fixed(previous: dict[str, Any] | None, settings: dict[str, Any], fixed: Sequence[str], what: str,
+                advice: str) -> None:
+    """Refuse to resume a run with settings that decide what it keeps ("RUN was WHAT with --FLAG X, not Y")."""
+    if previous is None:
+        return
+    for name in fixed:
+        if name in previous and previous[name] != settings[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"resume: {what} with {flag} {previous[name]}, not {settings[name]}; {advice}")
+
+
 def backend_ref(backend: Backend) -> dict[str, str]:
     """What a manifest says of the model (on a cluster the workers report it: the driver loads none)."""
     return {"name": backend.name, "model": backend.model}

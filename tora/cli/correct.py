@@ -37,7 +37,7 @@ from sandbox import SandboxError
 from tora import fences
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
-from tora.cli.batch import scheduled
+from tora.cli.batch import check_fixed, scheduled
 from tora.cli.options import (
     capacity_from,
     continuation_options,
@@ -114,7 +114,8 @@ def correct(run_dir: Path, teacher: str, prefixes: str, keep_tool_errors: bool, 
                     "keep_tool_errors": keep_tool_errors, "max_per_parent": max_per_parent}
         section = manifest.get("correct")
         previous = section if isinstance(section, dict) else None
-        _check_settings(previous, settings, run_dir)
+        check_fixed(previous, settings, _FIXED, f"{run_dir} was corrected",
+                    "finish that run with the same flags first")
         for name in (CORRECTIONS, CURATED):
             moved = repair_tail(run_dir / name)
             if moved:
@@ -159,16 +160,6 @@ def correct(run_dir: Path, teacher: str, prefixes: str, keep_tool_errors: bool, 
     if state.work.new and all(t.result.finish == "error" for t in state.work.new):
         raise ToraError(f"every continuation failed; the first: {state.work.new[0].result.error}")
     return 0
-
-
-def _check_settings(previous: dict[str, Any] | None, settings: dict[str, Any], run_dir: Path) -> None:
-    if previous is None:
-        return
-    for name in _FIXED:
-        if name in previous and previous[name] != settings[name]:
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"resume: {run_dir} was corrected with {flag} {previous[name]}, not {settings[name]}; "
-                             "finish that run with the same flags first")
 
 
 def template_of(parent: Trajectory) -> PromptTemplate:

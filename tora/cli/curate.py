@@ -40,6 +40,7 @@ from tora.backends.registry import load_backend
 from tora.cli.batch import (
     backend_ref,
     base_manifest,
+    check_fixed,
     check_unique,
     episode_factory,
     origin_for,
@@ -150,7 +151,7 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
                 "stop_when_full": stop_when_full}
     with locked(out, "curate"):
         previous = previous_run(out, kw["model"], problems_arg, "curate")
-        _check_settings(previous, settings, out)
+        check_fixed(previous, settings, _FIXED, f"{out} was curated", "these decide what is kept: use another --out")
         for name in (TRAJECTORIES, CURATED):
             moved = repair_tail(out / name)
             if moved:
@@ -248,16 +249,6 @@ def _curate_on_cluster(state: Curation, problems: list[Problem], out: Path, temp
     for lost in run.lost:
         err.print(f"[yellow]worker lost:[/yellow] {lost}; its unfinished problems were run again", highlight=False)
     return state.reloaded(out)
-
-
-def _check_settings(previous: dict[str, Any] | None, settings: dict[str, Any], out: Path) -> None:
-    if previous is None:
-        return
-    for name in _FIXED:
-        if name in previous and previous[name] != settings[name]:
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"resume: {out} was curated with {flag} {previous[name]}, not {settings[name]}; "
-                             "these decide what is kept: use another --out")
 
 
 def _available(name: str) -> bool:
