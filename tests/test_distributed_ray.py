@@ -32,7 +32,7 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from tora.distributed.driver import actor_prefix  # noqa: E402
-from tora.distributed.leases import read_leases  # noqa: E402
+from tora.distributed.leases import open_leases, read_leases  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
@@ -42,13 +42,16 @@ def says(n: int, sleep: float = 0.0) -> str:
     return f"Let me compute.\n```python\n{code}\n```\n```output\n{n}\n```\nSo the answer is $\\boxed{{{n}}}$."
 
 
-def fixture(tmp_path: Path, problems: int, samples: int, sleep: float = 0.0) -> tuple[Path, Path]:
-    """Problem i's answer is i; sample k answers i + k % 2 (every other sample is wrong)."""
+def fixture(tmp_path: Path, problems: int, samples: int, sleep: float = 0.0, stagger: float = 0.0) -> tuple[Path, Path]:
+    """Problem i's answer is i; sample k answers i + k % 2 (every other sample is wrong).
+
+    Sample k's cell sleeps ``sleep + k * stagger``: with a stagger, the samples of one problem end apart.
+    """
     data = tmp_path / "set.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "question": f"What is {i}?", "answer": str(i)}) + "\n"
                             for i in range(problems)))
     released = write_released(tmp_path / "samples.jsonl", [
-        {"idx": f"p{i}", "question": f"What is {i}?", "code": [says(i + k % 2, sleep) for k in range(samples)]}
+        {"idx": f"p{i}", "question": f"What is {i}?", "code": [says(i + k % 2, sleep + k * stagger) for k in range(samples)]}
         for i in range(problems)])
     return data, released
 
@@ -201,13 +204,21 @@ def outcome(rows: list[dict[str, Any]]) -> list[tuple[str, int, str, str, bool]]
 
 @pytest.mark.slow
 def test_a_killed_workers_unfinished_problems_are_redone_once(cluster: str, tmp_path: Path) -> None:
-    data, released = fixture(tmp_path, problems=6, samples=2, sleep=0.6)
+    # Sample 1 of a problem ends 2 s after sample 0: a window in which its lease is part done.
+    data, released = fixture(tmp_path, problems=6, samples=2, sleep=0.6, stagger=2.0)
     out = tmp_path / "ray"
     args = ["eval", str(data), "--model", f"replay:{released}", "--samples", "2", "--concurrency", "2", "--json"]
     proc = start([*args, "--engine", "ray", "--address", cluster, "--actors", "2", "--out", str(out)])
     try:
         victim = out / "shards" / "s1-w0.jsonl"
-        wait_for(lambda: victim.exists() and victim.read_bytes().count(b"\n") >= 1, 120, "a record of worker s1-w0")
+
+        def partly_done() -> bool:
+            """s1-w0 has recorded part of a lease it has not finished: killing it now loses work in flight."""
+            in_flight = {p for e in open_leases(list(read_leases(out))) if e.worker == "s1-w0" for p in e.problems}
+            lines = victim.read_bytes().split(b"\n")[:-1] if victim.exists() else []
+            return any(json.loads(line)["problem"]["id"] in in_flight for line in lines)
+
+        wait_for(partly_done, 120, "a record of worker s1-w0 from a lease it has not finished")
         ray.kill(ray.get_actor(f"{actor_prefix(out)}-s1-w0", namespace="tora"), no_restart=True)
         stdout, stderr = proc.communicate(timeout=180)
     finally:
@@ -226,7 +237,8 @@ def test_a_killed_workers_unfinished_problems_are_redone_once(cluster: str, tmp_
     # worker had recorded was not run again; what it had in flight was run once, elsewhere.
     units = shard_units(out)
     assert units == Counter({(f"p{i}", k): 1 for i in range(6) for k in range(2)})
-    assert any(r["problem"]["id"] in again for r in records(victim))
+    victim_units = [(r["problem"]["id"], r["sample_index"]) for r in records(victim)]
+    assert any(pid in again for pid, _ in victim_units), (victim_units, again)
     assert outcome(records(out / "trajectories.jsonl")) == expected(6, 2)
     assert json.loads(stdout)["complete"] is True
 
