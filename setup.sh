@@ -71,7 +71,7 @@ wheels="${TORA_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tora/wheels}/llama-c
 stamp=.venv/.llama-cpp-build
 build_engine() {
   rm -rf "$wheels" && mkdir -p "$wheels"
-  echo "setup: building llama.cpp for all x86-64 CPU levels (about 12-20 minutes on 2 cores, once)" >&2
+  echo "setup: building llama.cpp for all x86-64 CPU levels (about 8-20 minutes on 2 cores, once)" >&2
   CMAKE_ARGS="$flags -DCMAKE_PROJECT_llama_cpp_INCLUDE=$variants_cmake" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     .venv/bin/python -m pip wheel -q --disable-pip-version-check --no-cache-dir --no-deps \
     --no-binary llama-cpp-python -w "$wheels" "llama-cpp-python==$LLAMA_VERSION"
