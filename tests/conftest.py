@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tora.backends.base import Backend, Delta, Done, GenerationRequest, checked_stream
+
 ROOT = Path(__file__).resolve().parent.parent
 # The full-size data (all seven sets and ToRA's released outputs): ../shared/data beside the
 # checkout, as CI has it, or $TORA_DATA_DIR. A fresh clone has neither: the tests that need it
@@ -23,6 +25,18 @@ RELEASED_GSM8K = DATA / "released" / "tora-code-34b-v1.0" / "gsm8k" / "test_tora
 HEAD = Path(__file__).parent / "data" / "released_gsm8k_head.jsonl"
 HEAD5 = Path(__file__).parent / "data" / "released_gsm8k_head5.jsonl"
 TORA = [sys.executable, "-m", "tora.cli.main"]
+
+
+async def collect(backend: Backend, request: GenerationRequest) -> tuple[str, Done]:
+    """The whole text of one backend call and its `Done`, through the stream contract's checks."""
+    text, done = "", None
+    async for event in checked_stream(backend, request):
+        if isinstance(event, Delta):
+            text += event.text
+        else:
+            done = event
+    assert done is not None
+    return text, done
 
 
 def needs_full_data(path: Path) -> pytest.MarkDecorator:

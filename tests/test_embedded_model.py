@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import TORA
+from conftest import TORA, collect
 
 from tora.backends.base import Delta, Done, GenerationRequest
 from tora.backends.registry import load_backend
@@ -39,15 +39,9 @@ def test_stop_strings_cut_generation_and_cancel_is_prompt() -> None:
     backend = load_backend("embedded")
 
     async def go() -> tuple[str, Done, float]:
-        text, done = "", None
         req = GenerationRequest(prompt="Question: What is 3+4?\nSolution:\n```python\nprint(3 + 4)\n```\n",
                                 stop=["```output"], max_tokens=64)
-        async for ev in backend.stream(req):
-            if isinstance(ev, Delta):
-                text += ev.text
-            else:
-                done = ev
-        assert done is not None
+        text, done = await collect(backend, req)
         # Cancelling mid-stream must free the model quickly for the next caller.
         t0 = time.monotonic()
         stream = backend.stream(GenerationRequest(prompt="Count: 1, 2, 3,", max_tokens=500))
@@ -58,15 +52,9 @@ def test_stop_strings_cut_generation_and_cancel_is_prompt() -> None:
             pass
         return text, done, time.monotonic() - t0
 
-    async def until_space() -> tuple[str, Done | None]:
+    async def until_space() -> tuple[str, Done]:
         # Any continuation of a count holds a space within 64 tokens: this stop must fire.
-        text, done = "", None
-        async for ev in backend.stream(GenerationRequest(prompt="Count: 1, 2, 3,", stop=[" "], max_tokens=64)):
-            if isinstance(ev, Delta):
-                text += ev.text
-            else:
-                done = ev
-        return text, done
+        return await collect(backend, GenerationRequest(prompt="Count: 1, 2, 3,", stop=[" "], max_tokens=64))
 
     text, done, cancel_s = asyncio.run(go())
     assert "```output" not in text

@@ -16,10 +16,11 @@ import time
 from typing import Any
 
 import pytest
+from conftest import collect
 from openai_double import ScriptedServer, Status, Stream, chat_chunks, completion_chunks
 
 from tora import fences
-from tora.backends.base import Delta, Done, GenerationRequest, checked_stream
+from tora.backends.base import Done, GenerationRequest
 from tora.backends.llama_server import server_argv
 from tora.backends.openai import OpenAIBackend, ServerSpec
 from tora.engine import Episode, Limits, RenderSettings, SolveConfig
@@ -39,14 +40,7 @@ def backend(server: ScriptedServer, options: str = "", model: str = "scripted") 
 
 async def generate(b: OpenAIBackend, prompt: str = "Q: 6*7?\n", stop: list[str] = STOPS,
                    max_tokens: int = 64) -> tuple[str, Done]:
-    text, done = "", None
-    async for event in checked_stream(b, GenerationRequest(prompt=prompt, stop=stop, max_tokens=max_tokens)):
-        if isinstance(event, Delta):
-            text += event.text
-        else:
-            done = event
-    assert done is not None
-    return text, done
+    return await collect(b, GenerationRequest(prompt=prompt, stop=stop, max_tokens=max_tokens))
 
 
 async def solve(b: OpenAIBackend, prompt: str = "chat", run_on: str = "close") -> Trajectory:

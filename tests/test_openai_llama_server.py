@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TORA
+from conftest import TORA, collect
 
 from tora.backends.base import Backend, Delta, Done, GenerationRequest, StreamEvent, checked_stream
 from tora.backends.embedded import embedded_model_path
@@ -134,14 +134,9 @@ async def test_completions_protocol_records_a_real_trajectory(server: LlamaServe
     # Same engine, same model, greedy: the server's first answer is the in-process llama.cpp one.
     first_request, first_text, first_done = b.calls[0]
     local = LlamaCppBackend(embedded_model_path())
-    text, done = "", None
-    async for event in checked_stream(local, first_request):
-        if isinstance(event, Delta):
-            text += event.text
-        else:
-            done = event
+    text, done = await collect(local, first_request)
     await local.aclose()
-    assert done is not None and (text, done.stop_string) == (first_text, first_done.stop_string)
+    assert (text, done.stop_string) == (first_text, first_done.stop_string)
     # The key reached the server (it requires one) and no record holds it.
     out = tmp_path / "t.jsonl"
     with TrajectoryWriter(out) as writer:
@@ -188,12 +183,7 @@ async def test_closing_the_stream_stops_the_real_server_generating(server: Llama
     # The server serves one request at a time: this one waits for the long one
     # unless closing aborted it (4000 tokens take well over a minute here).
     t0 = time.monotonic()
-    text, done = "", None
-    async for event in checked_stream(b, GenerationRequest(prompt="1, 2, 3,", max_tokens=4)):
-        if isinstance(event, Delta):
-            text += event.text
-        else:
-            done = event
+    _, done = await collect(b, GenerationRequest(prompt="1, 2, 3,", max_tokens=4))
     waited = time.monotonic() - t0
     await b.aclose()
     assert done is not None and done.finish_reason in ("length", "eos")

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import pytest
 import pytest_asyncio
-from conftest import TORA, new_tora_home
+from conftest import TORA, collect, new_tora_home
 
 from tora import fences
 from tora.backends.base import Delta, Done, GenerationRequest, checked_stream
@@ -75,17 +75,6 @@ async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncGenerator[Eng
         assert "VLLM::EngineCore" in [p.name() for p in processes]
         yield Engine(backend, processes)
         await backend.aclose()
-
-
-async def collect(backend: VllmBackend, request: GenerationRequest) -> tuple[str, Done]:
-    text, done = "", None
-    async for event in checked_stream(backend, request):
-        if isinstance(event, Delta):
-            text += event.text
-        else:
-            done = event
-    assert done is not None
-    return text, done
 
 
 @on_the_engine_loop
