@@ -15,9 +15,9 @@ from sandbox import KernelPool, SandboxPolicy
 from tora.backends.base import Backend
 from tora.data import source_path
 from tora.engine import Episode, KernelSource, SolveConfig
-from tora.errors import UsageError
+from tora.errors import ToraError, UsageError
 from tora.prompts import PromptTemplate
-from tora.record import Problem
+from tora.record import Problem, Trajectory
 from tora.run_dir import package_versions, read_manifest, sha256_file
 from tora.scheduler import Capacity, EpisodeFactory, Job, Scheduler
 
@@ -55,6 +55,12 @@ def check_fixed(previous: dict[str, Any] | None, settings: dict[str, Any], fixed
         if name in previous and previous[name] != settings[name]:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"resume: {what} with {flag} {previous[name]}, not {settings[name]}; {advice}")
+
+
+def fail_if_all_failed(new: Sequence[Trajectory], what: str = "trajectory") -> None:
+    """A run whose every new trajectory failed is itself a failure (exit 1), shown with the first cause."""
+    if new and all(t.result.finish == "error" for t in new):
+        raise ToraError(f"every {what} failed; the first: {new[0].result.error}")
 
 
 def backend_ref(backend: Backend) -> dict[str, str]:

@@ -37,7 +37,7 @@ from sandbox import SandboxError
 from tora import fences
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
-from tora.cli.batch import check_fixed, scheduled
+from tora.cli.batch import check_fixed, fail_if_all_failed, scheduled
 from tora.cli.options import (
     capacity_from,
     continuation_options,
@@ -157,8 +157,7 @@ def correct(run_dir: Path, teacher: str, prefixes: str, keep_tool_errors: bool, 
     if interrupted:
         err.print("interrupted: run the same command again to continue", highlight=False)
         raise KeyboardInterrupt
-    if state.work.new and all(t.result.finish == "error" for t in state.work.new):
-        raise ToraError(f"every continuation failed; the first: {state.work.new[0].result.error}")
+    fail_if_all_failed(state.work.new, "continuation")
     return 0
 
 

@@ -43,6 +43,7 @@ from tora.cli.batch import (
     check_fixed,
     check_unique,
     episode_factory,
+    fail_if_all_failed,
     origin_for,
     previous_run,
     sample_config,
@@ -215,8 +216,7 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
     if interrupted:
         err.print("interrupted: run the same command again to continue", highlight=False)
         raise KeyboardInterrupt
-    if state.work.new and all(t.result.finish == "error" for t in state.work.new):
-        raise ToraError(f"every trajectory failed; the first: {state.work.new[0].result.error}")
+    fail_if_all_failed(state.work.new)
     return 0
 
 

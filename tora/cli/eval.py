@@ -30,6 +30,7 @@ from tora.cli.batch import (
     base_manifest,
     check_unique,
     episode_factory,
+    fail_if_all_failed,
     origin_for,
     previous_run,
     sample_config,
@@ -143,8 +144,7 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
     if interrupted:
         err.print(f"interrupted: continue with --resume --out {out}", highlight=False)
         raise KeyboardInterrupt
-    if new and all(g.trajectory.result.finish == "error" for g in new):
-        raise ToraError(f"every trajectory failed; the first: {new[0].trajectory.result.error}")
+    fail_if_all_failed([g.trajectory for g in new])
     return 0
 
 
