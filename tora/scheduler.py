@@ -37,11 +37,13 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tora.backends.base import Backend
 from tora.engine import Episode, KernelLike, KernelSource, Prefix, SolveConfig
 from tora.errors import GraderError
 from tora.events import Event, Finished
 from tora.grading import DEFAULT_TIMEOUT
 from tora.grading.items import ItemGrade, grade_trajectories, with_grade
+from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory
 from tora.record.schema import ErrorInfo
 
@@ -59,6 +61,20 @@ class Job:
     @property
     def key(self) -> tuple[str, int]:
         return (self.problem.id, self.sample_index)
+
+
+def origin_for(backend: Backend, config: SolveConfig) -> str:
+    """What a trajectory records as its `origin`: replayed, sampled or greedy."""
+    if backend.name == "replay":
+        return "replayed"
+    return "sampled" if config.sampling.temperature > 0 else "greedy"
+
+
+def sample_config(config: SolveConfig, k: int, samples: int) -> SolveConfig:
+    """Sample k's config: with a seed and several samples, seed + k (distinct, reproducible)."""
+    if config.sampling.seed is not None and samples > 1:
+        return config.with_seed(config.sampling.seed + k)
+    return config
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,17 @@ def _grader_failed(trajectory: Trajectory, exc: GraderError) -> Graded:
 
 
 EpisodeFactory = Callable[[Job, KernelSource[Any]], Episode]
+
+
+def episode_factory(backend: Backend, template: PromptTemplate, spec: str, run_id: str) -> EpisodeFactory:
+    """Episodes for jobs, all with one backend, template and run id."""
+
+    def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
+        return Episode(job.problem, backend=backend, template=template, kernels=kernels, config=job.config,
+                       spec=spec, sample_index=job.sample_index, origin=job.origin, run_id=run_id,
+                       prefix=job.prefix)
+
+    return make_episode
 
 
 @dataclass

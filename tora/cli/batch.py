@@ -14,12 +14,12 @@ from typing import Any
 from sandbox import KernelPool, SandboxPolicy
 from tora.backends.base import Backend
 from tora.data import source_path
-from tora.engine import Episode, KernelSource, SolveConfig
+from tora.engine import SolveConfig
 from tora.errors import ToraError, UsageError
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory
 from tora.run_dir import package_versions, read_manifest, sha256_file
-from tora.scheduler import Capacity, EpisodeFactory, Job, Scheduler
+from tora.scheduler import Capacity, EpisodeFactory, Scheduler
 
 
 def check_unique(problems: Sequence[Problem]) -> None:
@@ -88,28 +88,6 @@ def base_manifest(command: str, previous: dict[str, Any] | None, dataset: str, p
         "versions": package_versions(),
         "runs": [*(previous or {}).get("runs", []), run],
     }
-
-
-def origin_for(backend: Backend, config: SolveConfig) -> str:
-    if backend.name == "replay":
-        return "replayed"
-    return "sampled" if config.sampling.temperature > 0 else "greedy"
-
-
-def sample_config(config: SolveConfig, k: int, samples: int) -> SolveConfig:
-    """Sample k's config: with a seed and several samples, seed + k (distinct, reproducible)."""
-    if config.sampling.seed is not None and samples > 1:
-        return config.with_seed(config.sampling.seed + k)
-    return config
-
-
-def episode_factory(backend: Backend, template: PromptTemplate, spec: str, run_id: str) -> EpisodeFactory:
-    def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
-        return Episode(job.problem, backend=backend, template=template, kernels=kernels, config=job.config,
-                       spec=spec, sample_index=job.sample_index, origin=job.origin, run_id=run_id,
-                       prefix=job.prefix)
-
-    return make_episode
 
 
 @contextlib.asynccontextmanager

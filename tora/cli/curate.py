@@ -42,11 +42,8 @@ from tora.cli.batch import (
     base_manifest,
     check_fixed,
     check_unique,
-    episode_factory,
     fail_if_all_failed,
-    origin_for,
     previous_run,
-    sample_config,
     scheduled,
 )
 from tora.cli.options import (
@@ -81,7 +78,7 @@ from tora.run_dir import (
     write_json,
     write_jsonl,
 )
-from tora.scheduler import Capacity, Job
+from tora.scheduler import Capacity, Job, episode_factory, origin_for, sample_config
 
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions

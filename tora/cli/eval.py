@@ -29,11 +29,8 @@ from tora.cli.batch import (
     backend_ref,
     base_manifest,
     check_unique,
-    episode_factory,
     fail_if_all_failed,
-    origin_for,
     previous_run,
-    sample_config,
     scheduled,
 )
 from tora.cli.options import (
@@ -56,7 +53,7 @@ from tora.metrics import compute_metrics
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Problem, Trajectory, TrajectoryWriter
 from tora.run_dir import MANIFEST, METRICS, TRAJECTORIES, default_out, latest_out, write_json
-from tora.scheduler import Capacity, Graded, Job
+from tora.scheduler import Capacity, Graded, Job, episode_factory, origin_for, sample_config
 
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions, ClusterRun

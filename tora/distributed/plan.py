@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tora.backends.base import Backend
-from tora.cli.batch import origin_for, sample_config
 from tora.curation import KeepRule, Ledger, Work
 from tora.engine import SamplingParams, SolveConfig
 from tora.record import Problem, Trajectory
-from tora.scheduler import Graded, Job
+from tora.scheduler import Graded, Job, origin_for, sample_config
 
 
 @dataclass

@@ -28,13 +28,12 @@ from typing import Any, Protocol
 
 from sandbox import KernelPool, SandboxPolicy
 from tora.backends.base import Backend, Done, GenerationRequest, StreamEvent
-from tora.cli.batch import episode_factory
 from tora.distributed.plan import Prior, ProblemPlan
 from tora.distributed.shards import shard_files
 from tora.engine import K, KernelSource
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory, TrajectoryWriter
-from tora.scheduler import Capacity, Job, Scheduler
+from tora.scheduler import Capacity, Job, Scheduler, episode_factory
 
 
 class ManagedKernels(KernelSource[K], Protocol[K]):

@@ -47,7 +47,7 @@ from tora.paths import trajectories_dir
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Trajectory, TrajectoryWriter
 from tora.render import RENDERERS
-from tora.scheduler import Capacity, Job, Scheduler
+from tora.scheduler import Capacity, Job, Scheduler, origin_for
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +138,7 @@ class ToraLM(LM):  # type: ignore[misc]  # lm_eval is untyped
             k = samples.get(problem.id, 0)
             samples[problem.id] = k + 1
             config = self._config(gen, k)
-            origin = "replayed" if self.backend.name == "replay" else (
-                "sampled" if config.sampling.temperature > 0 else "greedy")
-            jobs.append(Job(problem, k, config, origin))
+            jobs.append(Job(problem, k, config, origin_for(self.backend, config)))
             templates[jobs[-1].key] = self._template(gen)
         done = asyncio.run(self._run(jobs, templates, disable_tqdm))
         failed = [t for t in done.values() if t.result.finish == "error"]

@@ -21,7 +21,7 @@ from tora.engine import Episode, KernelSource, SolveConfig
 from tora.events import Event
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory, TrajectoryWriter
-from tora.scheduler import Capacity, Job, Scheduler
+from tora.scheduler import Capacity, Job, Scheduler, episode_factory, origin_for
 
 
 class Runner:
@@ -35,6 +35,7 @@ class Runner:
         self.writer = writer
         self.run_id = run_id
         self.capacity = capacity
+        self._new_episode = episode_factory(backend, template, spec, run_id)
         self.pool = KernelPool(policy, size=min(capacity.kernels, 8))
         self.scheduler = Scheduler(self._make_episode, self.pool, grader=None, capacity=capacity)
         self.max_admitted = capacity.in_flight + max_queued
@@ -45,9 +46,7 @@ class Runner:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _make_episode(self, job: Job, kernels: KernelSource[Any]) -> Episode:
-        episode = Episode(job.problem, backend=self.backend, template=self.template, kernels=kernels,
-                          config=job.config, spec=self.spec, sample_index=job.sample_index, origin=job.origin,
-                          run_id=self.run_id)
+        episode = self._new_episode(job, kernels)
         self._episodes[id(job)] = episode
         return episode
 
@@ -65,11 +64,6 @@ class Runner:
         self.admitted += n
         return True
 
-    def origin(self, config: SolveConfig) -> str:
-        if self.backend.name == "replay":
-            return "replayed"
-        return "sampled" if config.sampling.temperature > 0 else "greedy"
-
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run one admitted trajectory's coroutine as a task that `close` cancels if it
         is still running then; its place in the queue is given back when it ends,
@@ -86,7 +80,7 @@ class Runner:
     async def solve(self, problem: Problem, config: SolveConfig, sample_index: int,
                     on_event: Callable[[Event], None] | None) -> Trajectory:
         """One trajectory, run and recorded (also when it is cancelled part way)."""
-        job = Job(problem, sample_index, config, self.origin(config))
+        job = Job(problem, sample_index, config, origin_for(self.backend, config))
         try:
             graded = await self.scheduler.trajectory(job, on_event)
         except asyncio.CancelledError:
