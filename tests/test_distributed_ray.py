@@ -256,6 +256,18 @@ def test_resume_after_the_driver_is_killed_runs_the_rest_once(cluster: str, tmp_
         proc.wait(timeout=30)
     finally:
         proc.kill()
+
+    def workers_gone() -> bool:
+        """Both workers are dead: nothing more lands in the shards after this (they may outlive the driver briefly)."""
+        for w in ("s1-w0", "s1-w1"):
+            try:
+                ray.get_actor(f"{actor_prefix(out)}-{w}", namespace="tora")
+            except ValueError:
+                continue
+            return False
+        return True
+
+    wait_for(workers_gone, 60, "the first session's workers to be reaped")
     before = shard_units(out)
     assert 3 <= sum(before.values()) < 12
     again = tora([*args, "--resume"])
