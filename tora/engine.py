@@ -203,6 +203,7 @@ class Episode:
         kernel: KernelLike | None = None,
         prefetch_kernel: bool = False,
         prefix: Prefix | None = None,
+        record_tokens: bool = True,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.problem = problem
@@ -249,7 +250,11 @@ class Episode:
         self._kernel_info: dict[str, Any] = {}
         self.trajectory: Trajectory | None = None
         # The token path: the exact sequence so far (prompt ids included), set in run().
-        self.tokens = self.backend.accepts_token_ids and prefix is None and self._setup_error is None
+        # `record_tokens=False` takes the text path, logprobs off, on any backend
+        # (the control of benchmarks/bench_rollout.py).
+        self.record_tokens = record_tokens
+        self.tokens = (record_tokens and self.backend.accepts_token_ids and prefix is None
+                       and self._setup_error is None)
         self.prompt_ids: list[int] | None = None
         self._ids: list[int] = []
         self._tokenizer_id: TokenizerId | None = None
@@ -397,6 +402,7 @@ class Episode:
             top_p=sampling.top_p,
             seed=sampling.seed,
             prompt_ids=ids,
+            logprobs=self.record_tokens,
         )
         # aclosing: a cancelled episode must stop the model *now*, not
         # whenever the garbage collector finalises the stream.

@@ -207,8 +207,10 @@ class LlamaCppBackend(Backend):
                                           temp=request.temperature, repeat_penalty=1.0)
                 try:
                     for n, token in enumerate(tokens_out, 1):
-                        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
-                        logprob, top = self._logprob(logits, token, scale, request.top_logprobs)
+                        logprob, top = None, None
+                        if request.logprobs:  # from the logits this token was sampled from
+                            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
+                            logprob, top = self._logprob(logits, token, scale, request.top_logprobs)
                         if llama_cpp.llama_vocab_is_eog(vocab, token):
                             yield Sampled(decoder.decode(b"", final=True), token, logprob, top)
                             return

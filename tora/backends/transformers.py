@@ -192,7 +192,8 @@ class TransformersBackend(Backend):
                 async for event in events:
                     yield event
 
-    def _sample(self, logits: Any, request: GenerationRequest, generator: Any) -> tuple[int, float, dict[int, float] | None]:
+    def _sample(self, logits: Any, request: GenerationRequest,
+                generator: Any) -> tuple[int, float | None, dict[int, float] | None]:
         torch = self._torch
         scaled = logits / request.temperature if request.temperature > 0 else logits
         logprobs = torch.log_softmax(scaled, dim=-1)
@@ -206,10 +207,10 @@ class TransformersBackend(Backend):
                 probs = torch.zeros_like(probs).scatter(0, order, ordered.masked_fill(outside, 0.0))
             token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
         top = None
-        if request.top_logprobs > 0:
+        if request.top_logprobs > 0 and request.logprobs:
             values, best = torch.topk(logprobs, request.top_logprobs)
             top = {int(i): float(v) for i, v in zip(best.tolist(), values.tolist(), strict=True)}
-        return token, float(logprobs[token]), top
+        return token, float(logprobs[token]) if request.logprobs else None, top
 
     async def aclose(self) -> None:
         return None

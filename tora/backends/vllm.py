@@ -280,7 +280,7 @@ class VllmBackend(Backend):
             seed=request.seed,
             stop=[s for s in request.stop if s] or None,
             output_kind=RequestOutputKind.DELTA,
-            logprobs=request.top_logprobs,  # 0: the sampled token's own
+            logprobs=request.top_logprobs if request.logprobs else None,  # 0: the sampled token's own
         )
         (engine_input,) = await self._engine.renderer.render_cmpl_async([{"prompt_token_ids": ids}])
         scanner = StopScanner(request.stop)
