@@ -1,0 +1,41 @@
+"""protocol=completions, and any protocol with template=: the prompt text goes to /completions.
+
+The recorded prompt is then exactly what the model read: a completion
+prompt as it is, a chat prompt rendered here with the model's own chat
+template (`template=PATH`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tora.backends import chat_template
+from tora.backends.base import GenerationRequest
+from tora.backends.openai.protocol import Protocol
+from tora.backends.openai.spec import ServerSpec
+from tora.errors import PromptError
+
+
+class Completions(Protocol):
+    endpoint = "/completions"
+
+    def __init__(self, spec: ServerSpec) -> None:
+        super().__init__(spec)
+        self._template = chat_template.load(spec.template) if spec.template is not None else None
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        if self._template is None:
+            raise PromptError(f"protocol=completions sends text to {self.spec.base_url}/completions: add "
+                              "template=PATH (the model's chat template) to the spec, or use "
+                              "protocol=chat-continue or tools")
+        return self._template.render(messages)
+
+    def fields(self, request: GenerationRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"prompt": request.prompt}, {}
+
+    def create(self, client: Any) -> Callable[..., Awaitable[Any]]:
+        return client.completions.create  # type: ignore[no-any-return]
+
+    def text(self, choice: Any) -> str:
+        return choice.text or ""
