@@ -78,3 +78,58 @@ def test_unknown_major_version_rejected_unknown_fields_ignored(tmp_path: Path) -
     bad.write_text(json.dumps(raw) + "\n")
     with pytest.raises(DataError, match="schema_version"):
         list(read_trajectories(bad))
+
+
+def test_1_0_and_1_1_records_read_with_the_1_2_fields_null(tmp_path: Path) -> None:
+    raw = json.loads(make().model_dump_json())
+    for key in ("prompt_ids",):
+        raw.pop(key)
+    for key in ("token_path", "tokenizer", "model_id"):
+        raw["generation"].pop(key)
+    for step in raw["steps"]:
+        for key in ("token_ids", "logprobs", "stop", "observation_ids"):
+            step.pop(key, None)
+    old_11 = dict(raw, schema_version="1.1")
+    old_10 = json.loads(json.dumps(dict(raw, schema_version="1.0")))
+    old_10["result"]["error"] = "ValueError: boom"  # 1.0 held the error as a string
+    old_10["generation"].pop("run_on")
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps(old_10) + "\n" + json.dumps(old_11) + "\n")
+    t10, t11 = read_trajectories(path)
+    for t in (t10, t11):
+        assert t.prompt_ids is None and t.generation.token_path == "text" and t.generation.tokenizer is None
+        assert t.token_sequence() is None
+        text = t.steps[0]
+        assert isinstance(text, TextStep) and text.token_ids is None and text.logprobs is None and text.stop is None
+    assert t10.result.error is not None and t10.result.error.kind == "internal"
+    assert t11.context() == make().context()
+
+
+def test_token_fields_round_trip_and_make_the_sequence() -> None:
+    from tora.record import ModelId, Stop, TokenizerId
+
+    t = make()
+    t.prompt_ids = [2, 10, 11]
+    steps = t.steps
+    assert isinstance(steps[0], TextStep) and isinstance(steps[2], ExecutionStep) and isinstance(steps[3], TextStep)
+    steps[0].token_ids, steps[0].logprobs = [20, 21], [-0.5, -0.25]
+    steps[0].stop = Stop(kind="stop_string", string="```output")
+    steps[2].observation_ids = [30, 31, 32]
+    steps[3].token_ids, steps[3].stop = [40, 1], Stop(kind="eos")
+    t.generation.token_path = "tokens"
+    t.generation.tokenizer = TokenizerId(name="tok", vocab_sha256="a" * 64)
+    t.generation.model_id = ModelId(kind="gguf", sha256="b" * 64, files=["m.gguf"])
+    again = Trajectory.model_validate_json(t.model_dump_json())
+    assert again == t and again.schema_version == "1.2"
+    assert again.token_sequence() == [2, 10, 11, 20, 21, 30, 31, 32, 40, 1]
+    steps[2].observation_ids = None  # one segment absent: no sequence, never a partial one
+    assert t.token_sequence() is None
+
+
+def test_the_published_json_schema_matches_the_model() -> None:
+    from tora.record.schema import SCHEMA_FILE, json_schema_text
+
+    # Regenerate with `python -m tora.record.schema` after changing the model.
+    assert SCHEMA_FILE.read_text() == json_schema_text()
+    schema = json.loads(SCHEMA_FILE.read_text())
+    assert "prompt_ids" in schema["properties"] and "token_ids" in schema["$defs"]["TextStep"]["properties"]

@@ -12,6 +12,26 @@ through `checked_stream`, which turns a stream that breaks, ends without a
 
 Backends subclass `Backend`; the optional hooks (`prepare`, `for_episode`,
 `aclose`) have defaults, so a plugin overrides only what it needs.
+
+Tokens (schema 1.2). A backend that samples tokens itself says so with
+`accepts_token_ids = True` and implements `tokenize`, `encode_prompt`,
+`detokenize` and `evaluated_ids`. The loop then feeds it the exact sequence so
+far in `GenerationRequest.prompt_ids` (the previous prompt ids, the sampled
+ids, the ids of each output block tokenised once when it was appended), never
+a re-tokenisation of its own text, and `prompt` is only that sequence's text.
+Its stream carries, per `Delta`, the ids sampled since the last one and each
+one's logprob. `Delta.text` is still cut at the first stop string; what the
+sampled tokens hold past that cut (the stop string itself, and whatever else
+its last token held) is `Done.tail`, so that for every call
+
+    detokenize(all Delta.token_ids) == "".join(Delta.text) + Done.tail
+
+Logprobs are log-probabilities of the sampled token under the distribution it
+was sampled from at the request's temperature (logits / T; raw logits when
+T == 0), before top-k / top-p / min-p truncation: the quantity an RL trainer
+recomputes for its importance ratio. `None` where a backend cannot give them.
+Nothing is invented: a backend without tokens leaves `token_ids` empty and
+`logprobs` None (the replay backend, the OpenAI chat protocol).
 """
 
 from __future__ import annotations
@@ -24,11 +44,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from tora.errors import BackendError
+from tora.record.schema import StopKind
 
 if TYPE_CHECKING:
-    from tora.record.schema import Problem
+    from tora.record.schema import ModelId, Problem, TokenizerId
 
 FinishReason = Literal["stop", "length", "eos"]
+# Which stop fired, as the record names it (`TextStep.stop.kind`).
+_STOP_KIND: dict[str, StopKind] = {"stop": "stop_string", "eos": "eos", "length": "length"}
 
 
 @dataclass(frozen=True)
@@ -39,19 +62,40 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    # The exact token sequence so far; a backend with `accepts_token_ids`
+    # evaluates these and not `prompt` (which is then only their text).
+    prompt_ids: tuple[int, ...] | None = None
+    # Alternatives to return beside each sampled token's logprob (0: none).
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str
+    # The ids sampled since the previous Delta and each one's logprob
+    # (None: the backend gives none). A Delta may carry ids and no text (text
+    # held back by the stop scanner, or an incomplete UTF-8 character).
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] | None = None
+    # Per sampled id, the `top_logprobs` most likely ids and their logprobs.
+    top_logprobs: tuple[dict[int, float], ...] | None = None
 
 
 @dataclass(frozen=True)
 class Done:
     finish_reason: FinishReason
     stop_string: str | None = None
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # how many prompt tokens the backend read (its whole prompt)
     completion_tokens: int = 0
+    # The text of the sampled tokens past the emitted text: it starts with
+    # the stop string that fired (empty unless one did, or when the backend
+    # gives no tokens). The token path keeps it; the text path drops it.
+    tail: str = ""
+
+    @property
+    def stop(self) -> StopKind:
+        """Which stop fired: a stop string (`stop_string` says which), the end of text, or the length limit."""
+        return _STOP_KIND[self.finish_reason]
 
 
 StreamEvent = Delta | Done
@@ -60,6 +104,9 @@ StreamEvent = Delta | Done
 class Backend(abc.ABC):
     name: str  # backend kind, e.g. "llama.cpp"
     model: str  # what was loaded, e.g. a file name or model id
+    # True: the backend evaluates `GenerationRequest.prompt_ids` and streams
+    # the ids it samples; the loop then runs the token path (see the module doc).
+    accepts_token_ids: bool = False
 
     @abc.abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
@@ -79,6 +126,39 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - an optional hook
         """Free the model."""
+
+    # -- tokens (backends with accepts_token_ids) -------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids of a whole prompt: BOS where the model wants one (not a second
+        one when a chat template already wrote it), special-token text parsed."""
+        raise NotImplementedError(f"backend {self.name} does not tokenize")
+
+    def tokenize(self, text: str) -> list[int]:
+        """The ids of `text` appended to a sequence (an output block): no BOS, and
+        special-token text is not parsed, so tool output cannot forge a control token."""
+        raise NotImplementedError(f"backend {self.name} does not tokenize")
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of `ids` (special tokens such as EOS give no text); invalid
+        UTF-8 is replaced, as the stream decodes it."""
+        raise NotImplementedError(f"backend {self.name} does not tokenize")
+
+    def tokenizer_identity(self) -> TokenizerId | None:
+        """Name, vocabulary hash and chat template hash of the tokenizer; None if unknown."""
+        return None
+
+    def model_identity(self) -> ModelId | None:
+        """A content hash of the weights (see `tora.record.identity`); None if unknown."""
+        return None
+
+    def evaluated_ids(self) -> list[int] | None:
+        """The backend's own view of the sequence it held at the end of its last
+        call, read from the engine (llama.cpp's evaluated tokens, vLLM's
+        `prompt_token_ids` plus the output ids of the last request), for the
+        record's invariant tests. An engine never evaluates the token it ended
+        on, so llama.cpp's view may lack the last sampled id. None if unknown."""
+        return None
 
 
 async def checked_stream(backend: Backend, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:

@@ -13,6 +13,32 @@ back, byte for byte, the text the model was conditioned on at the end.
 
 Field names `problem.id`, `sample_index`, `steps`, `result.final_answer` and
 `result.finish` are a public interface: scripts depend on them.
+
+Tokens (1.2). On a backend that samples tokens itself (llama.cpp,
+transformers, vLLM in process) the loop runs the *token path*
+(`generation.token_path == "tokens"`) and records the exact sequence the model
+was fed: `prompt_ids`, then each text step's `token_ids` (what it sampled,
+with `logprobs`) and each execution step's `observation_ids` (the output block,
+tokenised once when it was appended). The token invariant:
+
+    prompt_ids + concat(text steps' token_ids, execution steps' observation_ids)
+        == the sequence the backend evaluated (its last call's prompt and samples)
+    detokenize(text step's token_ids) == text step's content
+
+A stop string can end inside a token (the token "```output\n" holds the stop
+"```output"). The sampled ids are what they are, so on the token path a text
+step keeps the *whole* token that completed the stop: its `content` ends with
+the stop string and whatever else that token held, and the observation starts
+after it (e.g. content "...```output\n", observation "2\n```\n"). The text
+invariant above therefore still holds, and the stop string the model wrote is
+trained on (mask 1) while the output block's tokens are not (mask 0). On the
+text path (text-only backends, and the records before 1.2) a stop string other
+than the closing fence is cut from `content`, and the observation starts with
+its own ```output line, as before. A model's EOS id, when it samples one, is
+the last id of its text step; it has no text.
+
+Absent is null: `prompt_ids`, `token_ids`, `logprobs` and `observation_ids`
+are null where the backend gave none (text path, replay, older records).
 """
 
 from __future__ import annotations
@@ -21,6 +47,7 @@ import hashlib
 import json
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -30,7 +57,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # trajectory (origin "teacher_corrected") names it in `parent` and says in
 # `prefix_lines` how many lines of the parent's completion it starts from.
 # 1.0 records are read as they were.
-SCHEMA_VERSION = "1.1"
+# 1.2: token ids and logprobs (see above), the stop that fired per text step,
+# the tokenizer's and the model's identity; 1.0 and 1.1 records read with
+# those fields null.
+SCHEMA_VERSION = "1.2"
 
 Finish = Literal["answered", "no_answer", "max_tool_calls", "max_tokens", "error", "interrupted"]
 ExecStatus = Literal["ok", "error", "timeout", "died"]
@@ -38,6 +68,9 @@ ErrorKind = Literal["backend", "kernel", "sandbox", "grader", "internal"]
 # When a python block runs: at its closing fence ("close", the default), or
 # only when the model writes ```output itself ("output", ToRA's protocol).
 RunOn = Literal["close", "output"]
+# Which stop ended a model call: a stop string (named in `Stop.string`), the model's end of text, the token limit.
+StopKind = Literal["stop_string", "eos", "length"]
+TokenPath = Literal["tokens", "text"]
 
 
 class _Record(BaseModel):
@@ -68,6 +101,28 @@ class Sampling(_Record):
     stop: list[str] = Field(default_factory=list)
 
 
+class TokenizerId(_Record):
+    """Which tokenizer made the ids: ids from another vocabulary mean nothing."""
+
+    name: str
+    vocab_sha256: str  # of the vocabulary: every id's token text (and type), in id order
+    chat_template_sha256: str | None = None  # of the chat template text; None: the model has none
+
+
+class ModelId(_Record):
+    """What weights generated: a content hash, not a file name.
+
+    `sha256` is of the GGUF file, or, for a Hugging Face directory, of the
+    safetensors index (or the single safetensors file) and the tokenizer files
+    (`files`, in the order hashed). Computed once per file version and cached
+    by path, size and mtime under $TORA_HOME (`tora.record.identity`).
+    """
+
+    kind: Literal["gguf", "safetensors", "other"]
+    sha256: str
+    files: list[str] = Field(default_factory=list)
+
+
 class Generation(_Record):
     backend: str
     model: str
@@ -76,6 +131,10 @@ class Generation(_Record):
     sampling: Sampling
     max_tool_calls: int
     run_on: RunOn = "output"  # absent from 1.0 records, which all stopped at ```output only
+    # 1.2: which path ran ("text" for every record before 1.2), and what made the tokens.
+    token_path: TokenPath = "text"
+    tokenizer: TokenizerId | None = None
+    model_id: ModelId | None = None
 
 
 class Runtime(_Record):
@@ -87,6 +146,13 @@ class Runtime(_Record):
     tora_version: str = ""
 
 
+class Stop(_Record):
+    """The stop that ended a text step's (last) model call."""
+
+    kind: StopKind
+    string: str | None = None  # the stop string, when kind is "stop_string"
+
+
 class TextStep(_Record):
     type: Literal["text"] = "text"
     content: str
@@ -95,6 +161,9 @@ class TextStep(_Record):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    stop: Stop | None = None  # 1.2
+    token_ids: list[int] | None = None  # 1.2, token path: the sampled ids, EOS included
+    logprobs: list[float] | None = None  # 1.2: one per token id; None where the backend gives none
 
     def context_text(self) -> str:
         return self.content
@@ -127,6 +196,8 @@ class ExecutionStep(_Record):
     render_policy: str = "default"
     rendered: str
     observation: str
+    # 1.2, token path: the ids of `observation` as the model received them (tokenised once, when appended).
+    observation_ids: list[int] | None = None
 
     def context_text(self) -> str:
         return self.observation
@@ -188,6 +259,7 @@ class Trajectory(_Record):
     generation: Generation
     runtime: Runtime
     prompt: str
+    prompt_ids: list[int] | None = None  # 1.2, token path: the ids of `prompt` the model read
     steps: list[Step] = Field(default_factory=list)
     result: Result
     stats: Stats = Field(default_factory=Stats)
@@ -200,6 +272,23 @@ class Trajectory(_Record):
     def context(self) -> str:
         return self.prompt + self.completion()
 
+    def token_sequence(self) -> list[int] | None:
+        """prompt_ids + every step's ids in order: the exact sequence the model
+        was fed (see the token invariant); None when the record has no tokens."""
+        if self.prompt_ids is None:
+            return None
+        ids = list(self.prompt_ids)
+        for step in self.steps:
+            if isinstance(step, TextStep):
+                if step.token_ids is None:
+                    return None
+                ids += step.token_ids
+            elif isinstance(step, ExecutionStep):
+                if step.observation_ids is None:
+                    return None
+                ids += step.observation_ids
+        return ids
+
     def compute_content_hash(self) -> str:
         """Dedupe key: the normalised problem text and the rendered steps."""
         payload = json.dumps([" ".join(self.problem.text.split()), self.completion()])
@@ -211,3 +300,18 @@ def check_version(raw: dict[str, Any]) -> None:
     version = str(raw.get("schema_version", ""))
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise ValueError(f"schema_version {version!r} is not supported (this tora reads {SCHEMA_VERSION})")
+
+
+SCHEMA_FILE = Path(__file__).with_name("trajectory.schema.json")
+
+
+def json_schema_text() -> str:
+    """The JSON Schema of a trajectory record, as published in `trajectory.schema.json`."""
+    schema = Trajectory.model_json_schema()
+    schema["$id"] = f"https://tora.invalid/trajectory-{SCHEMA_VERSION}.schema.json"
+    schema["title"] = f"tora trajectory record {SCHEMA_VERSION}"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":  # python -m tora.record.schema: regenerate the published file
+    SCHEMA_FILE.write_text(json_schema_text())
