@@ -82,6 +82,10 @@ class Recording(Backend):
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         return self.inner.format_chat(messages)
 
+    def for_episode(self, problem: Problem, sample_index: int) -> Recording:
+        self.inner = self.inner.for_episode(problem, sample_index)
+        return self
+
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         text = ""
         async for event in checked_stream(self.inner, request):

@@ -13,6 +13,9 @@ from tora.backends.openai.protocol import Protocol, read, whole
 from tora.backends.openai.spec import ServerSpec
 from tora.backends.openai.tools import Tools
 
+# vLLM's extensions: the sampled ids with each chunk, and alternatives named by id.
+RETURN_TOKEN_IDS = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+
 
 def protocol_for(spec: ServerSpec) -> Protocol:
     if spec.template is not None or spec.protocol == "completions":
@@ -31,9 +34,14 @@ class OpenAIBackend(Backend):
         self.connection = connection or Connection(spec)
         self.protocol = protocol or protocol_for(spec)
 
-    @property  # type: ignore[override]
+    @property
     def model(self) -> str:
+        """The model the server says it runs (every episode's view shares the connection)."""
         return self.connection.model
+
+    @model.setter
+    def model(self, value: str) -> None:
+        self.connection.model = value
 
     @property
     def server(self) -> str:
@@ -70,10 +78,17 @@ class OpenAIBackend(Backend):
             params["stream_options"] = {"include_usage": True}
         if request.seed is not None:
             params["seed"] = request.seed
-        if conn.reports_stops and request.stop and self.protocol.sends_stops:
+        tokens = self.protocol.records_tokens
+        ids = tokens and await conn.gives_token_ids()
+        # With ids the stream is cut here (the tail past a stop is then known), never at the server.
+        if conn.reports_stops and request.stop and self.protocol.sends_stops and not ids:
             params["stop"] = list(request.stop)
         fields, extensions = self.protocol.fields(request)
         params |= fields
+        if tokens and spec.logprobs:
+            params |= self.protocol.logprob_fields(request.top_logprobs)
+        if ids:
+            extensions |= RETURN_TOKEN_IDS
         extra = {**spec.body, **extensions}
         if extra:
             params["extra_body"] = extra

@@ -13,7 +13,7 @@ from typing import Any
 
 from tora.backends import transcript
 from tora.backends.base import GenerationRequest
-from tora.backends.openai.protocol import Protocol
+from tora.backends.openai.protocol import Logprobs, Protocol, top_by_id
 from tora.errors import BackendError
 
 # Continue the last (assistant) message instead of opening a new turn.
@@ -55,3 +55,15 @@ class ChatContinue(Protocol):
         # A streamed chunk's choice has a delta; a whole reply's, the message.
         message = getattr(choice, "delta", None) or choice.message
         return getattr(message, "content", None) or ""
+
+    def logprob_fields(self, top: int) -> dict[str, Any]:
+        return {"logprobs": True, "top_logprobs": top}
+
+    def logprobs(self, choice: Any) -> Logprobs | None:
+        found = getattr(choice, "logprobs", None)
+        content = getattr(found, "content", None) if found is not None else None
+        if not content:
+            return None
+        by_id = [top_by_id([(t.token, t.logprob) for t in (entry.top_logprobs or [])]) for entry in content]
+        top = [t for t in by_id if t is not None]
+        return Logprobs([float(entry.logprob) for entry in content], top if len(top) == len(content) else None)

@@ -12,7 +12,7 @@ from typing import Any
 
 from tora.backends import chat_template
 from tora.backends.base import GenerationRequest
-from tora.backends.openai.protocol import Protocol
+from tora.backends.openai.protocol import Logprobs, Protocol, top_by_id
 from tora.backends.openai.spec import ServerSpec
 from tora.errors import PromptError
 
@@ -39,3 +39,16 @@ class Completions(Protocol):
 
     def text(self, choice: Any) -> str:
         return choice.text or ""
+
+    def logprob_fields(self, top: int) -> dict[str, Any]:
+        return {"logprobs": top}  # the legacy field: how many alternatives; 0 = the sampled token's only
+
+    def logprobs(self, choice: Any) -> Logprobs | None:
+        found = choice.logprobs
+        values = getattr(found, "token_logprobs", None) if found is not None else None
+        if not values or any(v is None for v in values):
+            return None
+        tops = getattr(found, "top_logprobs", None) or []
+        by_id = [top_by_id(list((t or {}).items())) for t in tops]
+        top = [t for t in by_id if t is not None]
+        return Logprobs([float(v) for v in values], top if len(top) == len(values) else None)

@@ -55,6 +55,7 @@ class Connection:
         self.reports_stops = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
+        self._owner: str | None = None  # who the server says owns its model ("vllm"), once asked
         self.slots = asyncio.Semaphore(spec.concurrency)
         self._model_lock = asyncio.Lock()
 
@@ -153,6 +154,25 @@ class Connection:
                                        f"name one in the spec, openai:MODEL@{self.url}")
                 self.model = served[0]
         return self.model
+
+    async def gives_token_ids(self) -> bool:
+        """Whether to ask for the sampled ids: the spec says, or else the server is vLLM (its model
+        listing says `owned_by: vllm`), whose `return_token_ids` other servers would refuse."""
+        if self.spec.token_ids is not None:
+            return self.spec.token_ids
+        if self._owner is None:
+            import openai
+
+            try:
+                page = await self.session().models.list()
+            except openai.APIStatusError:
+                self._owner = ""  # it answered: no listing, so no vLLM
+            except Exception:
+                return False  # not cached: the next request asks again
+            else:
+                owners = {str(m.id): str(getattr(m, "owned_by", "") or "") for m in page.data}
+                self._owner = owners.get(self.model, next(iter(owners.values()), ""))
+        return self._owner == "vllm"
 
     async def aclose(self) -> None:
         client, self._client, self._loop = self._client, None, None

@@ -18,7 +18,8 @@ KEY_VARIABLES = ("TORA_OPENAI_API_KEY", "OPENAI_API_KEY")
 _USERINFO = re.compile(r"(https?://)[^/@]*@")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-KNOWN_OPTIONS = ("protocol", "template", "concurrency", "api_key_env", "retries", "backoff", "timeout", "stream")
+KNOWN_OPTIONS = ("protocol", "template", "concurrency", "api_key_env", "retries", "backoff", "timeout", "stream",
+                 "logprobs", "token_ids")
 
 T = TypeVar("T")
 
@@ -45,6 +46,9 @@ class ServerSpec:
     # False: whole replies instead of streams, for servers that cannot stream some answers
     # (llama-cpp-python's chatml-function-calling streams no tool calls).
     stream: bool = True
+    logprobs: bool = True  # ask for each sampled token's logprob (not with protocol=tools)
+    # Ask for the sampled token ids (vLLM's return_token_ids); None: when the server is vLLM.
+    token_ids: bool | None = None
 
     @classmethod
     def parse(cls, arg: str) -> ServerSpec:
@@ -98,9 +102,16 @@ class ServerSpec:
         if protocol not in get_args(ProtocolName):
             raise ModelSpecError(f"{where}: protocol must be one of {', '.join(get_args(ProtocolName))}, "
                                  f"not {protocol!r}")
-        stream = _BOOLEANS.get(options.get("stream", "1").lower())
-        if stream is None:
-            raise ModelSpecError(f"{where}: option stream must be 1 or 0, not {options['stream']!r}")
+
+        def flag(name: str, default: str) -> bool | None:
+            value = options.get(name, default).lower()
+            if value == "auto" and default == "auto":
+                return None
+            if value not in _BOOLEANS:
+                also = " or auto" if default == "auto" else ""
+                raise ModelSpecError(f"{where}: option {name} must be 1 or 0{also}, not {options[name]!r}")
+            return _BOOLEANS[value]
+
         template = Path(options["template"]).expanduser() if options.get("template") else None
         if template is not None and protocol == "tools":
             raise ModelSpecError(f"{where}: template= renders prompts for /completions; protocol=tools needs the "
@@ -119,7 +130,9 @@ class ServerSpec:
             backoff_s=number("backoff", float, 0.5, 0, strict=True),
             timeout_s=number("timeout", float, 600.0, 0, strict=True),
             body=body,
-            stream=stream,
+            stream=bool(flag("stream", "1")),
+            logprobs=bool(flag("logprobs", "1")),
+            token_ids=flag("token_ids", "auto"),
         )
 
     def api_key(self) -> str | None:

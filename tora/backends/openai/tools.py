@@ -71,11 +71,14 @@ class _Queued:
 class Tools(ChatContinue):
     # A stop string in the code of a tool call would cut the call.
     sends_stops = False
+    # A call's tokens are its JSON arguments, not the python block recorded for it.
+    records_tokens = False
 
     def __init__(self, spec: ServerSpec) -> None:
         super().__init__(spec)
-        # The offset of each reply's first python block in the assistant's text -> its calls' ids.
-        self._replies: dict[int, list[str | None]] = {}
+        # Each reply that held tool calls: the offset of its first python block in the assistant's
+        # text -> its calls' ids (None where the server gave none).
+        self.replies: dict[int, list[str | None]] = {}
         self._queue: list[_Queued] = []  # calls of the last reply that have not run yet
         self._after = ""  # the context that the next queued call continues
 
@@ -83,7 +86,7 @@ class Tools(ChatContinue):
         return Tools(self.spec)
 
     def assistant_turns(self, assistant: str) -> tuple[list[dict[str, Any]], str]:
-        return transcript.tool_turns(assistant, self._replies)
+        return transcript.tool_turns(assistant, self.replies)
 
     def fields(self, request: GenerationRequest) -> tuple[dict[str, Any], dict[str, Any]]:
         kwargs, extra = super().fields(request)
@@ -112,7 +115,7 @@ class Tools(ChatContinue):
         self._queue = [_Queued(call, cut and n == len(calls) - 1) for n, call in enumerate(calls)]
         context = request.prompt + emitted
         _, assistant = self.conversation(context)
-        self._replies[len(assistant) + len(self._lead(context))] = [call.id for call in calls]
+        self.replies[len(assistant) + len(self._lead(context))] = [call.id for call in calls]
         return self._next(context, request.stop, reply)
 
     def answered(self, request: GenerationRequest) -> list[StreamEvent] | None:
