@@ -500,8 +500,14 @@ async def test_token_ids_are_not_asked_of_other_servers_and_logprobs_only_at_raw
         await events_of(off, GenerationRequest(prompt="Q", max_tokens=5))
         await b.aclose()
         await off.aclose()
+    with ScriptedServer(lambda path, body, n: Stream(vllm_chunks(pieces)), owned_by="me") as slow:
+        for options in ("", "&logprobs=1"):  # llama-cpp-python's: only when the spec asks
+            c = backend(slow, options)
+            await events_of(c, GenerationRequest(prompt="Q", max_tokens=5))
+            await c.aclose()
     first, _, third = server.bodies()
     assert "return_token_ids" not in first and first["logprobs"] == 0 and "logprobs" not in third
+    assert ["logprobs" in body for body in slow.bodies()] == [False, True]
     assert [(d.text, d.token_ids, d.logprobs, d.top_logprobs) for d in greedy] == [("4", (), (-0.1,), None),
                                                                                    ("2", (), (-0.2,), None)]
     assert done.tail == ""  # no ids: nothing past the text is known

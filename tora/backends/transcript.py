@@ -103,7 +103,9 @@ def tool_turns(assistant_text: str,
             call_id = (ids[j] if j < len(ids) else None) or f"call_{number}"
             calls.append(tool_call(call_id, code.content.removesuffix("\n")))
         content = assistant_text[cursor : first.start].removesuffix("\n")
-        messages.append({"role": "assistant", "content": content or None, "tool_calls": calls})
+        # "" rather than null or no content: llama-cpp-python types it as a string, and its
+        # chat templates read it.
+        messages.append({"role": "assistant", "content": content, "tool_calls": calls})
         messages += [{"role": "tool", "tool_call_id": call["id"], "content": out.content.removesuffix("\n")}
                      for call, (_, out) in zip(calls, group, strict=True)]
         cursor = group[-1][1].end

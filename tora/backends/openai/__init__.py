@@ -19,6 +19,10 @@ one model: it is asked (GET /models). Options, after `?` (see `ServerSpec`):
     timeout       seconds without a byte from the server before a request fails (default 600)
     stream        1 (default) streams every reply; 0 asks for whole replies, for a server that
                   cannot stream some (llama-cpp-python's chatml-function-calling tool calls)
+    logprobs      auto (default), 1 or 0: ask for each sampled token's logprob (text protocols);
+                  auto asks unless the server is llama-cpp-python's (slow at it)
+    token_ids     auto (default), 1 or 0: ask for the sampled ids (vLLM's return_token_ids);
+                  auto asks when the server's model listing says it is vLLM
     body.FIELD    a request field of the server's own, its value JSON (or a string), e.g.
                   body.repeat_penalty=1 for llama_cpp.server, whose default of 1.1 would
                   otherwise change sampling (the spec is recorded, so these are too)

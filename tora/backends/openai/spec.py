@@ -46,7 +46,9 @@ class ServerSpec:
     # False: whole replies instead of streams, for servers that cannot stream some answers
     # (llama-cpp-python's chatml-function-calling streams no tool calls).
     stream: bool = True
-    logprobs: bool = True  # ask for each sampled token's logprob (not with protocol=tools)
+    # Ask for each sampled token's logprob (not with protocol=tools); None: unless the server is
+    # llama-cpp-python's, which sorts the whole vocabulary in Python for each one.
+    logprobs: bool | None = None
     # Ask for the sampled token ids (vLLM's return_token_ids); None: when the server is vLLM.
     token_ids: bool | None = None
 
@@ -131,7 +133,7 @@ class ServerSpec:
             timeout_s=number("timeout", float, 600.0, 0, strict=True),
             body=body,
             stream=bool(flag("stream", "1")),
-            logprobs=bool(flag("logprobs", "1")),
+            logprobs=flag("logprobs", "auto"),
             token_ids=flag("token_ids", "auto"),
         )
 
