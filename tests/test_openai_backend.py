@@ -43,14 +43,24 @@ async def generate(b: OpenAIBackend, prompt: str = "Q: 6*7?\n", stop: list[str] 
     return await collect(b, GenerationRequest(prompt=prompt, stop=stop, max_tokens=max_tokens))
 
 
-async def solve(b: OpenAIBackend, prompt: str = "chat", run_on: str = "close") -> Trajectory:
+async def solve(b: OpenAIBackend, prompt: str = "chat", run_on: str = "close",
+                text: str = "What is 6 times 7?") -> Trajectory:
     config = SolveConfig(limits=Limits(max_tool_calls=3, max_tokens=512, max_tokens_per_call=128, timeout_s=10),
                          render=RenderSettings(run_on=run_on))  # type: ignore[arg-type]
-    episode = Episode(Problem(id="p1", text="What is 6 times 7?"), backend=b, template=load_prompt(prompt),
+    episode = Episode(Problem(id="p1", text=text), backend=b, template=load_prompt(prompt),
                       kernels=FreshKernels(SandboxPolicy(timeout_s=10)), config=config, spec=f"openai:{b.spec.model}")
     final = [e async for e in episode.run()][-1]
     assert isinstance(final, Finished)
     return final.trajectory
+
+
+async def solved(reply: Any, options: str) -> tuple[Trajectory, ScriptedServer]:
+    """A trajectory solved against a scripted server with these spec options, and the server."""
+    with ScriptedServer(reply) as server:
+        b = backend(server, options)
+        t = await solve(b)
+        await b.aclose()
+    return t, server
 
 
 def context(t: Trajectory) -> str:
@@ -112,10 +122,7 @@ async def test_tools_protocol_records_a_trajectory_like_any_other() -> None:
             return Stream(chat_chunks(["Let me ", "compute it."], "tool_calls", tool_code="x = 6\nprint(x * 7)\n"))
         return Stream(chat_chunks(["The product is ", "$\\boxed{42}$."], "stop"))
 
-    with ScriptedServer(reply) as server:
-        b = backend(server, "&protocol=tools")
-        t = await solve(b)
-        await b.aclose()
+    t, server = await solved(reply, "&protocol=tools")
     assert t.result.finish == "answered" and t.result.final_answer == "42"
     kinds = [type(s) for s in t.steps]
     assert kinds == [TextStep, CodeStep, ExecutionStep, TextStep]
@@ -161,10 +168,7 @@ async def test_chat_continue_sends_the_solution_so_far_as_the_assistant_message(
             return Stream(chat_chunks(["Compute:\n```python\npri", "nt(6 * 7)\n```\nand more"]))
         return Stream(chat_chunks(["So it is $\\boxed{42}$."]))
 
-    with ScriptedServer(reply) as server:
-        b = backend(server, "&protocol=chat-continue")
-        t = await solve(b)
-        await b.aclose()
+    t, server = await solved(reply, "&protocol=chat-continue")
     assert t.result.finish == "answered" and t.result.final_answer == "42"
     first, second = server.bodies("/chat/completions")
     assert [m["role"] for m in first["messages"]] == ["system", "user"] and "continue_final_message" not in first
@@ -337,10 +341,7 @@ async def test_tools_run_every_call_of_a_reply_in_one_kernel_and_answer_each_by_
                                       tool_code=["x = 6", "print(x * 7)", "print(x + 1)"]))
         return Stream(chat_chunks(["So $\\boxed{42}$."]))
 
-    with ScriptedServer(reply) as server:
-        b = backend(server, "&protocol=tools")
-        t = await solve(b)
-        await b.aclose()
+    t, server = await solved(reply, "&protocol=tools")
     assert t.result.finish == "answered" and t.result.final_answer == "42"
     executions = [s for s in t.steps if isinstance(s, ExecutionStep)]
     assert [s.stdout for s in executions] == ["", "42\n", "7\n"]  # in order, in one kernel
@@ -363,10 +364,7 @@ async def test_a_reply_whose_calls_outrun_the_tool_budget_stops_at_the_budget() 
     def reply(path: str, body: dict[str, Any], n: int) -> Stream:
         return Stream(chat_chunks([], "tool_calls", tool_code=[f"print({i})" for i in range(5)]))
 
-    with ScriptedServer(reply) as server:
-        b = backend(server, "&protocol=tools")
-        t = await solve(b)  # max_tool_calls=3
-        await b.aclose()
+    t, server = await solved(reply, "&protocol=tools")  # max_tool_calls=3
     assert t.result.finish == "max_tool_calls" and t.stats.tool_calls == 3
     assert [s.stdout for s in t.steps if isinstance(s, ExecutionStep)] == ["0\n", "1\n", "2\n"]
     assert len(server.requests) == 1
@@ -383,16 +381,7 @@ async def test_each_episode_keeps_its_own_calls() -> None:
 
     with ScriptedServer(reply) as server:
         b = backend(server, "&protocol=tools")
-        config = SolveConfig(limits=Limits(max_tool_calls=3, max_tokens=512, max_tokens_per_call=128, timeout_s=10))
-
-        async def one(text: str) -> Trajectory:
-            episode = Episode(Problem(id=text, text=text), backend=b, template=load_prompt("chat"),
-                              kernels=FreshKernels(SandboxPolicy(timeout_s=10)), config=config, spec="openai:x")
-            final = [e async for e in episode.run()][-1]
-            assert isinstance(final, Finished)
-            return final.trajectory
-
-        six, five = await asyncio.gather(one("What is 6 times 7?"), one("What is 5 times 7?"))
+        six, five = await asyncio.gather(solve(b, text="What is 6 times 7?"), solve(b, text="What is 5 times 7?"))
         await b.aclose()
     assert (six.result.final_answer, five.result.final_answer) == ("42", "35")
     assert len(server.requests) == 4
@@ -405,10 +394,7 @@ async def test_whole_replies_with_stream_0_for_servers_that_stream_no_tool_calls
                                     ids=["call__0_python_cmpl-1", "call__1_python_cmpl-1"]))
         return Whole(chat_reply("It is $\\boxed{32}$."))
 
-    with ScriptedServer(reply) as server:
-        b = backend(server, "&protocol=tools&stream=0")
-        t = await solve(b)
-        await b.aclose()
+    t, server = await solved(reply, "&protocol=tools&stream=0")
     assert t.result.final_answer == "32"
     assert [s.stdout for s in t.steps if isinstance(s, ExecutionStep)] == ["", "32\n"]
     first, second = server.bodies()
@@ -423,10 +409,7 @@ async def test_whole_replies_with_stream_0_for_servers_that_stream_no_tool_calls
 async def test_a_reply_cut_inside_its_last_call_runs_the_complete_ones() -> None:
     chunks = chat_chunks([], "length", tool_code=["print(1)", "print(2)"])
     chunks[-2]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] = ""  # the second call is cut
-    with ScriptedServer(lambda path, body, n: Stream(chunks)) as server:
-        b = backend(server, "&protocol=tools")
-        t = await solve(b)
-        await b.aclose()
+    t, _ = await solved(lambda path, body, n: Stream(chunks), "&protocol=tools")
     assert [s.stdout for s in t.steps if isinstance(s, ExecutionStep)] == ["1\n"]
     assert t.result.finish == "max_tokens"
     assert context(t).endswith('```output\n1\n```\n```python\n{"code": "')  # the half that came

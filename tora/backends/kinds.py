@@ -28,7 +28,8 @@ SYNTAX: dict[str, tuple[str, str]] = {
              "(vllm:embedded: the embedded model, converted once)"),
     "replay": ("replay:FILE", "plays back recorded trajectories (tora's or ToRA's format)"),
     "openai": ("openai:[MODEL@]http://HOST:PORT/v1?OPTIONS", "an OpenAI-compatible server (options: protocol, "
-               "template, concurrency, api_key_env, retries, backoff, timeout, stream, body.FIELD)"),
+               "template, concurrency, api_key_env, retries, backoff, timeout, stream, logprobs, token_ids, "
+               "body.FIELD)"),
 }
 
 
