@@ -518,3 +518,27 @@ async def test_the_tools_protocol_asks_for_no_tokens() -> None:
         await b.aclose()
     body = server.bodies()[0]
     assert not {"logprobs", "top_logprobs", "return_token_ids"} & set(body)
+
+
+async def test_a_trajectory_on_a_vllm_server_records_its_ids_and_logprobs_on_the_text_path() -> None:
+    def reply(path: str, body: dict[str, Any], n: int) -> Stream:
+        if n == 0:  # the stop "\n```\n" ends inside the third token: its whole text is kept
+            return Stream(vllm_chunks([("```python\n", [1], [-0.1]), ("print(6*7)", [2], [-0.2]),
+                                       ("\n```\n\n", [3], [-0.3]), ("never read", [4], [-0.4])]))
+        # The end of text: an id (EOS) with no text.
+        return Stream(vllm_chunks([("So $\\boxed{42}$.", [5, 6], [-0.01, -0.02]), ("", [7], [-0.5])]))
+
+    with ScriptedServer(reply, owned_by="vllm") as server:
+        b = backend(server)
+        t = await solve(b, prompt="tora-gsm8k")
+        await b.aclose()
+    assert t.result.final_answer == "42" and t.generation.token_path == "text" and t.prompt_ids is None
+    first, _, execution, last = t.steps
+    assert isinstance(first, TextStep) and isinstance(execution, ExecutionStep) and isinstance(last, TextStep)
+    assert (first.content, first.token_ids, first.logprobs) == ("```python\nprint(6*7)\n```\n\n", [1, 2, 3],
+                                                                [-0.1, -0.2, -0.3])
+    assert first.stop is not None and (first.stop.kind, first.stop.string) == ("stop_string", fences.CLOSE_FENCE)
+    assert execution.stdout == "42\n"
+    assert (last.content, last.token_ids, last.logprobs) == ("So $\\boxed{42}$.", [5, 6, 7], [-0.01, -0.02, -0.5])
+    assert last.stop is not None and last.stop.kind == "eos"
+    assert all("stop" not in body for body in server.bodies())  # cut here, so every id's text was seen

@@ -85,7 +85,7 @@ class OpenAIBackend(Backend):
             params["stop"] = list(request.stop)
         fields, extensions = self.protocol.fields(request)
         params |= fields
-        if tokens and await conn.gives_logprobs():
+        if tokens and request.logprobs and await conn.gives_logprobs():
             params |= self.protocol.logprob_fields(request.top_logprobs)
         if ids:
             extensions |= RETURN_TOKEN_IDS
