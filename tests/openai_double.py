@@ -14,7 +14,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,14 @@ class Stream:
     done: bool = True  # end with data: [DONE]
 
 
-Reply = Status | Stream
+@dataclass
+class Whole:
+    """An answer that is not streamed: this JSON body (as for a request with stream false)."""
+
+    body: dict[str, Any]
+
+
+Reply = Status | Stream | Whole
 
 
 def completion_chunks(pieces: list[str], finish: str | None = "stop", **extra: Any) -> list[dict[str, Any]]:
@@ -57,24 +64,41 @@ def completion_chunks(pieces: list[str], finish: str | None = "stop", **extra: A
     return chunks
 
 
-def chat_chunks(pieces: list[str], finish: str | None = "stop", tool_code: str | None = None,
+def chat_chunks(pieces: list[str], finish: str | None = "stop", tool_code: str | list[str] | None = None,
                 **extra: Any) -> list[dict[str, Any]]:
     """/chat/completions chunks: content pieces, then a python tool call whose arguments
-    arrive in two fragments, as servers stream them."""
+    arrive in two fragments, as servers stream them. `tool_code` may be a list: one call
+    each, with ids call_x0, call_x1, ..."""
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **more: Any) -> dict[str, Any]:
         return {"id": "chat-1", "object": "chat.completion.chunk", "created": 0, "model": "scripted",
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, **more}]}
 
     chunks = [chunk({"role": "assistant", "content": p}) for p in pieces]
-    if tool_code is not None:
-        arguments = json.dumps({"code": tool_code})
+    codes = [tool_code] if isinstance(tool_code, str) else list(tool_code or [])
+    for i, code in enumerate(codes):
+        arguments = json.dumps({"code": code})
         cut = len(arguments) // 2
-        chunks.append(chunk({"tool_calls": [{"index": 0, "id": "call_x", "type": "function",
+        call_id = "call_x" if isinstance(tool_code, str) else f"call_x{i}"
+        chunks.append(chunk({"tool_calls": [{"index": i, "id": call_id, "type": "function",
                                              "function": {"name": "python", "arguments": arguments[:cut]}}]}))
-        chunks.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments[cut:]}}]}))
+        chunks.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": arguments[cut:]}}]}))
     chunks.append(chunk({}, finish, **extra))
     return chunks
+
+
+def chat_reply(content: str | None, tool_codes: Sequence[str] = (), finish: str = "stop",
+               ids: list[str] | None = None) -> dict[str, Any]:
+    """A whole /chat/completions answer: the message, with a python tool call per code."""
+    calls = [{"id": (ids or [f"call_w{i}" for i in range(len(tool_codes))])[i], "type": "function",
+              "function": {"name": "python", "arguments": json.dumps({"code": code})}}
+             for i, code in enumerate(tool_codes)]
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return {"id": "chat-1", "object": "chat.completion", "created": 0, "model": "scripted",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29}}
 
 
 @dataclass
@@ -87,9 +111,11 @@ class Seen:
 class ScriptedServer:
     """`reply(path, body, n)` scripts the answer to the n-th request (0-based)."""
 
-    def __init__(self, reply: Callable[[str, dict[str, Any], int], Reply], models: tuple[str, ...] = ("scripted",)):
+    def __init__(self, reply: Callable[[str, dict[str, Any], int], Reply], models: tuple[str, ...] = ("scripted",),
+                 owned_by: str = "test"):
         self.reply = reply
         self.models = models
+        self.owned_by = owned_by  # "vllm": the client takes the server for vLLM
         self.port = free_port()
         self.requests: list[Seen] = []
         self.disconnected = threading.Event()
@@ -114,7 +140,7 @@ class ScriptedServer:
         return [s.body for s in self.requests if s.path.endswith(path_end)]
 
     async def _models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "test"}
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "owned_by": self.owned_by}
                                                         for m in self.models]})
 
     async def _generate(self, request: Request) -> Response:
@@ -125,6 +151,9 @@ class ScriptedServer:
         if isinstance(answer, Status):
             return JSONResponse({"error": {"message": answer.message, "type": "scripted", "code": answer.code}},
                                 status_code=answer.code, headers=answer.headers)
+        if isinstance(answer, Whole):
+            self.completed += 1
+            return JSONResponse({**answer.body, "model": body.get("model") or answer.body["model"]})
         return StreamingResponse(self._events(answer, body.get("model")), media_type="text/event-stream")
 
     async def _events(self, answer: Stream, model: str | None) -> AsyncIterator[str]:

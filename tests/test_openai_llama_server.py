@@ -22,17 +22,19 @@ from pathlib import Path
 import pytest
 from conftest import TORA, collect
 
+from tora import fences
 from tora.backends.base import Backend, Delta, Done, GenerationRequest, StreamEvent, checked_stream
 from tora.backends.embedded import embedded_model_path
 from tora.backends.llama_server import LlamaServer
 from tora.backends.llamacpp import LlamaCppBackend
 from tora.backends.openai import OpenAIBackend, ServerSpec
+from tora.backends.openai.tools import Tools
 from tora.engine import Episode, Limits, SolveConfig
 from tora.events import Finished
 from tora.kernels import FreshKernels, SandboxPolicy
 from tora.prompts import load_prompt
 from tora.record import Problem, Trajectory, TrajectoryWriter
-from tora.record.schema import TextStep
+from tora.record.schema import CodeStep, ExecutionStep, TextStep
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -41,8 +43,9 @@ GEMMA_TEMPLATE = Path(__file__).parent / "data" / "gemma3-tokenizer"
 QUESTION = "Tom has 3 boxes with 12 apples each. He eats 5 apples. How many apples are left?"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+@contextlib.contextmanager
+def running(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Iterator[LlamaServer]:
+    """llama_cpp.server with the embedded model, an API key and these flags, stopped at the end."""
     # The same shared model file and engine cache as conftest's per-test homes.
     base = tmp_path_factory.getbasetemp()
     home = tmp_path_factory.mktemp("llama_server_home")
@@ -53,11 +56,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     (home / "cache").symlink_to(base / "cache", target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORA_HOME", str(home))
-        with LlamaServer(embedded_model_path(), args=["--api_key", SECRET, "--verbose", "False"],
+        with LlamaServer(embedded_model_path(), args=["--api_key", SECRET, "--verbose", "False", *args],
                          log=home / "server.log") as s:
             yield s
             assert s.proc is not None and s.proc.poll() is None, "the server died during the tests"
         assert s.proc is None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    with running(tmp_path_factory) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def tools_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    # chatml-function-calling: a chat template that offers the tools to the model and parses
+    # its calls (grammar-constrained), several per reply; it streams none, hence stream=0.
+    with running(tmp_path_factory, "--chat_format", "chatml-function-calling", "--n_ctx", "2048") as s:
+        yield s
 
 
 @pytest.fixture
@@ -81,6 +98,10 @@ class Recording(Backend):
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         return self.inner.format_chat(messages)
+
+    def for_episode(self, problem: Problem, sample_index: int) -> Recording:
+        self.inner = self.inner.for_episode(problem, sample_index)
+        return self
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         text = ""
@@ -116,8 +137,10 @@ def check_structure(t: Trajectory, calls: list[tuple[GenerationRequest, str, Don
     # Each call continued exactly the context the loop had built.
     for (request, _, _), (later, _, _) in itertools.pairwise(calls):
         assert later.prompt.startswith(request.prompt)
-    last_request, last_text, _ = calls[-1]
-    assert t.prompt + "".join(s.context_text() for s in t.steps) == last_request.prompt + last_text
+    last_request, last_text, last_done = calls[-1]
+    # The loop writes the closing fence the model stopped at (and, the tool budget spent, runs nothing).
+    fence = fences.CLOSE_FENCE if last_done.stop_string == fences.CLOSE_FENCE else ""
+    assert t.prompt + "".join(s.context_text() for s in t.steps) == last_request.prompt + last_text + fence
     assert all(step.content for step in t.steps if isinstance(step, TextStep))
 
 
@@ -237,3 +260,67 @@ def test_eval_and_solve_through_the_server_never_record_the_key(server: LlamaSer
     assert refused.returncode == 1
     assert "401" in refused.stderr and "TORA_OPENAI_API_KEY or OPENAI_API_KEY" in refused.stderr
     assert SECRET not in refused.stderr + refused.stdout
+
+
+async def test_tools_protocol_on_a_server_whose_chat_template_has_tools(tools_server: LlamaServer, key: str) -> None:
+    spec = f"gemma@{tools_server.url}?protocol=tools&stream=0"
+    before = len(log_lines(tools_server))
+    b = Recording(OpenAIBackend(ServerSpec.parse(spec)))
+    config = SolveConfig(limits=Limits(max_tool_calls=1, max_tokens=240, max_tokens_per_call=120, timeout_s=10))
+    episode = Episode(Problem(id="apples", text=QUESTION, answer="31"), backend=b, template=load_prompt("chat"),
+                      kernels=FreshKernels(SandboxPolicy(timeout_s=10)), config=config, spec=f"openai:{spec}")
+    final = [e async for e in episode.run()][-1]
+    await b.inner.aclose()
+    assert isinstance(final, Finished)
+    t = final.trajectory
+    # The server refused nothing: not the tool call sent back (content "", never null: it
+    # types content as a string and its template reads it), not the tool message.
+    check_structure(t, b.calls)
+    assert isinstance(b.inner, OpenAIBackend) and isinstance(b.inner.protocol, Tools)
+    replies = b.inner.protocol.replies  # the episode's own protocol: its replies' calls, by the server's ids
+    assert t.stats.tool_calls == 1 and replies, "greedy Gemma calls the python tool here"
+    executions = [s for s in t.steps if isinstance(s, ExecutionStep)]
+    codes = [s.content for s in t.steps if isinstance(s, CodeStep)]
+    assert len(executions) == len(codes) == 1
+    # Each call ran as a cell; the server was asked once per reply, not once per call.
+    posts = [line for line in log_lines(tools_server)[before:] if "POST /v1/chat/completions" in line]
+    assert len(posts) == len(b.calls) - sum(len(ids) - 1 for ids in replies.values())
+    # The next request answers each call by the id the server gave it.
+    fields, _ = b.inner.protocol.fields(GenerationRequest(prompt=t.context()))
+    sent = [c["id"] for m in fields["messages"] if m["role"] == "assistant" for c in m.get("tool_calls", [])]
+    answered = [m["tool_call_id"] for m in fields["messages"] if m["role"] == "tool"]
+    given = [i for ids in replies.values() for i in ids]
+    assert sent == answered == given[: len(answered)] and all(i and i.startswith("call_") for i in given)
+    assert fields["messages"][3]["content"] == executions[0].rendered
+
+
+async def test_completions_logprobs_from_the_real_server_are_the_models(server: LlamaServer, key: str) -> None:
+    # logprobs=1: llama_cpp.server is not asked by default (it is slow at them).
+    b = OpenAIBackend(ServerSpec.parse(f"gemma@{server.url}?logprobs=1&body.repeat_penalty=1"))
+    request = GenerationRequest(prompt="The capital of France is", max_tokens=6)
+    deltas: list[Delta] = []
+    async for event in checked_stream(b, request):
+        if isinstance(event, Delta):
+            deltas.append(event)
+    await b.aclose()
+    got = [v for d in deltas for v in d.logprobs or ()]
+    assert all(d.logprobs is not None and not d.token_ids for d in deltas)  # logprobs, no ids: none invented
+    # The same model in this process, greedy: the logprob of each token it picks.
+    from tora.backends.ggml_cpu import ensure_cpu_backend
+
+    ensure_cpu_backend()
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(str(embedded_model_path()), n_ctx=256, logits_all=True, verbose=False)
+    llm.eval(llm.tokenize(request.prompt.encode(), add_bos=True))
+    want = []
+    for _ in range(request.max_tokens):
+        logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        logprobs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+        token = int(logits.argmax())
+        want.append(float(logprobs[token]))
+        llm.eval([token])
+    llm.close()
+    assert len(got) == len(want)
+    assert got == pytest.approx(want, abs=2e-2)

@@ -95,7 +95,7 @@ def test_tool_turns_pair_each_python_block_with_its_output() -> None:
     args = [json.loads(t["tool_calls"][0]["function"]["arguments"]) for t in turns if t["role"] == "assistant"]
     assert args == [{"code": "x = 6\nprint(x * 7)"}, {"code": "print(x)"}]
     assert [(t["role"], t.get("content")) for t in turns] == [
-        ("assistant", "First."), ("tool", "42"), ("assistant", None), ("tool", "6")]
+        ("assistant", "First."), ("tool", "42"), ("assistant", ""), ("tool", "6")]
     assert [t["tool_call_id"] for t in turns if t["role"] == "tool"] == ["call_1", "call_2"]
     assert rest == "So the answer"
     # A python block without an output block after it is still the assistant's text.
@@ -122,3 +122,18 @@ def test_chat_template_sources_and_their_errors(tmp_path: Path) -> None:
     broken.write_text("{% for m in messages %}")
     with pytest.raises(PromptError, match=r"broken\.jinja"):
         chat_template.load(broken).render([{"role": "user", "content": "hi"}])
+
+
+def test_tool_turns_group_the_calls_of_one_reply_under_its_ids() -> None:
+    text = ("Two.\n```python\nx = 1\n```\n```output\n\n```\n```python\nprint(x)\n```\n```output\n1\n```\n"
+            "```python\nprint(2)\n```\n```output\n2\n```\n")
+    second = text.index("```python\nprint(x)")
+    third = text.index("```python\nprint(2)")
+    turns, rest = transcript.tool_turns(text, {0 + len("Two.\n"): ["a", "b"], third: [None]})
+    assert rest == ""
+    assert [(t["role"], [c["id"] for c in t.get("tool_calls", [])] or t.get("tool_call_id")) for t in turns] == [
+        ("assistant", ["a", "b"]), ("tool", "a"), ("tool", "b"), ("assistant", ["call_3"]), ("tool", "call_3")]
+    # A reply the text does not hold (its calls are not one after another there) falls back to one call each.
+    apart = text[:second] + "Hmm.\n" + text[second:]
+    turns, _ = transcript.tool_turns(apart, {len("Two.\n"): ["a", "b"]})
+    assert [c["id"] for t in turns for c in t.get("tool_calls", [])] == ["call_1", "call_2", "call_3"]

@@ -9,21 +9,23 @@
     openai:MODEL@URL    an OpenAI-compatible server, e.g. openai:qwen@http://127.0.0.1:8000/v1;
                         options after '?': protocol=completions|chat-continue|tools,
                         template=PATH, concurrency=N, api_key_env=NAME, retries=N,
-                        backoff=S, timeout=S (tora.backends.openai says what each does).
+                        backoff=S, timeout=S, stream=0|1, body.FIELD=V (tora.backends.openai
+                        says what each does).
                         MODEL may be left out when the server serves one model.
 
 Third-party packages add backends through the `tora.backends` entry point
 group: `name = "pkg.module:factory"`, where `factory(arg: str) -> Backend`
-serves the spec `name:arg`.
+serves the spec `name:arg` (tora.backends.kinds: loaded once, a broken one
+reported by name). `kinds()` lists them all with their syntax (`tora models`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from tora.backends.base import Backend
+from tora.backends.kinds import Kind, listing, plugins
 from tora.errors import ModelSpecError
 
 DEFAULT_SPEC = "embedded"
@@ -77,15 +79,12 @@ BUILTIN: dict[str, Callable[[str], Backend]] = {
 }
 
 
-def _plugins() -> dict[str, Callable[[str], Backend]]:
-    found: dict[str, Callable[[str], Backend]] = {}
-    for ep in entry_points(group="tora.backends"):
-        found[ep.name] = ep.load()
-    return found
+def kinds() -> list[Kind]:
+    return listing(BUILTIN)
 
 
 def known_kinds() -> list[str]:
-    return sorted({*BUILTIN, *_plugins()})
+    return sorted({*BUILTIN, *(name for name, p in plugins().items() if p.factory is not None)})
 
 
 def load_backend(spec: str | None) -> Backend:
@@ -94,7 +93,10 @@ def load_backend(spec: str | None) -> Backend:
     kind, sep, arg = spec.partition(":")
     if not sep and kind not in BUILTIN:
         raise ModelSpecError(f"model spec {spec!r} has no kind; write KIND:ARG with KIND one of {', '.join(known_kinds())}")
-    factory = BUILTIN.get(kind) or _plugins().get(kind)
+    plugin = plugins().get(kind)
+    if kind not in BUILTIN and plugin is not None and plugin.factory is None:
+        raise ModelSpecError(f"the backend plugin {kind!r} ({plugin.kind.source}) is broken: {plugin.kind.error}")
+    factory = BUILTIN.get(kind) or (plugin.factory if plugin is not None else None)
     if factory is None:
         raise ModelSpecError(f"unknown model kind {kind!r} in {spec!r}; known kinds: {', '.join(known_kinds())}")
     if kind != "embedded" and not arg:

@@ -15,9 +15,12 @@ and, on every model call, reads that text back into messages (`parse`): the
 first `<|assistant|>` header ends the conversation, and everything after it is
 the assistant's turn so far. For native tool calls, `tool_turns` turns each
 python block that is followed by an output block back into an assistant
-message with a `python` tool call and the `tool` message with its result;
-the ids are positional (`call_1`, `call_2`, ...), so the requests are a pure
-function of the recorded text.
+message with a `python` tool call and the `tool` message with its result.
+By default each call is a message of its own with a positional id (`call_1`,
+`call_2`, ...), so a request is a pure function of the recorded text. The
+tools protocol also passes what only its own episode saw: which calls one
+reply of the server held together, and the ids the server gave them, so
+that they go back as one message answered id by id.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tora import fences
@@ -62,32 +66,48 @@ def parse(text: str) -> tuple[list[dict[str, str]], str] | None:
     return None
 
 
-def tool_call(index: int, code: str) -> dict[str, Any]:
+def tool_call(call_id: str, code: str) -> dict[str, Any]:
     return {
-        "id": f"call_{index}",
+        "id": call_id,
         "type": "function",
         "function": {"name": TOOL_NAME, "arguments": json.dumps({"code": code})},
     }
 
 
-def tool_turns(assistant_text: str) -> tuple[list[dict[str, Any]], str]:
+def tool_turns(assistant_text: str,
+               replies: Mapping[int, Sequence[str | None]] | None = None) -> tuple[list[dict[str, Any]], str]:
     """The assistant's text as chat turns: (complete messages, the text of the turn in progress).
 
     A python block followed (after whitespace) by an output block is a tool
     call and its result; any other text stays the assistant's content.
+    `replies` maps the offset in `assistant_text` of a reply's first python
+    block to the ids of that reply's calls (None: no id of the server's):
+    its calls are the pairs that follow one another there, one message.
     """
     found = fences.blocks(assistant_text)
+    pairs = [(code, out) for code, out in itertools.pairwise(found)
+             if code.is_code and code.closed and out.lang == "output" and out.closed
+             and not assistant_text[code.end : out.start].strip()]
     messages: list[dict[str, Any]] = []
-    cursor = 0
-    for code, out in itertools.pairwise(found):
-        if not (code.is_code and code.closed and out.lang == "output" and out.closed):
-            continue
-        if assistant_text[code.end : out.start].strip():
-            continue
-        index = len(messages) // 2 + 1
-        content = assistant_text[cursor : code.start].removesuffix("\n")
-        messages.append({"role": "assistant", "content": content or None,
-                         "tool_calls": [tool_call(index, code.content.removesuffix("\n"))]})
-        messages.append({"role": "tool", "tool_call_id": f"call_{index}", "content": out.content.removesuffix("\n")})
-        cursor = out.end
+    cursor = number = i = 0
+    while i < len(pairs):
+        first = pairs[i][0]
+        ids = list((replies or {}).get(first.start, ()))
+        group = pairs[i : i + max(len(ids), 1)]
+        if len(group) < len(ids) or any(assistant_text[a.end : b.start].strip()
+                                        for (_, a), (b, _) in itertools.pairwise(group)):
+            group, ids = group[:1], []  # not the reply that was recorded: one call, as any other text
+        calls = []
+        for j, (code, _) in enumerate(group):
+            number += 1
+            call_id = (ids[j] if j < len(ids) else None) or f"call_{number}"
+            calls.append(tool_call(call_id, code.content.removesuffix("\n")))
+        content = assistant_text[cursor : first.start].removesuffix("\n")
+        # "" rather than null or no content: llama-cpp-python types it as a string, and its
+        # chat templates read it.
+        messages.append({"role": "assistant", "content": content, "tool_calls": calls})
+        messages += [{"role": "tool", "tool_call_id": call["id"], "content": out.content.removesuffix("\n")}
+                     for call, (_, out) in zip(calls, group, strict=True)]
+        cursor = group[-1][1].end
+        i += len(group)
     return messages, assistant_text[cursor:]

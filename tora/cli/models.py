@@ -1,6 +1,8 @@
-"""`tora models`: the models under $TORA_HOME/models, and converting GGUF for vLLM.
+"""`tora models`: the backend kinds, the models under $TORA_HOME/models, and converting GGUF for vLLM.
 
-    tora models list                         what is there, and the spec that uses each
+    tora models [list]                       the backend kinds and their spec syntax (plugins
+                                             included), then the local models and the spec of each
+    tora models kinds [--json]               the backend kinds only
     tora models convert embedded [--out DIR] the embedded GGUF -> a safetensors directory
     tora models convert FILE.gguf [--out DIR]
 
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,14 +21,41 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tora.backends.convert import DEFAULT_DTYPE, EMBEDDED, convert, default_out, read_stamp, resolve_source
+from tora.backends.registry import kinds
 from tora.paths import models_dir
 
 
-@click.group("models")
-def models() -> None:
-    """List local models; convert GGUF models to Hugging Face directories (for vllm:)."""
+@click.group("models", invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List backend kinds and local models; convert GGUF models to Hugging Face directories (for vllm:)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(list_cmd)
+
+
+def _kinds_table() -> Table:
+    table = Table(title="backend kinds (--model SPEC)")
+    for column in ("kind", "spec", "serves", "from"):
+        table.add_column(column, overflow="fold")
+    for kind in kinds():
+        # Text, not markup: a syntax like "[MODEL@]" or an error's "[Errno 2]" is not a style.
+        about = Text(kind.about) if kind.error is None else Text(f"not usable: {kind.error}", style="red")
+        table.add_row(Text(kind.name), Text(kind.syntax), about, Text(kind.source))
+    return table
+
+
+@models.command("kinds")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per kind on stdout.")
+def kinds_cmd(as_json: bool) -> None:
+    """The backend kinds a --model spec can name, with their syntax (entry-point plugins included)."""
+    if as_json:
+        for kind in kinds():
+            sys.stdout.write(json.dumps(dataclasses.asdict(kind)) + "\n")
+        return
+    Console().print(_kinds_table())
 
 
 def _size(path: Path) -> int:
@@ -76,7 +106,8 @@ def _entries(root: Path) -> list[dict[str, Any]]:
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model on stdout.")
 def list_cmd(as_json: bool) -> None:
-    """The models under $TORA_HOME/models and the --model spec for each."""
+    """The backend kinds, then the models under $TORA_HOME/models and the --model spec for each
+    (with --json: the models only, see `tora models kinds --json`)."""
     root = models_dir()
     rows = _entries(root)
     if as_json:
@@ -84,6 +115,7 @@ def list_cmd(as_json: bool) -> None:
             sys.stdout.write(json.dumps(row) + "\n")
         return
     console = Console()
+    console.print(_kinds_table())
     if not rows:
         console.print(f"no models in {root} yet (the embedded model is assembled at its first use)", highlight=False)
         return
