@@ -205,6 +205,18 @@ def memory_group(group: Path | None) -> str | None:
     return str(memory) if memory is not None else None
 
 
+def lower_memory(group: Path | None, limit: int) -> bool:
+    """Set the kernel's memory limit to ``limit`` bytes; False where it has no memory group."""
+    memory = _memory.get(group) if group is not None else None
+    if memory is None:
+        return False
+    try:
+        _set_memory(memory, limit, (memory / "memory.max").exists())
+    except OSError:
+        return False
+    return True
+
+
 def _forget(group: Path) -> None:
     _groups.pop(group, None)
     _memory.pop(group, None)

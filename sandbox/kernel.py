@@ -17,6 +17,7 @@ from collections import Counter
 from types import TracebackType
 from typing import Any, Literal
 
+from sandbox import cgroups
 from sandbox.client import Collected
 from sandbox.errors import KernelClosedError
 from sandbox.launch import Launcher, Spawned
@@ -214,6 +215,12 @@ class Kernel:
             restarted=restarted,
             dropped=into.dropped,
         )
+
+    def lower_memory(self, memory_mb: int) -> bool:
+        """Lower this kernel's memory cgroup to ``memory_mb`` (never above the policy's), for its
+        current process only: a replacement gets the policy's. False where it has no memory group."""
+        limit = min(memory_mb, self.policy.memory_mb) * 1024 * 1024
+        return cgroups.lower_memory(self._spawned.handle.cgroup, limit)
 
     async def interrupt(self) -> None:
         if not self._closed and not self._spawned.handle.exited:
