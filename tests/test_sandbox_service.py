@@ -284,27 +284,56 @@ def test_stateless_python_language_with_stdin(nemo: Nemo) -> None:
 # --- fork ------------------------------------------------------------------------
 
 
+def fork(nemo: Nemo, session: str) -> dict[str, Any]:
+    r = nemo.http.post(f"/sessions/{session}/fork")
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    assert body["session_id"] != session
+    return body
+
+
 def test_fork_copies_state_into_a_separate_session(nemo: Nemo) -> None:
     s = sid()
-    nemo.run(s, "import random\nx = [1, 2]\nopen('f.txt', 'w').write('on disk')")
-    nemo.run(s, "print(random.random())")
-    r = nemo.http.post(f"/sessions/{s}/fork")
-    assert r.status_code == 200, r.text
-    forked = r.json()
+    nemo.run(s, "import random\nrandom.seed(7)\nx = [1, 2]\nopen('f.txt', 'w').write('on disk')")
+    nemo.run(s, "class Box:\n    def __init__(self, v):\n        self.v = v\nsquare = lambda n: Box(n * n)\nb = square(3)")
+    forked = fork(nemo, s)
     new = forked["session_id"]
-    assert new != s
-    # Said plainly: this copy was made by re-running the cells, and the random one came out different.
-    assert forked["method"] == "replay" and "not copied" in forked["reason"]
-    assert forked["replayed"] == 2 and forked["diverged"] == [1]
-    assert nemo.run(new, "x.append(3)\nprint(x, open('f.txt').read())")["stdout"] == "[1, 2, 3] on disk\n"
-    assert not nemo.run(new, "pass")["new_session_created"]
-    assert nemo.run(s, "print(x)")["stdout"] == "[1, 2]\n"
-    # Separate kernels, separate sandboxes.
+    # A copy of the state, not a re-run: the random generator is where the source's is.
+    assert forked["method"] == "snapshot", forked
+    assert nemo.run(new, "print(random.random())")["stdout"] == nemo.run(s, "print(random.random())")["stdout"]
+    r = nemo.run(new, "x.append(3)\nprint(x, b.v, square(4).v, open('f.txt').read())")
+    assert r["stdout"] == "[1, 2, 3] 9 16 on disk\n" and not r["new_session_created"]
+    nemo.run(new, "open('f.txt', 'w').write('changed')")
+    # The two are apart: own kernel, own sandbox, own files.
+    assert nemo.run(s, "print(x, open('f.txt').read())")["stdout"] == "[1, 2] on disk\n"
     assert kernel_pid(nemo, new) != kernel_pid(nemo, s)
+    # A fork of a fork.
+    again = fork(nemo, new)
+    assert nemo.run(again["session_id"], "print(x)")["stdout"] == "[1, 2, 3]\n"
     missing = nemo.http.post(f"/sessions/{sid()}/fork")
     assert missing.status_code == 404 and "error" in missing.json()
-    nemo.http.delete(f"/sessions/{s}")
-    nemo.http.delete(f"/sessions/{new}")
+    for name in (s, new, again["session_id"]):
+        nemo.http.delete(f"/sessions/{name}")
+
+
+def test_fork_falls_back_to_replay_and_says_why(nemo: Nemo) -> None:
+    s = sid()
+    nemo.run(s, "import random, threading, time\nx = 41")
+    nemo.run(s, "print(random.random())")
+    nemo.run(s, "t = threading.Thread(target=time.sleep, args=(30,), daemon=True)\nt.start()\nx += 1")
+    forked = fork(nemo, s)
+    assert forked["method"] == "replay" and "threads" in forked["reason"], forked
+    # Re-run in order; the random cell came out differently, and the answer names it.
+    assert forked["replayed"] == 3 and forked["diverged"] == [1]
+    assert nemo.run(forked["session_id"], "print(x)")["stdout"] == "42\n"
+    # What cannot be pickled is named too.
+    other = sid()
+    nemo.run(other, "g = (i for i in range(3))\ny = 1")
+    forked = fork(nemo, other)
+    assert forked["method"] == "replay" and "cannot be copied" in forked["reason"], forked
+    assert nemo.run(forked["session_id"], "print(y, next(g))")["stdout"] == "1 0\n"
+    for name in (s, other):
+        nemo.http.delete(f"/sessions/{name}")
 
 
 # --- hostile cells, concurrently, through the service -----------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.errors import SandboxError
-from sandbox.fork import Forked, RecordedCell, fork_kernel
+from sandbox.fork import Forked, RecordedCell
 from sandbox.kernel import Kernel
 from sandbox.pool import KernelPool
 from sandbox.result import CellResult
@@ -200,10 +200,10 @@ class Service:
             try:
                 # After the requests already queued on the source: the state they leave.
                 async with source.lock:
-                    if source.closed:
+                    if source.closed or source.kernel is None:
                         raise NoSuchSession(f"session {sid!r} was deleted or expired before the fork")
                     cells = list(source.cells)
-                session.kernel, forked = await fork_kernel(self.pool, cells)
+                    session.kernel, forked = await self.pool.fork(source.kernel, cells)
             except BaseException:
                 self._sessions.pop(new_id, None)
                 session.closed = True
