@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tora.serve.process import SandboxServeProcess  # noqa: E402
+from tora.serve.process import SandboxServeProcess
 
 PRINT = "print(1+1)"
 SYMPY = "import sympy\nx = sympy.symbols('x')\nprint(sympy.solve(x**2 - 4, x))"
@@ -103,8 +102,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def drive(url: str, code: str, clients: int, total: int) -> dict[str, float]:
-    """`total` /run_code requests from `clients` concurrent clients; every answer checked."""
+async def drive(url: str, code: str, clients: int, total: int, sessions: bool = False) -> dict[str, float]:
+    """`total` /run_code requests from `clients` concurrent clients; every answer checked.
+
+    ``sessions``: NeMo-Skills' /execute instead, each client in a session of its own
+    (one kernel per client, reused), as a stateful RL rollout calls it."""
     latencies: list[float] = []
     failures = 0
     queue = list(range(total))
@@ -113,13 +115,23 @@ async def drive(url: str, code: str, clients: int, total: int) -> dict[str, floa
 
         async def client() -> None:
             nonlocal failures
+            sid = str(uuid.uuid4())
+            if sessions:
+                await http.post("/execute", headers={"X-Session-ID": sid}, json={"generated_code": "pass"})
             while queue:
                 queue.pop()
                 t0 = time.perf_counter()
-                r = await http.post("/run_code", json={"code": code, "language": "python", "run_timeout": 60})
+                if sessions:
+                    r = await http.post("/execute", headers={"X-Session-ID": sid},
+                                        json={"generated_code": code, "timeout": 60, "language": "ipython"})
+                    ok = r.status_code == 200 and r.json()["process_status"] == "completed"
+                else:
+                    r = await http.post("/run_code", json={"code": code, "language": "python", "run_timeout": 60})
+                    ok = r.status_code == 200 and r.json()["status"] == "Success"
                 latencies.append(time.perf_counter() - t0)
-                if r.status_code != 200 or r.json()["status"] != "Success":
-                    failures += 1
+                failures += not ok
+            if sessions:
+                await http.delete(f"/sessions/{sid}")
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -217,6 +229,7 @@ def main() -> None:
     ap.add_argument("--load-sessions", type=int, default=64)
     ap.add_argument("--load-requests", type=int, default=200)
     ap.add_argument("--forks", type=int, default=20)
+    ap.add_argument("--skip-throughput", action="store_true", help="only the load and fork figures")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -227,19 +240,26 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {load1:.1f} at start (shared with other work)")
     rows = []
     with SandboxServeProcess(server_args) as tora, Baseline() as base:
-        for name, code, n in (("print(1+1)", PRINT, args.requests), ("sympy", SYMPY, args.sympy_requests)):
+        for name, code, n in () if args.skip_throughput else (
+                ("print(1+1)", PRINT, args.requests), ("sympy", SYMPY, args.sympy_requests)):
             for clients in levels:
                 total = max(n, clients)
                 b = asyncio.run(drive(base.url, code, clients, total))
                 t = asyncio.run(drive(tora.url, code, clients, total))
-                rows.append({"cell": name, "clients": clients, "tora": t, "subprocess": b})
-                print(f"{name:10s} {clients:3d} clients: tora {t['rps']:7.1f} req/s p50 {t['p50_ms']:7.1f} ms "
-                      f"p99 {t['p99_ms']:7.1f} ms | subprocess {b['rps']:7.1f} req/s p50 {b['p50_ms']:7.1f} ms "
-                      f"p99 {b['p99_ms']:7.1f} ms | {t['rps'] / b['rps']:5.2f}x req/s "
-                      f"(failures {t['failures']}/{b['failures']})", flush=True)
+                ts = asyncio.run(drive(tora.url, code, clients, total, sessions=True))
+                rows.append({"cell": name, "clients": clients, "tora_fresh": t, "tora_session": ts, "subprocess": b})
+                print(f"{name:10s} {clients:3d} clients | subprocess {b['rps']:6.1f} req/s p50 {b['p50_ms']:7.1f} "
+                      f"p99 {b['p99_ms']:7.1f} ms | tora fresh kernel {t['rps']:6.1f} req/s p50 {t['p50_ms']:7.1f} "
+                      f"p99 {t['p99_ms']:7.1f} ms {t['rps'] / b['rps']:5.2f}x | tora session {ts['rps']:6.1f} req/s "
+                      f"p50 {ts['p50_ms']:6.1f} p99 {ts['p99_ms']:6.1f} ms {ts['rps'] / b['rps']:5.2f}x "
+                      f"| failures {b['failures']}/{t['failures']}/{ts['failures']}", flush=True)
         out["throughput"] = rows
         rss_start = tree_rss_mb(tora.pid)
-        ld = asyncio.run(load(tora.url, args.load_sessions, args.load_requests))
+        try:
+            ld = asyncio.run(load(tora.url, args.load_sessions, args.load_requests))
+        except httpx.HTTPError:
+            print("".join(tora.stderr[-40:]), file=sys.stderr)
+            raise
         rss_end = tree_rss_mb(tora.pid)
         ld.update(rss_start_mb=rss_start, rss_end_mb=rss_end,
                   server_rss_mb=psutil.Process(tora.pid).memory_info().rss / 2**20)

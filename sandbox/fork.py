@@ -68,8 +68,9 @@ def __tora_snapshot(limit):
     def refuse(why):
         return json.dumps({"ok": False, "why": why})
     def own(t):
+        # ipykernel's threads, and pyzmq's garbage collector (started by a large send).
         target = getattr(getattr(t, "_target", None), "__module__", None) or ""
-        return type(t).__module__.startswith("ipykernel") or target.startswith("ipykernel")
+        return type(t).__module__.startswith(("ipykernel", "zmq")) or target.startswith("ipykernel")
     extra = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not own(t)]
     if extra:
         return refuse("threads a cell left running cannot be copied: " + ", ".join(extra))

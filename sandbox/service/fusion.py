@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -30,13 +30,13 @@ KNOWN_LANGUAGES = (
 )  # fmt: skip
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     Success = "Success"
     Failed = "Failed"
     SandboxError = "SandboxError"
 
 
-class CommandRunStatus(str, Enum):
+class CommandRunStatus(StrEnum):
     Finished = "Finished"
     Error = "Error"
     TimeLimitExceeded = "TimeLimitExceeded"
