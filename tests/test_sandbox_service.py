@@ -156,6 +156,19 @@ def test_run_code_files_stdin_and_fetch(server: SandboxServeProcess) -> None:
     assert "missing.txt" not in r.files
 
 
+def test_run_code_memory_limit(server: SandboxServeProcess) -> None:
+    from sandbox_fusion import RunStatus
+
+    code = "x = b'x' * (300 << 20)\nprint(len(x) >> 20)"
+    assert run_code(server, code=code).run_result.stdout == "300\n"
+    r = httpx.post(f"{server.url}/run_code", json={"code": code, "language": "python", "memory_limit_MB": 128},
+                   timeout=60).json()
+    if "not applied" in r["message"]:  # no memory cgroup on this machine: said, not claimed
+        assert r["run_result"]["stdout"] == "300\n"
+        return
+    assert r["status"] == RunStatus.Failed and r["run_result"]["stdout"] == "", r
+
+
 def test_run_jupyter_official_client(server: SandboxServeProcess) -> None:
     from sandbox_fusion import RunJupyterRequest, RunStatus, run_jupyter
 

@@ -186,7 +186,8 @@ def serve_cmd(host: str, port: int, api_key: str | None, concurrency: int, max_q
                 click.echo(f"tora sandbox serve: {url} · tier {pool.launcher.tier} · {concurrency} stateless at "
                            f"once · {max_sessions} sessions, idle {session_ttl:g} s", err=True)
 
-            await run_until_stopped(app, sock, "tora sandbox serve", lambda: None, started)
+            # Execution clients keep large connection pools (NeMo-Skills: 2048) idle between cells.
+            await run_until_stopped(app, sock, "tora sandbox serve", lambda: None, started, keep_alive_s=75)
         finally:
             await service.close()
 

@@ -48,10 +48,15 @@ class _Server(uvicorn.Server):
 
 
 async def run_until_stopped(app: ASGIApp, sock: socket.socket, name: str, on_stop: Callable[[], None],
-                            started: Callable[[str], None]) -> None:
-    """Serve ``app`` on ``sock`` until SIGINT/SIGTERM; ``started(url)`` once it listens."""
+                            started: Callable[[str], None], keep_alive_s: int = 5) -> None:
+    """Serve ``app`` on ``sock`` until SIGINT/SIGTERM; ``started(url)`` once it listens.
+
+    ``keep_alive_s``: how long an idle connection is kept; longer than the
+    clients' own pool expiry (httpx: 5 s), or a client may send on a
+    connection the server is closing at that moment (a reset, not a retry).
+    """
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive_s)
     server = _Server(config, on_stop, name)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
