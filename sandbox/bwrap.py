@@ -34,7 +34,7 @@ from sandbox.cgroups import KernelCgroups
 from sandbox.dirs import KernelDirs, base_dir
 from sandbox.launch import INSIDE_SCRIPT, SubprocessLauncher
 from sandbox.policy import SandboxPolicy
-from sandbox.user import sandbox_ids
+from sandbox.user import UidLease, sandbox_ids
 
 RUN_DIR = "/sandbox/run"
 WORK_DIR = "/sandbox/work"
@@ -275,6 +275,11 @@ def bwrap_argv(
         argv += ["--cap-add", "CAP_SYS_ADMIN"]
     for name in _ETC_FILES:
         argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    # bwrap makes the missing parents of a bind 0700 (owner: the sandbox
+    # user); kernels run as uids of their own, which must walk through them.
+    parents = sorted({str(p) for _, inside in (*ro, *rw) for p in Path(inside).parents if str(p) != "/"})
+    for parent in parents:
+        argv += ["--perms", "0755", "--dir", parent]
     for host, inside in ro:
         argv += ["--ro-bind", host, inside]
     for host, inside in rw:
@@ -345,11 +350,15 @@ class BwrapLauncher(SubprocessLauncher):
     def facts(self, cgroup: Path | None) -> dict[str, Any]:
         return {**super().facts(cgroup), "userns_disabled": self.disable_userns}
 
+    def take_uid(self) -> UidLease | None:
+        return UidLease.take() if self.ids is not None else None
+
     def command(
-        self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None
+        self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None, lease: UidLease | None = None
     ) -> tuple[list[str], dict[str, str]]:
-        ro, stage = staged(read_only_binds(self.python), self.ids)
+        ids = lease.ids if lease is not None else self.ids
+        ro, stage = staged(read_only_binds(self.python), ids)
         argv = bwrap_argv(self.policy, ro, [(str(dirs.run), RUN_DIR)], env, True, self.disable_userns)
         procs = cgroups.procs_files(cgroup) if cgroup is not None else []
         # Join the groups before bwrap forks, so the kernel and all it starts are counted.
-        return [*host_prelude(self.ids, procs, stage), *argv, "--"], {"PATH": "/usr/bin:/bin"}
+        return [*host_prelude(ids, procs, stage), *argv, "--"], {"PATH": "/usr/bin:/bin"}

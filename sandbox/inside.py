@@ -537,18 +537,29 @@ def _namespace_flags(net: bool) -> int:
     return flags | CLONE_NEWNET if net else flags
 
 
-def _map_ids(uid: int, gid: int) -> None:
+def _map_ids(uid: int, gid: int, outer_uid: int, outer_gid: int) -> None:
+    """Map our own user (``outer_*`` in the parent namespace) to ``uid``/``gid``; no supplementary groups."""
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/uid_map", "w") as f:
-        f.write(f"{uid} {uid} 1")
+        f.write(f"{uid} {outer_uid} 1")
     with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{gid} {gid} 1")
+        f.write(f"{gid} {outer_gid} 1")
 
 
-def _enter_namespaces(uid: int, gid: int, net: bool) -> None:
+def map_child(pid: int, uid: int, gid: int, host_uid: int) -> None:
+    """In the zygote: map a cloned kernel's user to its own host uid (the zygote's namespace maps the range)."""
+    for name, inner in (("uid_map", uid), ("gid_map", gid)):
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+        try:
+            os.write(fd, f"{inner} {host_uid} 1".encode())
+        finally:
+            os.close(fd)
+
+
+def _enter_namespaces(uid: int, gid: int, outer_uid: int, outer_gid: int, net: bool) -> None:
     _check(libc().unshare(_namespace_flags(net)), "unshare")
-    _map_ids(uid, gid)
+    _map_ids(uid, gid, outer_uid, outer_gid)
 
 
 SYS_CLONE = 56  # x86_64
@@ -693,34 +704,53 @@ def confine(config: dict[str, Any], seccomp: Any) -> None:
     report(config["report"], config.get("limits", {}), limits, filtered, abi)
 
 
-def _spawn_kernel(kid: str, config: dict[str, Any], warm: Any, entered: bool) -> None:
+def _spawn_kernel(
+    kid: str, config: dict[str, Any], warm: Any, entered: bool, host_uid: int | None, gate: int | None
+) -> None:
     """Runs in the zygote's fresh child; never returns.
 
     ``entered``: the child was cloned straight into its namespaces and is
     already I; otherwise it is C, which enters them and forks I.
+    ``host_uid``: the kernel's own host uid; once ``gate`` reads end of file,
+    the zygote has mapped the kernel's user to it (cloned child), or C maps
+    it itself (see ``_enter_namespaces``).
     """
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         devnull = os.open("/dev/null", os.O_RDWR)
+        # fd 1 is the zygote's pipe to the runtime; fd 2 (the zygote's log)
+        # takes what goes wrong until the kernel's own log is open.
         os.dup2(devnull, 0)
-        log = os.open(f"/sandbox/kernels/{kid}/run/kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
+        os.dup2(devnull, 1)
         os.close(devnull)
-        os.close(log)
         os.setsid()
         net = config.get("net_per_kernel", False)
-        if entered:
-            _map_ids(config["uid"], config["gid"])
-        else:
-            _enter_namespaces(config["uid"], config["gid"], net)
+        uid, gid = config["uid"], config["gid"]
+        if entered and host_uid is None:
+            _map_ids(uid, gid, uid, gid)
+        elif not entered:
+            if host_uid is not None:
+                # C, still in the zygote's namespace (whose CAP_SETUID it holds), becomes the kernel's user.
+                os.setresgid(host_uid, host_uid, host_uid)
+                os.setresuid(host_uid, host_uid, host_uid)
+            _enter_namespaces(uid, gid, host_uid or uid, host_uid or gid, net)
             if os.fork() != 0:
                 os._exit(0)
         # I: pid 1 of the kernel's namespace.
         if net:
             loopback_up()
-        mount_kernel_view({**config["view"], "kid": kid})
         _hello(kid)
+        if gate is not None:
+            os.read(gate, 1)  # end of file: the zygote has written our maps
+            os.close(gate)
+            # Capabilities in our own namespace are kept: the old uid was not its root.
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        log = os.open(f"/sandbox/kernels/{kid}/run/kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        mount_kernel_view({**config["view"], "kid": kid})
         # The kernel must not be able to talk to the runtime's control socket.
         _mount("tmpfs", "/sandbox/ctl", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
         child = os.fork()
@@ -734,7 +764,10 @@ def _spawn_kernel(kid: str, config: dict[str, Any], warm: Any, entered: bool) ->
         warm.run(KERNEL_CONNECTION_FILE)
     except BaseException as exc:
         try:
-            os.write(2, f"kernel {kid} failed to start: {exc!r}\n".encode())
+            import traceback
+
+            where = "".join(traceback.format_tb(exc.__traceback__)[-2:])
+            os.write(2, f"kernel {kid} failed to start: {exc!r}\n{where}".encode())
         finally:
             os._exit(4)
     os._exit(0)
@@ -1003,21 +1036,41 @@ def zygote(config: dict[str, Any]) -> None:
         line = stdin.readline()
         if not line:
             os._exit(0)  # the runtime is gone
-        kid = line.decode().strip()
-        if not kid:
+        fields = line.decode().split()
+        if not fields:
             continue
+        kid = fields[0]
+        host_uid = int(fields[1]) if len(fields) > 1 else None
         net = config.get("net_per_kernel", False)
         if use_clone:
+            gate = os.pipe() if host_uid is not None else None
             try:
-                if clone_into_namespaces(net) == 0:
-                    _spawn_kernel(kid, config, warm, entered=True)
-                continue
+                pid = clone_into_namespaces(net)
             except OSError as exc:
+                if gate is not None:
+                    os.close(gate[0])
+                    os.close(gate[1])
                 use_clone = False
                 sys.stderr.write(f"clone into namespaces refused ({exc}); forking and unsharing\n")
                 sys.stderr.flush()
+            else:
+                if pid == 0:
+                    if gate is not None:
+                        os.close(gate[1])
+                    _spawn_kernel(kid, config, warm, True, host_uid, gate[0] if gate else None)
+                if gate is not None and host_uid is not None:
+                    os.close(gate[0])
+                    try:
+                        map_child(pid, config["uid"], config["gid"], host_uid)
+                    except OSError as exc:
+                        # The child fails to switch users and exits; the runtime reports it.
+                        sys.stderr.write(f"mapping kernel {kid} to uid {host_uid} failed: {exc}\n")
+                        sys.stderr.flush()
+                    finally:
+                        os.close(gate[1])
+                continue
         if os.fork() == 0:
-            _spawn_kernel(kid, config, warm, entered=False)
+            _spawn_kernel(kid, config, warm, False, host_uid, None)
 
 
 def main(argv: list[str]) -> None:

@@ -34,8 +34,9 @@ DENIED = (
     "fsopen", "fsmount", "fspick", "fsconfig", "mount_setattr",
     # namespaces (clone is filtered on its flags below)
     "unshare", "setns",
-    # kernel keyrings are per host user, not per namespace
-    "keyctl", "add_key", "request_key",
+    # kernel keyrings are per host user, not per namespace; inotify instances
+    # and watches are counted per user of the zygote's namespace, shared by its kernels
+    "keyctl", "add_key", "request_key", "inotify_init", "inotify_init1", "inotify_add_watch",
     # large kernel attack surfaces nobody's cell needs
     "bpf", "perf_event_open", "userfaultfd",
     "io_uring_setup", "io_uring_enter", "io_uring_register",

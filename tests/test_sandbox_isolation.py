@@ -28,9 +28,10 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from sandbox import Kernel, KernelPool, SandboxPolicy, cgroups, start_kernel
+from sandbox import Kernel, KernelPool, SandboxPolicy, cgroups, start_kernel, user
 from sandbox.errors import SandboxError
 from sandbox.tiers import check
+from sandbox.zygote import ZygoteLauncher
 
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
@@ -178,24 +179,47 @@ async def out(k: Kernel, code: str) -> Any:
 # --- the host user --------------------------------------------------------------
 
 
-async def test_every_kernel_process_runs_as_the_unprivileged_sandbox_user(kernels: Kernels) -> None:
-    k = await kernels.new()
+def _in_kernel_range(uid: int | None) -> bool:
+    return uid is not None and user.KERNEL_UID_BASE <= uid < user.KERNEL_UID_BASE + user.KERNEL_UID_COUNT
+
+
+async def test_every_kernel_process_runs_as_a_host_uid_of_its_own(kernels: Kernels) -> None:
+    k, other = await kernels.new(), await kernels.new()
     await k.execute("import subprocess\np = subprocess.Popen(['sleep', '60'])")
     info = k.info["protections"]
-    assert info["host_uid"] == REPORT.host_uid and info["host_uid"] not in (0, None), info
+    assert _in_kernel_range(info["host_uid"]) and info["host_uid"] != REPORT.host_uid, info
     assert info["off"] == [], info
     pids = _tree_pids(kernels.group(k))
     assert len(pids) >= 2
     uids = {psutil.Process(pid).uids().real for pid in pids} | {psutil.Process(p).uids().effective for p in pids}
-    assert uids == {REPORT.host_uid}
-    await still_works(k)
+    assert uids == {info["host_uid"]}
+    # Two kernels at once never share one.
+    assert other.info["protections"]["host_uid"] != info["host_uid"]
+    uid = info["host_uid"]
+    await kernels.release(k)
+    await kernels.release(other)
+    # Given back once its processes are gone: taken again by nobody live here.
+    lease = user.UidLease.take()
+    try:
+        assert _in_kernel_range(lease.uid)
+    finally:
+        lease.release()
+    assert not any(p.uids().real == uid for p in psutil.process_iter() if _alive(p.pid, p.create_time()))
 
 
 async def test_the_sandbox_user_is_configurable(kernels: Kernels) -> None:
     uid = 2_100_000_123
-    k = await kernels.new(POLICY.model_copy(update={"uid": uid}))
-    assert k.info["protections"]["host_uid"] == uid
-    assert {psutil.Process(pid).uids().real for pid in _tree_pids(kernels.group(k))} == {uid}
+    policy = POLICY.model_copy(update={"uid": uid})
+    k = await kernels.new(policy)
+    # The configured user runs bwrap and the zygote; the kernel has its own.
+    assert _in_kernel_range(k.info["protections"]["host_uid"])
+    if kernels.mode == "pool":
+        launcher = kernels.pools[-1].launcher
+        assert isinstance(launcher, ZygoteLauncher) and launcher.zygote_pid is not None
+        # bwrap, its child in the sandbox, and the zygote under it (kernels are below that).
+        outer = psutil.Process(launcher.zygote_pid)
+        inner = outer.children()[0]
+        assert {p.uids().real for p in (outer, inner, *inner.children())} == {uid}
     await still_works(k)
 
 
@@ -680,3 +704,188 @@ async def test_the_zygote_falls_back_for_an_ipykernel_it_does_not_support() -> N
     finally:
         await launcher.close()
 
+
+
+# --- the third round: host disk, paths, per-user counts, Landlock ---------------------------
+
+
+async def test_the_run_dir_is_read_only_to_the_kernel(kernels: Kernels) -> None:
+    # It is host disk: 600 MB and 20,000 files went there once.
+    k = await kernels.new()
+    assert k.info["protections"]["run_dir_read_only"] is True
+    code = (
+        "import os\n"
+        "res = {}\n"
+        "for name in ('/sandbox/run/fill', '/sandbox/run/kernel.log', '/sandbox/run/conn.json', '/sandbox/run/protections.json'):\n"
+        "    try:\n"
+        "        with open(name, 'ab') as f: f.write(b'x' * 1000)\n"
+        "        res[name] = 'written'\n"
+        "    except OSError as e:\n"
+        "        res[name] = 'refused'\n"
+        "try:\n"
+        "    os.listdir('/sandbox/run')\n"
+        "    res['list'] = 'listed'\n"
+        "except OSError:\n"
+        "    res['list'] = 'refused'\n"
+        "print(res)"
+    )
+    res = await out(k, code)
+    assert set(res.values()) == {"refused"}, res
+    await still_works(k)
+
+
+SYMLINK = r"""
+import os
+run = '/sandbox/run'
+res = {}
+for port in (1, 2, 3, 4):
+    path = f'{run}/k-{port}'
+    try:
+        os.rename(path, path + '.old')
+        os.symlink('/run/host-socket', path)
+        res[port] = 'replaced'
+    except OSError:
+        res[port] = 'refused'
+print(res)
+"""
+
+
+async def test_the_runtime_never_follows_a_kernels_link_when_it_redials(kernels: Kernels, tmp_path: Path) -> None:
+    # A socket of the host's, which a link planted by the kernel would lead the runtime (root) to.
+    import socket
+
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.bind(str(tmp_path / "host.sock"))
+    host.listen(8)
+    host.setblocking(False)
+    try:
+        k = await kernels.new()
+        res = await out(k, SYMLINK.replace("/run/host-socket", str(tmp_path / "host.sock")))
+        assert set(res.values()) == {"refused"}, res
+        # The runtime's side of the link test, for a kernel of a tier whose
+        # run dir stays the kernel's (landlock, none): dial refuses a link.
+        from sandbox import zmtp
+
+        (tmp_path / "k-2").symlink_to(tmp_path / "host.sock")
+        with pytest.raises(OSError):
+            zmtp.dial(str(tmp_path / "k-2"))
+        # Break the kernel's connections: the runtime redials its own sockets only.
+        await k.execute(
+            "import os, stat, socket\n"
+            "for fd in range(3, 1024):\n"
+            "    try:\n"
+            "        s = socket.socket(fileno=os.dup(fd))\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    try:\n"
+            "        if s.family == socket.AF_UNIX and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):\n"
+            "            s.shutdown(socket.SHUT_RDWR)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "    finally:\n"
+            "        s.close()\n"
+        )
+        await still_works(k)
+        with pytest.raises(BlockingIOError):
+            host.accept()
+    finally:
+        host.close()
+
+
+# What a cell takes of the counts Linux keeps per host user, until refused.
+HOG = r"""
+import array, fcntl, os, socket
+held = []
+pipes = 0
+while True:
+    try:
+        r, w = os.pipe()
+    except OSError:
+        break
+    held += [r, w]
+    try:
+        fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: 256 pages each
+        pipes += 1
+    except OSError:
+        break
+a, b = socket.socketpair()
+flight = 0
+fds = held[:200] or [0]
+while True:
+    try:
+        a.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds))])
+        flight += len(fds)
+    except OSError:
+        break
+print({'pipes': pipes, 'in flight': flight})
+"""
+# What the next kernel must still get: a big pipe and a descriptor sent over a socket.
+NEEDS = r"""
+import array, fcntl, os, socket
+r, w = os.pipe()
+res = {}
+try:
+    fcntl.fcntl(w, 1031, 1 << 20)
+    res['pipe'] = 'ok'
+except OSError as e:
+    res['pipe'] = e.strerror
+a, b = socket.socketpair()
+try:
+    a.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [r]))])
+    res['send fd'] = 'ok'
+except OSError as e:
+    res['send fd'] = e.strerror
+try:
+    import ctypes
+    fd = ctypes.CDLL(None, use_errno=True).inotify_init1(0)
+    res['inotify'] = 'ok' if fd >= 0 else os.strerror(ctypes.get_errno())
+except OSError as e:
+    res['inotify'] = e.strerror
+print(res)
+"""
+
+
+async def test_per_user_counts_are_per_kernel(kernels: Kernels) -> None:
+    # Pipe buffer pages and descriptors in flight are counted per host user:
+    # a kernel that takes them all must not take its sibling's share.
+    greedy, sibling = await kernels.new(), await kernels.new()
+    took = await out(greedy, HOG)
+    assert took["pipes"] >= 32 or took["in flight"] >= 256, took
+    res = await out(sibling, NEEDS)
+    assert res["pipe"] == "ok" and res["send fd"] == "ok", res
+    # inotify instances are counted per user of the sandbox's own user
+    # namespace, shared by the kernels of one zygote: the filter denies inotify.
+    assert res["inotify"] != "ok", res
+    await still_works(greedy)
+    await still_works(sibling)
+
+
+async def test_a_landlock_kernel_reads_its_own_run_dir_only() -> None:
+    from sandbox.tiers import landlock_abi
+
+    if landlock_abi() < 1:
+        pytest.skip("this Linux kernel has no Landlock")
+    rss = psutil.Process().memory_info().rss
+    policy = POLICY.model_copy(update={"isolation": "landlock"})
+    # Two kernels at once; a reads what it can of b's, by b's own paths on the host.
+    async with await start_kernel(policy) as a, await start_kernel(policy) as b:
+        assert a.info["tier"] == "landlock"
+        pids = [a.info["pid"], b.info["pid"]]
+        b_run = Path(b._spawned.dirs.run)
+        res = await out(
+            a,
+            "res = {}\n"
+            f"try:\n    open({str(b_run / 'conn.json')!r}).read()\n    res['read'] = 'ok'\n"
+            "except OSError:\n    res['read'] = 'refused'\n"
+            f"try:\n    open({str(b_run.parent / 'work' / 'x')!r}, 'w').write('x')\n    res['write'] = 'ok'\n"
+            "except OSError:\n    res['write'] = 'refused'\n"
+            "print(res)",
+        )
+        assert res == {"read": "refused", "write": "refused"}, res
+        await still_works(a)
+        await still_works(b)
+    deadline = time.monotonic() + LEFTOVER_S
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, "a landlock kernel was left running"
+        await asyncio.sleep(0.1)
+    assert psutil.Process().memory_info().rss < rss + RSS_SLACK
