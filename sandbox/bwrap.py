@@ -4,7 +4,7 @@ Only what the kernel needs is visible: /usr (read-only), the interpreter's
 install and the venv (read-only, at their own paths so shebangs and sys.prefix
 hold), the kernel's run dir (connection file and ipc sockets). /tmp, the work
 dir and /dev are the kernel's own size- and inode-bounded tmpfs mounts, made
-by inside.py. No /root, no /home, no host /tmp, no /etc/shadow, no network,
+by sandbox/inside. No /root, no /home, no host /tmp, no /etc/shadow, no network,
 no view of host processes.
 
 bwrap runs as the unprivileged sandbox user (``sandbox.user``), never as root,
@@ -39,7 +39,9 @@ from sandbox.user import UidLease, sandbox_ids
 RUN_DIR = "/sandbox/run"
 WORK_DIR = "/sandbox/work"
 SCRIPT_DIR = "/sandbox/lib"
-# Where inside.py builds the kernel's own /dev before moving it over /dev.
+# sandbox/inside, bound under SCRIPT_DIR, and its entry point as the sandbox sees them.
+INSIDE_VIEW = f"{SCRIPT_DIR}/inside/{INSIDE_SCRIPT.name}"
+# Where sandbox/inside builds the kernel's own /dev before moving it over /dev.
 DEV_STAGE = "/sandbox/dev"
 # The user inside; outside it is the sandbox user.
 SANDBOX_UID = 1000
@@ -103,8 +105,8 @@ def sandbox_python(python: str) -> str:
 
 
 def read_only_binds(python: str) -> list[tuple[str, str]]:
-    """Every read-only bind beyond /usr and /etc: the interpreter's roots and inside.py's dir."""
-    return [*python_mounts(python), (str(INSIDE_SCRIPT.parent), SCRIPT_DIR)]
+    """Every read-only bind beyond /usr and /etc: the interpreter's roots and sandbox/inside."""
+    return [*python_mounts(python), (str(INSIDE_SCRIPT.parent), f"{SCRIPT_DIR}/inside")]
 
 
 def reachable_by_others(path: str) -> bool:
@@ -245,7 +247,7 @@ def bwrap_argv(
 ) -> list[str]:
     """bwrap's argv up to ``--``.
 
-    ``single``: one kernel in this sandbox; inside.py makes its /tmp, work
+    ``single``: one kernel in this sandbox; sandbox/inside makes its /tmp, work
     dir and /dev in a mount namespace of its own, with CAP_SYS_ADMIN inside
     the sandbox's user namespace, which it drops before anything else runs.
     Otherwise the sandbox is a zygote's, whose kernels each get new
@@ -305,7 +307,7 @@ def bwrap_argv(
 
 
 def view_config(policy: SandboxPolicy, kid: str | None = None) -> dict[str, object]:
-    """What inside.py mounts for one kernel (see ``inside.mount_kernel_view``)."""
+    """What sandbox/inside mounts for one kernel (see ``inside.mounts.mount_kernel_view``)."""
     mb = 1024 * 1024
     return {
         "kid": kid,
@@ -337,7 +339,7 @@ class BwrapLauncher(SubprocessLauncher):
         return self.ids
 
     def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
-        return RUN_DIR, WORK_DIR, f"{SCRIPT_DIR}/{INSIDE_SCRIPT.name}"
+        return RUN_DIR, WORK_DIR, INSIDE_VIEW
 
     def new_cgroup(self) -> Path | None:
         if self.cgroups is None:

@@ -28,9 +28,9 @@ class LandlockLauncher(SubprocessLauncher):
         # Its own run and work dirs only: the runtime's dir above them holds
         # every other kernel's connection file and key. (Landlock does not
         # restrict walking through a directory, so nothing above is needed.)
-        # inside.py, which runs the kernel, is read from the runtime's
-        # checkout, under one of the interpreter's roots or here:
-        ro = [*_SYSTEM_RO, *python_roots(self.python or sys.executable), str(INSIDE_SCRIPT.parent)]
+        # The code that runs the kernel (sandbox/inside, importable from its
+        # parent) is read from the runtime's checkout:
+        ro = [*_SYSTEM_RO, *python_roots(self.python or sys.executable), str(INSIDE_SCRIPT.parent.parent)]
         return {"ro": ro, "rw": [str(dirs.run), str(dirs.work), "/dev/null"]}
 
     def command(

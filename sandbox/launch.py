@@ -21,7 +21,8 @@ from sandbox.process import ProcessHandle, wait_first
 from sandbox.seccomp import kernel_filter
 from sandbox.user import UidLease
 
-INSIDE_SCRIPT = Path(__file__).with_name("inside.py")
+# The package that runs inside the sandbox (stdlib only), run by path.
+INSIDE_SCRIPT = Path(__file__).with_name("inside") / "__main__.py"
 # What a kernel writes into its run dir about itself before any cell runs.
 REPORT_FILE = "protections.json"
 
@@ -227,7 +228,7 @@ class SubprocessLauncher:
         return self.python
 
     def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
-        """Run dir, work dir and inside.py as the kernel sees them."""
+        """Run dir, work dir and sandbox/inside's entry point as the kernel sees them."""
         return str(dirs.run), str(dirs.work or dirs.run), str(INSIDE_SCRIPT)
 
     def command(
@@ -309,7 +310,7 @@ class SubprocessLauncher:
         return True
 
     def inside_config(self) -> dict[str, Any]:
-        """Tier-specific entries of inside.py's configuration."""
+        """Tier-specific entries of the configuration sandbox/inside reads."""
         return {}
 
     def landlock_paths(self, dirs: KernelDirs) -> dict[str, list[str]] | None:

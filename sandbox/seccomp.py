@@ -1,8 +1,8 @@
-"""The kernels' seccomp filter: compiled here with libseccomp, loaded by inside.py.
+"""The kernels' seccomp filter: compiled here with libseccomp, loaded by sandbox/inside/seccomp.py.
 
 The runtime resolves syscall names for its own architecture with libseccomp
 (a small ctypes binding: nothing to build, and numbers are never written down
-by hand) and exports the filter as classic BPF bytes; inside.py, which must
+by hand) and exports the filter as classic BPF bytes; sandbox/inside, which must
 stay stdlib-only, loads them with ``prctl(PR_SET_SECCOMP)`` in the kernel
 process once its namespaces and mounts are in place (the zygote itself needs
 clone with namespace flags and mount, so the filter cannot go on bwrap).

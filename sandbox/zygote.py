@@ -35,6 +35,7 @@ from pathlib import Path
 
 from sandbox import cgroups
 from sandbox.bwrap import (
+    INSIDE_VIEW,
     SANDBOX_UID,
     bwrap_argv,
     bwrap_runs_as,
@@ -49,7 +50,6 @@ from sandbox.client import new_key, write_connection_file
 from sandbox.dirs import KernelDirs, base_dir
 from sandbox.errors import KernelStartError
 from sandbox.launch import (
-    INSIDE_SCRIPT,
     REPORT_FILE,
     Spawned,
     connect_and_handshake,
@@ -141,7 +141,7 @@ class ZygoteLauncher:
             "--",
             python,
             "-s",
-            f"/sandbox/lib/{INSIDE_SCRIPT.name}",
+            INSIDE_VIEW,
             "zygote",
             json.dumps(config),
         ]

@@ -681,17 +681,17 @@ def test_the_prebuilt_kernel_app_repeats_the_installed_ipykernels_steps() -> Non
     """The zygote replays IPKernelApp.initialize step by step; a new ipykernel must not slip past it."""
     from ipykernel.kernelapp import IPKernelApp
 
-    from sandbox import inside
+    from sandbox.inside import kernelapp, warm
 
     theirs = _steps(inspect.getsource(IPKernelApp.initialize), "self")
-    ours = _steps(inspect.getsource(inside.Warm.__init__), "app")
-    if not inside.prebuilt_supported(version("ipykernel")):
+    ours = _steps(inspect.getsource(kernelapp.KernelApp) + inspect.getsource(warm.Warm.prebuild), "app")
+    if not kernelapp.prebuilt_supported(version("ipykernel")):
         pytest.skip(f"ipykernel {version('ipykernel')}: the zygote builds kernels the slow way (next test)")
     assert sorted(ours) == sorted(theirs), (ours, theirs)
 
 
 async def test_the_zygote_falls_back_for_an_ipykernel_it_does_not_support() -> None:
-    from sandbox import inside
+    from sandbox.inside import kernelapp
     from sandbox.zygote import ZygoteLauncher
 
     launcher = ZygoteLauncher(POLICY)
@@ -700,7 +700,7 @@ async def test_the_zygote_falls_back_for_an_ipykernel_it_does_not_support() -> N
         await spawned.destroy()
         assert launcher.log is not None
         fell_back = "building it per kernel" in launcher.log.read_text()
-        assert fell_back == (not inside.prebuilt_supported(version("ipykernel")))
+        assert fell_back == (not kernelapp.prebuilt_supported(version("ipykernel")))
     finally:
         await launcher.close()
 
