@@ -889,3 +889,83 @@ async def test_a_landlock_kernel_reads_its_own_run_dir_only() -> None:
         assert time.monotonic() < deadline, "a landlock kernel was left running"
         await asyncio.sleep(0.1)
     assert psutil.Process().memory_info().rss < rss + RSS_SLACK
+
+
+# --- the seccomp allow-list ----------------------------------------------------------------
+
+# The scientific stack's usual cells, each printing "ok" at its end.
+STACK = {
+    "numpy": "import numpy as np\na = np.random.rand(200, 200)\nnp.linalg.eigvals(a); np.linalg.solve(a, a[0]); np.fft.fft(a[0])\n"
+    "np.save('/tmp/a.npy', a); assert np.load('/tmp/a.npy').shape == (200, 200)",
+    "sympy": "import sympy as sp\nx = sp.symbols('x')\nassert sp.solve(x**2 - 2, x) and sp.integrate(sp.sin(x)**2, x)\n"
+    "assert sp.factorint(2**64 + 1) and sp.nsimplify(0.5) == sp.Rational(1, 2)",
+    "pandas": "import importlib.util\nif importlib.util.find_spec('pandas'):\n    import pandas as pd\n"
+    "    df = pd.DataFrame({'a': range(100), 'b': [i % 7 for i in range(100)]})\n"
+    "    df.groupby('b').sum(); df.to_csv('/tmp/x.csv'); assert pd.read_csv('/tmp/x.csv').shape == (100, 3)",
+    "matplotlib": "import importlib.util\nif importlib.util.find_spec('matplotlib'):\n    import matplotlib\n"
+    "    matplotlib.use('Agg')\n    import matplotlib.pyplot as plt\n    plt.plot([1, 2, 3]); plt.savefig('/tmp/f.png')\n"
+    "    assert open('/tmp/f.png', 'rb').read(4) == b'\\x89PNG'",
+    "threads": "import threading, concurrent.futures as cf\nr = []\n"
+    "ts = [threading.Thread(target=lambda: r.append(sum(range(10**5)))) for _ in range(4)]\n"
+    "[t.start() for t in ts]; [t.join() for t in ts]\n"
+    "with cf.ThreadPoolExecutor(4) as ex:\n    assert list(ex.map(abs, [-1, 2])) == [1, 2] and len(r) == 4",
+    "subprocess": "import subprocess, sys\n"
+    "assert subprocess.run([sys.executable, '-c', 'import numpy; print(1)'], capture_output=True, text=True).stdout == '1\\n'\n"
+    "assert subprocess.run(['ls', '/tmp'], capture_output=True).returncode == 0",
+    "multiprocessing": "import multiprocessing as mp\nwith mp.Pool(2) as p:\n    assert p.map(abs, [-1, -2]) == [1, 2]",
+    "files": "import os, tempfile, shutil, pathlib\np = pathlib.Path(tempfile.mkdtemp())\n(p / 'a').write_text('x')\n"
+    "shutil.copy2(p / 'a', p / 'b'); os.rename(p / 'b', p / 'c'); os.mkfifo(p / 'f'); shutil.rmtree(p)",
+    "signals, time, sockets": "import signal, time, socket, asyncio\nsignal.signal(signal.SIGALRM, lambda *a: None)\n"
+    "signal.setitimer(signal.ITIMER_REAL, 0.01); time.sleep(0.05)\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); c = socket.create_connection(s.getsockname())\n"
+    "a, _ = s.accept(); c.send(b'x'); assert a.recv(1) == b'x'\nawait asyncio.sleep(0.01)",
+    "stdlib": "import mmap, ctypes, resource, platform, locale, sqlite3, zlib, hashlib, ssl, uuid, random, decimal\n"
+    "sqlite3.connect(':memory:').execute('select 1'); uuid.uuid4(); random.SystemRandom().random()\n"
+    "def f(n): return f(n + 1)\ntry:\n    f(0)\nexcept RecursionError:\n    pass",
+}
+
+
+@needs_seccomp
+@pytest.mark.parametrize("cell", sorted(STACK))
+async def test_the_scientific_stack_runs_under_the_allow_list(kernels: Kernels, cell: str) -> None:
+    k = await kernels.new()
+    r = await k.execute(STACK[cell] + "\nprint('ok')", timeout=60)
+    assert (r.status, r.stdout) == ("ok", "ok\n"), r
+    await still_works(k)
+
+
+@needs_x86_64
+@needs_seccomp
+async def test_a_call_off_the_list_fails_cleanly(kernels: Kernels) -> None:
+    k = await kernels.new()
+    code = (
+        "import ctypes, errno, os\n"
+        "lc = ctypes.CDLL(None, use_errno=True)\n"
+        "lc.syscall.restype = ctypes.c_long\n"
+        "buf = ctypes.create_string_buffer(256)\n"
+        "def call(nr, *args):\n"
+        "    r = lc.syscall(ctypes.c_long(nr), *args)\n"
+        "    return 'ok' if r >= 0 else errno.errorcode[ctypes.get_errno()]\n"
+        "print({\n"
+        "    'open_tree_attr': call(467, ctypes.c_int(-100), b'/', ctypes.c_uint(1), buf, ctypes.c_size_t(32)),\n"
+        "    'listmount': call(458, buf, buf, ctypes.c_size_t(16), ctypes.c_uint(0)),\n"
+        "    'statmount': call(457, buf, buf, ctypes.c_size_t(256), ctypes.c_uint(0)),\n"
+        "    'mq_open': call(240, b'/q', ctypes.c_int(os.O_CREAT | os.O_RDWR), ctypes.c_int(0o600), None),\n"
+        "    'inotify_init1': call(294, ctypes.c_int(0)),\n"
+        "    'a number not yet given out': call(999),\n"
+        "    'ioctl TIOCSTI': call(16, ctypes.c_int(0), ctypes.c_ulong(0x5412), buf),\n"
+        "    'ioctl FIONREAD': call(16, ctypes.c_int(os.pipe()[0]), ctypes.c_ulong(0x541B), buf),\n"
+        "})"
+    )
+    res = await out(k, code)
+    assert res == {
+        "open_tree_attr": "ENOSYS",
+        "listmount": "ENOSYS",
+        "statmount": "ENOSYS",
+        "mq_open": "ENOSYS",
+        "inotify_init1": "EPERM",
+        "a number not yet given out": "ENOSYS",
+        "ioctl TIOCSTI": "EPERM",
+        "ioctl FIONREAD": "ok",
+    }, res
+    await still_works(k)
