@@ -320,6 +320,9 @@ def test_fork_copies_state_into_a_separate_session(nemo: Nemo) -> None:
     # The two are apart: own kernel, own sandbox, own files.
     assert nemo.run(s, "print(x, open('f.txt').read())")["stdout"] == "[1, 2] on disk\n"
     assert kernel_pid(nemo, new) != kernel_pid(nemo, s)
+    if os.geteuid() == 0:  # a root runtime gives every kernel a host uid of its own
+        uids = {psutil.Process(kernel_pid(nemo, x)).uids().real for x in (s, new)}
+        assert len(uids) == 2 and 0 not in uids, uids
     # A fork of a fork.
     again = fork(nemo, new)
     assert nemo.run(again["session_id"], "print(x)")["stdout"] == "[1, 2, 3]\n"
