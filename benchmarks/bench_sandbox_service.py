@@ -112,12 +112,14 @@ async def drive(url: str, code: str, clients: int, total: int, sessions: bool = 
     queue = list(range(total))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        sids = [str(uuid.uuid4()) for _ in range(clients)]
+        if sessions:
+            # The sessions' kernels are started before the clock starts.
+            await asyncio.gather(*(http.post("/execute", headers={"X-Session-ID": sid}, json={"generated_code": "pass"})
+                                   for sid in sids))
 
-        async def client() -> None:
+        async def client(sid: str) -> None:
             nonlocal failures
-            sid = str(uuid.uuid4())
-            if sessions:
-                await http.post("/execute", headers={"X-Session-ID": sid}, json={"generated_code": "pass"})
             while queue:
                 queue.pop()
                 t0 = time.perf_counter()
@@ -130,12 +132,12 @@ async def drive(url: str, code: str, clients: int, total: int, sessions: bool = 
                     ok = r.status_code == 200 and r.json()["status"] == "Success"
                 latencies.append(time.perf_counter() - t0)
                 failures += not ok
-            if sessions:
-                await http.delete(f"/sessions/{sid}")
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(sid) for sid in sids))
         wall = time.perf_counter() - t0
+        if sessions:
+            await asyncio.gather(*(http.delete(f"/sessions/{sid}") for sid in sids))
     return {"rps": total / wall, "p50_ms": pct(latencies, 0.5) * 1000, "p99_ms": pct(latencies, 0.99) * 1000,
             "failures": failures, "n": total}
 
