@@ -256,20 +256,23 @@ def main() -> None:
                       f"p50 {ts['p50_ms']:6.1f} p99 {ts['p99_ms']:6.1f} ms {ts['rps'] / b['rps']:5.2f}x "
                       f"| failures {b['failures']}/{t['failures']}/{ts['failures']}", flush=True)
         out["throughput"] = rows
-        rss_start = tree_rss_mb(tora.pid)
+        server = psutil.Process(tora.pid)
+        rss_start, server_start = tree_rss_mb(tora.pid), server.memory_info().rss / 2**20
         try:
             ld = asyncio.run(load(tora.url, args.load_sessions, args.load_requests))
         except httpx.HTTPError:
             print("".join(tora.stderr[-40:]), file=sys.stderr)
             raise
-        rss_end = tree_rss_mb(tora.pid)
-        ld.update(rss_start_mb=rss_start, rss_end_mb=rss_end,
-                  server_rss_mb=psutil.Process(tora.pid).memory_info().rss / 2**20)
+        # The released sessions' kernels are torn down in the background: measure once they are.
+        time.sleep(3)
+        rss_end, server_end = tree_rss_mb(tora.pid), server.memory_info().rss / 2**20
+        ld.update(rss_start_mb=rss_start, rss_end_mb=rss_end, server_rss_start_mb=server_start,
+                  server_rss_end_mb=server_end)
         out["load"] = ld
         print(f"load {args.load_sessions} sessions x {args.load_requests}: {ld['answered']}/{ld['total']} answered, "
               f"{ld['wrong']} wrong, {ld['rps']:.0f} req/s, p50 {ld['p50_ms']:.1f} ms p99 {ld['p99_ms']:.1f} ms; "
-              f"RSS of the server and its kernels {rss_start:.0f} MB -> {rss_end:.0f} MB "
-              f"(server process {ld['server_rss_mb']:.0f} MB)", flush=True)
+              f"RSS of the server process {server_start:.0f} MB -> {server_end:.0f} MB, with its zygote and "
+              f"warm kernels {rss_start:.0f} MB -> {rss_end:.0f} MB", flush=True)
         fk = asyncio.run(fork_bench(tora.url, args.forks))
         out["fork"] = fk
         print(f"fork ({fk['method']}): p50 {fk['fork_p50_ms']:.1f} ms p99 {fk['fork_p99_ms']:.1f} ms; "
