@@ -187,6 +187,10 @@ class KernelCgroups:
             _sweep(parent.parent)
 
 
+# A kernel's TCP buffers on cgroup v1 (its own loopback is all it can reach).
+TCP_LIMIT = 64 * 1024 * 1024
+
+
 def _set_memory(group: Path, limit: int, v2: bool) -> None:
     if v2:
         _write(group / "memory.max", str(limit))
@@ -197,6 +201,12 @@ def _set_memory(group: Path, limit: int, v2: bool) -> None:
     # Swap as well, where swap is accounted: memory + swap may not exceed the limit either.
     if (group / "memory.memsw.limit_in_bytes").exists():
         _write(group / "memory.memsw.limit_in_bytes", str(limit))
+    # v1 charges socket buffers to a group only once it has a TCP limit (v2
+    # always does, under memory.max): without one, a kernel's loopback TCP
+    # buffers come out of the machine's shared tcp_mem.
+    if (group / "memory.kmem.tcp.limit_in_bytes").exists():
+        with contextlib.suppress(OSError):
+            _write(group / "memory.kmem.tcp.limit_in_bytes", str(min(limit, TCP_LIMIT)))
 
 
 def memory_group(group: Path | None) -> str | None:

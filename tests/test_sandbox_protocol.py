@@ -165,7 +165,8 @@ async def test_gigabyte_frames_end_the_connection_and_the_kernel(kernels: Kernel
     pid = k.info["pid"]
     # Built beforehand: on a loaded machine building it alone can take seconds.
     assert (await k.execute("big = b'x' * 2**30", timeout=60)).status == "ok"
-    r = await attack(k, "for _ in range(5):\n    _k.iopub_socket.send_multipart([big])", sibling)
+    # zmq copies the gigabyte before its header goes out: seconds on a loaded machine.
+    r = await attack(k, "for _ in range(5):\n    _k.iopub_socket.send_multipart([big])", sibling, timeout=30)
     assert_protocol_error(r)
     assert k.info["pid"] != pid and k.info["messages"]["protocol_errors"] >= 1
     await next_cell_works(k)
@@ -175,7 +176,7 @@ async def test_one_message_of_many_frames_ends_the_connection_and_the_kernel(ker
     # libzmq would assemble all of it (1.5 GB) before handing over a byte.
     k, sibling = await kernels.new(), await kernels.new()
     r = await attack(
-        k, "one = b'y' * 2**20\n_k.iopub_socket.send_multipart([one] * 1500)\nprint('sent')", sibling
+        k, "one = b'y' * 2**20\n_k.iopub_socket.send_multipart([one] * 1500)\nprint('sent')", sibling, timeout=30
     )
     assert_protocol_error(r)
     await next_cell_works(k)

@@ -21,8 +21,9 @@ def block_debugger() -> None:
 
 
 # Caps applied in the kernel, well under the runtime's limit for one message
-# (sandbox.zmtp.WireLimits, 2 MB): an honest cell's big output then arrives
-# cut to head and tail in small messages instead of being dropped whole.
+# (sandbox.zmtp.WireLimits, 2 MB, past which the runtime ends the connection
+# and replaces the kernel): an honest cell's big output arrives cut to head
+# and tail in small messages.
 STREAM_CHUNK = 65536  # characters per stream message
 DISPLAY_TEXT_CAP = 131072  # characters of one display's text/plain
 FIELD_CAP = 4000  # characters of one traceback entry, ename or evalue
