@@ -4,7 +4,7 @@ Only what the kernel needs is visible: /usr (read-only), the interpreter's
 install and the venv (read-only, at their own paths so shebangs and sys.prefix
 hold), the kernel's run dir (connection file and ipc sockets). /tmp, the work
 dir and /dev are the kernel's own size- and inode-bounded tmpfs mounts, made
-by inside.py. No /root, no /home, no host /tmp, no /etc/shadow, no network,
+by sandbox/inside. No /root, no /home, no host /tmp, no /etc/shadow, no network,
 no view of host processes.
 
 bwrap runs as the unprivileged sandbox user (``sandbox.user``), never as root,
@@ -34,12 +34,14 @@ from sandbox.cgroups import KernelCgroups
 from sandbox.dirs import KernelDirs, base_dir
 from sandbox.launch import INSIDE_SCRIPT, SubprocessLauncher
 from sandbox.policy import SandboxPolicy
-from sandbox.user import sandbox_ids
+from sandbox.user import UidLease, sandbox_ids
 
 RUN_DIR = "/sandbox/run"
 WORK_DIR = "/sandbox/work"
 SCRIPT_DIR = "/sandbox/lib"
-# Where inside.py builds the kernel's own /dev before moving it over /dev.
+# sandbox/inside, bound under SCRIPT_DIR, and its entry point as the sandbox sees them.
+INSIDE_VIEW = f"{SCRIPT_DIR}/inside/{INSIDE_SCRIPT.name}"
+# Where sandbox/inside builds the kernel's own /dev before moving it over /dev.
 DEV_STAGE = "/sandbox/dev"
 # The user inside; outside it is the sandbox user.
 SANDBOX_UID = 1000
@@ -103,8 +105,8 @@ def sandbox_python(python: str) -> str:
 
 
 def read_only_binds(python: str) -> list[tuple[str, str]]:
-    """Every read-only bind beyond /usr and /etc: the interpreter's roots and inside.py's dir."""
-    return [*python_mounts(python), (str(INSIDE_SCRIPT.parent), SCRIPT_DIR)]
+    """Every read-only bind beyond /usr and /etc: the interpreter's roots and sandbox/inside."""
+    return [*python_mounts(python), (str(INSIDE_SCRIPT.parent), f"{SCRIPT_DIR}/inside")]
 
 
 def reachable_by_others(path: str) -> bool:
@@ -245,7 +247,7 @@ def bwrap_argv(
 ) -> list[str]:
     """bwrap's argv up to ``--``.
 
-    ``single``: one kernel in this sandbox; inside.py makes its /tmp, work
+    ``single``: one kernel in this sandbox; sandbox/inside makes its /tmp, work
     dir and /dev in a mount namespace of its own, with CAP_SYS_ADMIN inside
     the sandbox's user namespace, which it drops before anything else runs.
     Otherwise the sandbox is a zygote's, whose kernels each get new
@@ -275,6 +277,11 @@ def bwrap_argv(
         argv += ["--cap-add", "CAP_SYS_ADMIN"]
     for name in _ETC_FILES:
         argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    # bwrap makes the missing parents of a bind 0700 (owner: the sandbox
+    # user); kernels run as uids of their own, which must walk through them.
+    parents = sorted({str(p) for _, inside in (*ro, *rw) for p in Path(inside).parents if str(p) != "/"})
+    for parent in parents:
+        argv += ["--perms", "0755", "--dir", parent]
     for host, inside in ro:
         argv += ["--ro-bind", host, inside]
     for host, inside in rw:
@@ -300,7 +307,7 @@ def bwrap_argv(
 
 
 def view_config(policy: SandboxPolicy, kid: str | None = None) -> dict[str, object]:
-    """What inside.py mounts for one kernel (see ``inside.mount_kernel_view``)."""
+    """What sandbox/inside mounts for one kernel (see ``inside.mounts.mount_kernel_view``)."""
     mb = 1024 * 1024
     return {
         "kid": kid,
@@ -332,7 +339,7 @@ class BwrapLauncher(SubprocessLauncher):
         return self.ids
 
     def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
-        return RUN_DIR, WORK_DIR, f"{SCRIPT_DIR}/{INSIDE_SCRIPT.name}"
+        return RUN_DIR, WORK_DIR, INSIDE_VIEW
 
     def new_cgroup(self) -> Path | None:
         if self.cgroups is None:
@@ -345,11 +352,15 @@ class BwrapLauncher(SubprocessLauncher):
     def facts(self, cgroup: Path | None) -> dict[str, Any]:
         return {**super().facts(cgroup), "userns_disabled": self.disable_userns}
 
+    def take_uid(self) -> UidLease | None:
+        return UidLease.take() if self.ids is not None else None
+
     def command(
-        self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None
+        self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None, lease: UidLease | None = None
     ) -> tuple[list[str], dict[str, str]]:
-        ro, stage = staged(read_only_binds(self.python), self.ids)
+        ids = lease.ids if lease is not None else self.ids
+        ro, stage = staged(read_only_binds(self.python), ids)
         argv = bwrap_argv(self.policy, ro, [(str(dirs.run), RUN_DIR)], env, True, self.disable_userns)
         procs = cgroups.procs_files(cgroup) if cgroup is not None else []
         # Join the groups before bwrap forks, so the kernel and all it starts are counted.
-        return [*host_prelude(self.ids, procs, stage), *argv, "--"], {"PATH": "/usr/bin:/bin"}
+        return [*host_prelude(ids, procs, stage), *argv, "--"], {"PATH": "/usr/bin:/bin"}

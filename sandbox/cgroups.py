@@ -187,6 +187,10 @@ class KernelCgroups:
             _sweep(parent.parent)
 
 
+# A kernel's TCP buffers on cgroup v1 (its own loopback is all it can reach).
+TCP_LIMIT = 64 * 1024 * 1024
+
+
 def _set_memory(group: Path, limit: int, v2: bool) -> None:
     if v2:
         _write(group / "memory.max", str(limit))
@@ -197,12 +201,30 @@ def _set_memory(group: Path, limit: int, v2: bool) -> None:
     # Swap as well, where swap is accounted: memory + swap may not exceed the limit either.
     if (group / "memory.memsw.limit_in_bytes").exists():
         _write(group / "memory.memsw.limit_in_bytes", str(limit))
+    # v1 charges socket buffers to a group only once it has a TCP limit (v2
+    # always does, under memory.max): without one, a kernel's loopback TCP
+    # buffers come out of the machine's shared tcp_mem.
+    if (group / "memory.kmem.tcp.limit_in_bytes").exists():
+        with contextlib.suppress(OSError):
+            _write(group / "memory.kmem.tcp.limit_in_bytes", str(min(limit, TCP_LIMIT)))
 
 
 def memory_group(group: Path | None) -> str | None:
     """The kernel's memory group, if it has one."""
     memory = _memory.get(group) if group is not None else None
     return str(memory) if memory is not None else None
+
+
+def lower_memory(group: Path | None, limit: int) -> bool:
+    """Set the kernel's memory limit to ``limit`` bytes; False where it has no memory group."""
+    memory = _memory.get(group) if group is not None else None
+    if memory is None:
+        return False
+    try:
+        _set_memory(memory, limit, (memory / "memory.max").exists())
+    except OSError:
+        return False
+    return True
 
 
 def _forget(group: Path) -> None:

@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from collections import Counter, deque
 from collections.abc import Callable
@@ -48,6 +49,23 @@ QUIET_S = 0.25
 RECENT = 8
 
 Msg = dict[str, Any]
+
+# JSON's \uD800-\uDFFF escapes decode to lone surrogates, which no encoder
+# (the terminal's, pydantic's, a file's) accepts: a cell's output could
+# otherwise crash whatever prints or records it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _scrub(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
 
 
 def write_connection_file(path: Path, ip_prefix: str, key: str) -> None:
@@ -88,10 +106,17 @@ class Collected:
         # How the id appears in a message's parent header (JSON).
         self.tag = json.dumps(msg_id).encode()
         self.out = OutputBudget(budget)
+        # An error's text counts against the output limit too: its (at most
+        # 2 * 20 + 3) lines share a quarter of it, each with room for the
+        # note of what was cut (~40 characters).
+        self._line_cap = max(80, min(4000, budget // 4 // 43 - 50))
         self.error: CellError | None = None
         self.reply: dict[str, str] | None = None
-        self.reply_dropped = False
         self.idle = False
+        # Why a channel of the kernel broke the protocol while this ran (the kernel is replaced).
+        self.broken: str | None = None
+        # The kernel was replaced before this request ran (set by the Kernel).
+        self.restarted = False
         # Whether anything came on iopub for this request (its "busy" status
         # always does): a reply with nothing on iopub means output is lost.
         self.heard = False
@@ -105,7 +130,8 @@ class Collected:
 
     @property
     def replied(self) -> bool:
-        return self.reply is not None or self.reply_dropped
+        """Only the kernel's signed reply on shell, for this request, counts."""
+        return self.reply is not None
 
     def finish(self) -> None:
         if self.finished.done():
@@ -151,7 +177,7 @@ class Collected:
                     return False
                 self.out.add_display(text)
         elif kind == "error":
-            error = _error(content)
+            error = _error(content, self._line_cap)
             if error is None:
                 return False
             self.error = error
@@ -171,34 +197,28 @@ class Collected:
         for key in ("ename", "evalue"):
             value = content.get(key)
             if isinstance(value, str):
-                reply[key] = cap_line(value)
+                reply[key] = cap_line(value, self._line_cap)
         self.reply = reply
         self._heard_from()
         return True
 
-    def lost(self, kind: str, size: int) -> None:
-        """A message for this request was over the size limit and skipped unread."""
-        self.dropped += 1
-        if kind == "execute_reply":
-            self.reply_dropped = True
-            self._heard_from()
-        elif kind == "status":
-            return
-        else:
-            self.heard = True
-            self.out.note_dropped(kind, size)
+    def break_off(self, why: str) -> None:
+        """A channel broke the protocol: the cell is over, its kernel is to be replaced."""
+        if self.broken is None:
+            self.broken = why
+        self.finish()
 
 
-def _error(content: Msg) -> CellError | None:
+def _error(content: Msg, cap: int = 4000) -> CellError | None:
     ename, evalue, tb = content.get("ename"), content.get("evalue"), content.get("traceback", [])
     if not isinstance(ename, str) or not isinstance(evalue, str) or not isinstance(tb, list):
         return None
     if not all(isinstance(line, str) for line in tb):
         return None
     return CellError(
-        ename=cap_line(ename),
-        evalue=cap_line(evalue),
-        traceback=_cap_traceback([cap_line(strip_ansi(line)) for line in tb]),
+        ename=cap_line(ename, cap),
+        evalue=cap_line(evalue, cap),
+        traceback=_cap_traceback([cap_line(strip_ansi(line), cap) for line in tb]),
     )
 
 
@@ -217,8 +237,8 @@ class KernelClient:
         self._session = new_id()
         # late: output of a finished request; stray: for no request of ours;
         # unparented: for no request at all (the kernel's own notices);
-        # malformed: bad signature, JSON or shape; oversized: over a limit,
-        # skipped unread; protocol_errors, reconnects: the connections' story.
+        # malformed: bad signature, JSON or shape; protocol_errors (a limit
+        # broken: the kernel is replaced), reconnects: the connections' story.
         self.counts: Counter[str] = Counter()
         self._current: Collected | None = None
         self._recent: deque[bytes] = deque(maxlen=RECENT)
@@ -230,23 +250,39 @@ class KernelClient:
         self.closed = False
 
         def channel(
-            port: str, kind: bytes, on_msg: Callable[[Frames], None], on_big: Callable[[Frames, int], None]
+            port: str, kind: bytes, on_msg: Callable[[Frames], None], on_broken: Callable[[str], None]
         ) -> Channel:
             return Channel(
                 f"{ip_prefix}-{CHANNEL_PORTS[port]}",
                 kind,
                 on_msg,
-                on_big,
+                on_broken,
                 self.counts,
                 limits,
                 kind == b"SUB",
             )
 
-        self.shell = channel("shell_port", b"DEALER", self._on_shell, self._oversized)
-        self.iopub = channel("iopub_port", b"SUB", self._on_iopub, self._oversized)
+        self.shell = channel("shell_port", b"DEALER", self._on_shell, self._on_broken)
+        self.iopub = channel("iopub_port", b"SUB", self._on_iopub, self._on_broken)
         # Interrupt replies are of no use: control is never read after its handshake.
-        self.control = channel("control_port", b"DEALER", _ignore, _ignore_oversized)
+        self.control = channel("control_port", b"DEALER", _ignore, self._on_broken)
         self.control.want_reading(False)
+
+    @property
+    def broken(self) -> str | None:
+        """Why a channel of this kernel broke the protocol (None: none did); the kernel is of no more use."""
+        for ch in (self.shell, self.iopub, self.control):
+            if ch.broken is not None:
+                return f"{ch.path.rsplit('-', 1)[-1]}: {ch.broken}"
+        return None
+
+    def _on_broken(self, why: str) -> None:
+        request = self._current
+        if request is not None:
+            request.break_off(self.broken or why)
+        for fut in (self._probe_replied, self._probe_heard):
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionError(f"the kernel broke the wire protocol: {why}"))
 
     def close(self) -> None:
         if self.closed:
@@ -284,18 +320,24 @@ class KernelClient:
     def send_interrupt(self) -> None:
         self._aside.append(json.dumps(self._send(self.control, "interrupt_request", {})).encode())
 
-    def execute(self, code: str, budget: int) -> Collected:
-        """Send one execute request; its output is gathered until ``finished``."""
+    def execute(self, code: str, budget: int, silent: bool = False) -> Collected:
+        """Send one execute request; its output is gathered until ``finished``.
+
+        ``silent``: not counted or kept in the kernel's history (the liveness probe).
+        """
         previous = self._current
         if previous is not None:
             previous.finish()
         request = Collected(new_id(), budget, self._finished, lambda: self.iopub.last_activity)
         self._current = request
+        if self.broken is not None:
+            request.break_off(self.broken)
+            return request
         self._reading(True)
         content = {
             "code": code,
-            "silent": False,
-            "store_history": True,
+            "silent": silent,
+            "store_history": not silent,
             "user_expressions": {},
             "allow_stdin": False,
             "stop_on_error": False,
@@ -362,6 +404,8 @@ class KernelClient:
             return None
         try:
             h, p, c = json.loads(header), json.loads(parent), json.loads(content)
+            if _SURROGATE_ESCAPE.search(content):
+                c = _scrub(c)
         except (ValueError, RecursionError):
             return None
         if not (isinstance(h, dict) and isinstance(p, dict) and isinstance(c, dict)):
@@ -438,26 +482,5 @@ class KernelClient:
             self.counts["malformed"] += 1
             request.dropped += 1
 
-    def _oversized(self, frames: Frames, size: int) -> None:
-        # The frames before the one that broke the limit usually include the
-        # header: unverifiable (the signature covers what was skipped), so it
-        # only decides which note the running request gets.
-        request = self._mine(frames)
-        if request is None:
-            return
-        kind = "message"
-        try:
-            header = json.loads(frames[frames.index(DELIM) + 2])
-            if isinstance(header, dict) and isinstance(header.get("msg_type"), str):
-                kind = header["msg_type"]
-        except (ValueError, IndexError, RecursionError):
-            pass
-        request.lost(kind, size)
-
-
 def _ignore(frames: Frames) -> None:
-    return None
-
-
-def _ignore_oversized(frames: Frames, size: int) -> None:
     return None

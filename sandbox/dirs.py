@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,32 @@ class KernelDirs:
             return cls(root=root, run=run, work=None)
         (root / "work").mkdir(mode=0o700)
         return cls(root=root, run=run, work=root / "work")
+
+    def seal(self) -> bool:
+        """Once the kernel is up: its run dir and every file in it become root's (mode 0700 / 0644).
+
+        The kernel made its sockets and wrote its report there while it
+        started (no cell had run); after that it can create, grow or replace
+        nothing there (a host directory, outside every bound), and the
+        runtime, which dials those sockets again on reconnect, never meets a
+        path the kernel can change. False where the runtime is not root (the
+        kernel is then the run dir's owner, whatever its mode).
+        """
+        if os.geteuid() != 0:
+            return False
+        fd = os.open(self.run, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for name in os.listdir(fd):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if st.st_uid != 0 or st.st_mode & 0o022:
+                    os.chown(name, 0, 0, dir_fd=fd, follow_symlinks=False)
+                    if not stat.S_ISLNK(st.st_mode):
+                        os.chmod(name, 0o644 if stat.S_ISREG(st.st_mode) else 0o600, dir_fd=fd)
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+        return True
 
     def remove(self) -> None:
         try:

@@ -17,6 +17,7 @@ from collections import Counter
 from types import TracebackType
 from typing import Any, Literal
 
+from sandbox import cgroups
 from sandbox.client import Collected
 from sandbox.errors import KernelClosedError
 from sandbox.launch import Launcher, Spawned
@@ -25,7 +26,15 @@ from sandbox.process import wait_first
 from sandbox.result import CellError, CellResult, CellStatus
 
 # Why a cell's result is not what the kernel replied.
-Forced = Literal["timeout", "died", "output_lost"]
+Forced = Literal["timeout", "died", "output_lost", "protocol"]
+
+# After a timeout or an interrupt, before the next cell: does the kernel still
+# answer, and can it still open a file? A thread left holding the GIL, or a
+# cell that used up its file descriptors, leaves a kernel that cannot; it is
+# replaced then, and the next cell is told its state is gone, instead of
+# failing for reasons of its own.
+PROBE_CODE = "import os as _o; _o.close(_o.open('/dev/null', _o.O_RDONLY)); del _o"
+PROBE_S = 2.0
 
 
 class Kernel:
@@ -41,6 +50,8 @@ class Kernel:
         # What the clients of replaced processes counted (see KernelClient.counts).
         self._counts: Counter[str] = Counter()
         self._cleanup: asyncio.Future[CellResult] | None = None
+        # Set after a timeout or an interrupt: probe before the next cell.
+        self._suspect = False
 
     @property
     def info(self) -> dict[str, Any]:
@@ -74,11 +85,24 @@ class Kernel:
             return await self._run(code, limit)
 
     async def _run(self, code: str, limit: float) -> CellResult:
+        lost = ""
         if self._spawned.handle.exited:
             await self._replace()
+            lost = "the kernel had exited"
+        elif self._suspect:
+            self._suspect = False
+            why = await self._probe()
+            if why:
+                await self._replace()
+                lost = why
         started = time.monotonic()
         spawned = self._spawned
         into = spawned.client.execute(code, self.policy.max_output_bytes)
+        if lost:
+            into.out.stderr.add(
+                f"[sandbox: {lost}; it was restarted and its state lost before this cell ran]\n"
+            )
+            into.restarted = True
         abandoned: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Everything after the send runs as its own task, so that a cancelled
         # caller returns at once while the kernel is settled (interrupted,
@@ -94,11 +118,32 @@ class Kernel:
                 self._cleanup = work
             raise
 
+    async def _probe(self) -> str:
+        """Empty if the kernel answers a tiny cell in time; else why not."""
+        spawned = self._spawned
+        into = spawned.client.execute(PROBE_CODE, 4096, silent=True)
+        died = spawned.handle.exited_future()
+        done = await wait_first(into.finished, died, timeout=max(PROBE_S, self.policy.interrupt_grace_s))
+        into.finish()
+        if died in done:
+            return "the kernel died after the previous cell was interrupted"
+        if into.broken is not None:
+            return f"the kernel broke the wire protocol ({into.broken})"
+        if into.finished not in done or into.reply is None:
+            return "the kernel did not answer after the previous cell was interrupted"
+        if into.reply.get("status") != "ok":
+            what = into.reply.get("ename", "an error")
+            return f"the kernel could not run a trivial cell after the previous one was interrupted ({what})"
+        return ""
+
     async def _complete(
         self, spawned: Spawned, into: Collected, started: float, limit: float, abandoned: asyncio.Future[None]
     ) -> CellResult:
         died = spawned.handle.exited_future()
         done = await wait_first(into.finished, died, abandoned, timeout=limit)
+        if into.finished in done and into.broken is not None:
+            await self._replace()
+            return self._result(into, started, "protocol")
         if into.finished in done:
             if into.replied and not into.heard:
                 # The kernel answered but nothing came on iopub, not even its
@@ -111,14 +156,16 @@ class Kernel:
             into.finish()
             await self._replace()
             return self._result(into, started, "died")
-        if into.replied and abandoned not in done:
-            # The cell is over (its reply came) but its output keeps coming
-            # past the deadline: a thread of it printing. Keep what arrived.
-            into.finish()
-            return self._result(into, started, None)
         # Deadline passed, or the caller gave up: interrupt, give it a grace
-        # period, else kill.
+        # period, else kill. Also when a reply came but the kernel is still
+        # busy (output keeps coming): nothing a cell sends, a reply it signed
+        # itself included, switches its deadline off.
         settled = await self._settle(spawned, into)
+        if into.broken is not None and settled:
+            await self._replace()
+            settled = False
+        # An interrupted kernel is probed before its next cell.
+        self._suspect = settled
         return self._result(into, started, "timeout", restarted=not settled, limit=limit)
 
     async def _settle(self, spawned: Spawned, into: Collected) -> bool:
@@ -134,6 +181,7 @@ class Kernel:
 
     async def _replace(self) -> None:
         old = self._spawned
+        self._suspect = False
         self._restarts += 1
         self._counts += old.client.counts
         await old.destroy()
@@ -174,6 +222,15 @@ class Kernel:
                 "it was restarted and its state lost",
                 traceback=[],
             )
+        elif forced == "protocol":
+            status = "error"
+            restarted = True
+            error = CellError(
+                ename="ProtocolError",
+                evalue=f"the kernel broke the wire protocol ({into.broken}); "
+                "it was restarted and its state lost",
+                traceback=[],
+            )
         elif forced == "output_lost":
             status = "error"
             restarted = True
@@ -193,14 +250,6 @@ class Kernel:
                         evalue=reply.get("evalue", ""),
                         traceback=[],
                     )
-            elif into.reply is None and into.reply_dropped:
-                status = "error"
-                error = CellError(
-                    ename="OutputDropped",
-                    evalue="the kernel's reply was over the size limit for one message and was dropped; "
-                    "whether the cell succeeded is unknown",
-                    traceback=[],
-                )
             else:
                 status = "ok"
         return CellResult(
@@ -211,13 +260,20 @@ class Kernel:
             error=error,
             duration_s=duration,
             truncated=into.out.truncated or into.dropped > 0,
-            restarted=restarted,
+            restarted=restarted or into.restarted,
             dropped=into.dropped,
         )
+
+    def lower_memory(self, memory_mb: int) -> bool:
+        """Lower this kernel's memory cgroup to ``memory_mb`` (never above the policy's), for its
+        current process only: a replacement gets the policy's. False where it has no memory group."""
+        limit = min(memory_mb, self.policy.memory_mb) * 1024 * 1024
+        return cgroups.lower_memory(self._spawned.handle.cgroup, limit)
 
     async def interrupt(self) -> None:
         if not self._closed and not self._spawned.handle.exited:
             self._spawned.client.send_interrupt()
+            self._suspect = True
 
     async def shutdown(self) -> None:
         if self._closed:

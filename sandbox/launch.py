@@ -19,8 +19,10 @@ from sandbox.errors import KernelStartError
 from sandbox.policy import SandboxPolicy
 from sandbox.process import ProcessHandle, wait_first
 from sandbox.seccomp import kernel_filter
+from sandbox.user import UidLease
 
-INSIDE_SCRIPT = Path(__file__).with_name("inside.py")
+# The package that runs inside the sandbox (stdlib only), run by path.
+INSIDE_SCRIPT = Path(__file__).with_name("inside") / "__main__.py"
 # What a kernel writes into its run dir about itself before any cell runs.
 REPORT_FILE = "protections.json"
 
@@ -73,6 +75,8 @@ class Spawned:
     _teardown: asyncio.Future[None] | None = field(default=None, repr=False)
     # What is in force for this kernel (see ``protections``); recorded with every trajectory.
     protections: dict[str, Any] = field(default_factory=dict)
+    # The kernel's own host uid (root runtimes), given back once its processes are gone.
+    lease: UidLease | None = None
 
     async def destroy(self) -> None:
         """Kill now (before the first await); every caller waits for the same reaping and cleanup."""
@@ -85,6 +89,9 @@ class Spawned:
     async def _reap(self) -> None:
         await self.handle.kill_and_wait()
         await asyncio.to_thread(self.dirs.remove)
+        # Not reached when a process survived teardown: its uid stays taken.
+        if self.lease is not None:
+            self.lease.release()
 
 
 class Launcher(Protocol):
@@ -104,6 +111,7 @@ async def connect_and_handshake(
     tier: str,
     policy: SandboxPolicy,
     facts: dict[str, Any],
+    lease: UidLease | None = None,
 ) -> Spawned:
     """Connect a client and wait for a real handshake, or fail with the kernel's log.
 
@@ -111,7 +119,7 @@ async def connect_and_handshake(
     namespaces); the kernel's own report is added once it answers.
     """
     client = KernelClient(ip_prefix_host, key)
-    spawned = Spawned(handle=handle, client=client, dirs=dirs, tier=tier)
+    spawned = Spawned(handle=handle, client=client, dirs=dirs, tier=tier, lease=lease)
     hs = asyncio.ensure_future(client.handshake())
     died = handle.exited_future()
     try:
@@ -120,16 +128,28 @@ async def connect_and_handshake(
         hs.cancel()
         await spawned.destroy()
         raise
-    if hs in done:
-        hs.result()
+    if hs in done and hs.exception() is None:
         # Written before the kernel opened its sockets, so before any cell ran.
         spawned.protections = protections(tier, facts, handle.pid, dirs.run / REPORT_FILE)
+        if tier == "bwrap":
+            try:
+                sealed = dirs.seal()
+            except OSError:
+                sealed = False
+            spawned.protections["run_dir_read_only"] = sealed
+            if not sealed:
+                spawned.protections["off"].append("run dir read-only to the kernel")
         return spawned
     hs.cancel()
     await asyncio.wait({hs})
     log = _log_tail(dirs.run / "kernel.log")
     await spawned.destroy()
-    why = "exited" if died in done else f"did not answer within {policy.start_timeout_s:g} s"
+    if hs in done:
+        why = f"broke the wire protocol ({hs.exception()})"
+    elif died in done:
+        why = "exited"
+    else:
+        why = f"did not answer within {policy.start_timeout_s:g} s"
     raise KernelStartError(f"kernel ({tier}) {why} while starting. {log}".strip())
 
 
@@ -208,20 +228,31 @@ class SubprocessLauncher:
         return self.python
 
     def views(self, dirs: KernelDirs) -> tuple[str, str, str]:
-        """Run dir, work dir and inside.py as the kernel sees them."""
+        """Run dir, work dir and sandbox/inside's entry point as the kernel sees them."""
         return str(dirs.run), str(dirs.work or dirs.run), str(INSIDE_SCRIPT)
 
     def command(
-        self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None
+        self, dirs: KernelDirs, env: dict[str, str], cgroup: Path | None, lease: UidLease | None = None
     ) -> tuple[list[str], dict[str, str]]:
         """The argv prefix before ``python`` and the environment to start it with."""
         return [], env
+
+    def take_uid(self) -> UidLease | None:
+        """A host uid of the kernel's own (where the runtime can change users), else None."""
+        return None
 
     def new_cgroup(self) -> Path | None:
         return None
 
     async def spawn(self) -> Spawned:
-        dirs = await asyncio.to_thread(KernelDirs.create, self.dir_owner(), self.host_work_dir())
+        lease = await asyncio.to_thread(self.take_uid)
+        try:
+            owner = lease.ids if lease is not None else self.dir_owner()
+            dirs = await asyncio.to_thread(KernelDirs.create, owner, self.host_work_dir())
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
         key = new_key()
         run_in, work_in, script = self.views(dirs)
         write_connection_file(dirs.run / "conn.json", f"{run_in}/k", key)
@@ -240,7 +271,7 @@ class SubprocessLauncher:
         python = self.exec_python()
         env = kernel_env(self.policy, work_in, str(Path(python).parent))
         cgroup = self.new_cgroup()
-        prefix, env = self.command(dirs, env, cgroup)
+        prefix, env = self.command(dirs, env, cgroup, lease)
         argv = [*prefix, python, "-s", script, "kernel", json.dumps(config)]
         log = open(dirs.run / "kernel.log", "wb")  # noqa: SIM115
         try:
@@ -256,12 +287,14 @@ class SubprocessLauncher:
             )
         except OSError as exc:
             await asyncio.to_thread(dirs.remove)
+            if lease is not None:
+                lease.release()
             raise KernelStartError(f"cannot start {argv[0]}: {exc}") from exc
         finally:
             log.close()
         handle = ProcessHandle(popen.pid, popen, group=True, cgroup=cgroup)
         return await connect_and_handshake(
-            handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, self.facts(cgroup)
+            handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, self.facts(cgroup), lease
         )
 
     def facts(self, cgroup: Path | None) -> dict[str, Any]:
@@ -277,7 +310,7 @@ class SubprocessLauncher:
         return True
 
     def inside_config(self) -> dict[str, Any]:
-        """Tier-specific entries of inside.py's configuration."""
+        """Tier-specific entries of the configuration sandbox/inside reads."""
         return {}
 
     def landlock_paths(self, dirs: KernelDirs) -> dict[str, list[str]] | None:

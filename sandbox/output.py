@@ -8,7 +8,7 @@ cost per piece, so a flood of empty or one-character messages is bounded too.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 
 # Pieces are merged up to this size: a tail of one-character writes costs a
 # few strings, not one Python object (~50 bytes) per character.
@@ -93,9 +93,6 @@ class OutputBudget:
         self.display: list[str] = []
         self._display_used = 0
         self._display_truncated = False
-        # Messages too large to read at all: counts and bytes, by kind.
-        self._lost: Counter[str] = Counter()
-        self._lost_bytes: Counter[str] = Counter()
 
     def add_display(self, text: str) -> None:
         room = self._display_budget - self._display_used - ENTRY_COST
@@ -108,29 +105,9 @@ class OutputBudget:
         self.display.append(text)
         self._display_used += len(text) + ENTRY_COST
 
-    def note_dropped(self, kind: str, size: int) -> None:
-        self._lost[kind] += 1
-        self._lost_bytes[kind] += size
-
     def stderr_text(self) -> str:
-        """stderr, then one line per kind of message that was too large to read."""
-        notes = "".join(
-            f"[sandbox: {n} {kind} message{'s' if n > 1 else ''} ({_size(self._lost_bytes[kind])})"
-            " dropped unread: over the size limit for one message]\n"
-            for kind, n in sorted(self._lost.items())
-        )
-        text = self.stderr.text()
-        if notes and text and not text.endswith("\n"):
-            text += "\n"
-        return text + notes
+        return self.stderr.text()
 
     @property
     def truncated(self) -> bool:
-        return self.stdout.truncated or self.stderr.truncated or self._display_truncated or bool(self._lost)
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
+        return self.stdout.truncated or self.stderr.truncated or self._display_truncated

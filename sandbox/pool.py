@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.errors import KernelClosedError, SandboxError
 from sandbox.kernel import Kernel
 from sandbox.launch import Launcher, Spawned
 from sandbox.policy import SandboxPolicy
+
+if TYPE_CHECKING:
+    from sandbox.fork import Forked, RecordedCell
 
 
 def pool_launcher(policy: SandboxPolicy) -> Launcher:
@@ -165,6 +168,13 @@ class KernelPool:
         self._teardowns.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.last_error = task.exception()  # type: ignore[assignment]
+
+    async def fork(self, kernel: Kernel, cells: Sequence[RecordedCell] = ()) -> tuple[Kernel, Forked]:
+        """A new kernel of this pool holding a copy of ``kernel``'s state, and how it was made
+        (a snapshot, or ``cells`` re-run where one cannot be taken): see ``sandbox.fork``."""
+        from sandbox.fork import fork_kernel
+
+        return await fork_kernel(self, kernel, cells)
 
     @property
     def ready(self) -> int:

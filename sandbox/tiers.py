@@ -32,7 +32,7 @@ from sandbox.errors import IsolationUnavailableError
 from sandbox.launch import Launcher, SubprocessLauncher
 from sandbox.policy import SandboxPolicy
 from sandbox.seccomp import kernel_filter
-from sandbox.user import describe
+from sandbox.user import KERNEL_UID_BASE, KERNEL_UID_COUNT, describe
 
 Tier = Literal["bwrap", "landlock", "none"]
 
@@ -151,7 +151,13 @@ def check(policy: SandboxPolicy | None = None) -> SandboxReport:
         Protection(
             name="host user",
             active=unprivileged,
-            detail=f"kernels run as {describe(ids)}; the runtime's files and root's privileges are out of reach"
+            detail=(
+                f"bwrap runs as {describe(ids)}, each kernel as a host uid of its own "
+                f"({KERNEL_UID_BASE}-{KERNEL_UID_BASE + KERNEL_UID_COUNT - 1}); the runtime's files, root's "
+                "privileges and other kernels' per-user counts are out of reach"
+                if ids is not None and is_bwrap
+                else f"kernels run as {describe(ids)}; the runtime's files and root's privileges are out of reach"
+            )
             if unprivileged
             else _off(f"kernels run as host root: {ids_why}" if is_bwrap else "kernels run as host root: " + not_bwrap),
         ),

@@ -4,23 +4,30 @@ libzmq is not used on this side. Whatever RCVHWM and MAXMSGSIZE say, it
 assembles a whole multipart message before the reader sees any of it (600
 frames of 1 MB, sent as one message, cost the receiver 600 MB with RCVHWM=1),
 and the other end of each socket belongs to the cell: it can write any bytes
-to it. Here a frame or message over its limit is skipped as it streams past,
-never held; a connection that breaks the protocol is dropped and redialled
-with back-off; and a connection hands control back to the event loop once it
-has used its slice of time (other kernels' cells and every deadline run in
-between). Memory per connection: one partial message (at most
-``max_message_bytes``) plus one read (256 KB).
+to it. Here a frame or message over its limit is a protocol error the moment
+its header says so (a frame declaring 2**63 bytes is never waited for): the
+connection ends for good and the owner is told why (the kernel, whose own
+messages are capped well below the limits, is replaced). A connection hands
+control back to the event loop once it has used its slice of time (other
+kernels' cells and every deadline run in between). Memory per connection:
+one partial message (at most ``max_message_bytes``) plus one read (256 KB).
 
 Only what the runtime needs: the NULL mechanism, DEALER and SUB, connecting
-to a path the kernel binds (ipykernel's ``ipc`` transport).
+to a socket the kernel binds (ipykernel's ``ipc`` transport). The socket is
+dialled without following a symbolic link (``dial``): its directory is the
+runtime's, but the kernel made the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
+import os
 import resource
+import socket
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -60,7 +67,37 @@ def raise_fd_limit() -> int:
 
 
 class ProtocolError(Exception):
-    """The peer broke ZMTP; the connection is dropped."""
+    """The peer broke ZMTP or a limit; the connection is dropped for good."""
+
+
+def dial(path: str) -> socket.socket:
+    """A non-blocking unix socket connected to ``path``, whose last component must be a socket, not a link.
+
+    The directory part is the runtime's own (nothing in it is the kernel's);
+    the last component was made by the kernel, which could have put a
+    symbolic link there to a socket of the host. It is opened with
+    O_PATH|O_NOFOLLOW in the directory, checked to be a socket, and
+    connected to through its descriptor, so no link is ever followed.
+    """
+    parent, name = os.path.split(path)
+    dfd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOTSOCK, f"{path} is not a socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(f"/proc/self/fd/{fd}")
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    finally:
+        os.close(fd)
 
 
 def encode(frames: Frames) -> bytes:
@@ -91,11 +128,11 @@ def _ready(socket_type: bytes) -> bytes:
 
 
 class Channel(asyncio.Protocol):
-    """One ZMTP connection to ``path``, redialled when it breaks.
+    """One ZMTP connection to ``path``, redialled when the peer closes it.
 
     ``on_message`` gets each complete message within the limits;
-    ``on_oversized`` gets the frames kept of one that was not (those before
-    the frame that broke a limit) and its size. Both run inside the event
+    ``on_broken`` is told (once) why the peer broke the protocol or a limit,
+    after which the connection stays closed. Both run inside the event
     loop's read callback and must not raise.
     """
 
@@ -104,7 +141,7 @@ class Channel(asyncio.Protocol):
         path: str,
         socket_type: bytes,
         on_message: Callable[[Frames], None],
-        on_oversized: Callable[[Frames, int], None],
+        on_broken: Callable[[str], None],
         counts: Counter[str],
         limits: WireLimits,
         subscribe: bool = False,
@@ -112,7 +149,8 @@ class Channel(asyncio.Protocol):
         self.path = path
         self._type = socket_type
         self._on_message = on_message
-        self._on_oversized = on_oversized
+        self._on_broken = on_broken
+        self.broken: str | None = None
         self.counts = counts
         self.limits = limits
         self._subscribe = subscribe
@@ -144,7 +182,7 @@ class Channel(asyncio.Protocol):
             await asyncio.sleep(delay)
         while not self._closed:
             try:
-                await self._loop.create_unix_connection(lambda: self, self.path)
+                await self._loop.create_unix_connection(lambda: self, sock=dial(self.path))
                 return
             except OSError:
                 # Not bound yet (the kernel is starting), or gone: retry soon,
@@ -174,10 +212,12 @@ class Channel(asyncio.Protocol):
         self._failures += 1
         self._dial(min(0.005 * 2**self._failures, MAX_RECONNECT_DELAY))
 
-    def _drop(self, why: str) -> None:
-        self.counts[why] += 1
-        if self._transport is not None:
-            self._transport.abort()
+    def _break(self, why: str) -> None:
+        """The peer broke the protocol or a limit: close for good and tell the owner."""
+        self.counts["protocol_errors"] += 1
+        self.broken = why
+        self.close()
+        self._on_broken(why)
 
     def close(self) -> None:
         self._closed = True
@@ -222,21 +262,11 @@ class Channel(asyncio.Protocol):
         self._greeted = False
         self._frames: Frames = []
         self._msg_bytes = 0
-        self._skip = 0  # bytes of an oversized frame still to pass over
-        self._dropping = False  # the current message broke a limit
-        self._skipped_more = False
 
     def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
         self.last_activity = self._loop.time()
-        if self._skip and not self._buf:
-            # The common case of an oversized frame: pass over it without copying.
-            n = min(self._skip, len(data))
-            self._skip -= n
-            data = data[n:]
-            if self._skip == 0 and not self._skipped_more:
-                self._end_dropped()
-            if not data:
-                return
         self._buf += data
         self._parse()
 
@@ -245,9 +275,9 @@ class Channel(asyncio.Protocol):
         try:
             with memoryview(self._buf) as view:
                 used, out_of_time = self._consume(view, time.perf_counter())
-        except ProtocolError:
+        except ProtocolError as exc:
             self._buf.clear()
-            self._drop("protocol_errors")
+            self._break(str(exc))
             return
         del self._buf[:used]
         if out_of_time and self._buf:
@@ -282,15 +312,6 @@ class Channel(asyncio.Protocol):
             self._greeted = True
             i = 64
         while i < end:
-            if self._skip:
-                n = min(self._skip, end - i)
-                self._skip -= n
-                i += n
-                if self._skip:
-                    break
-                if not self._skipped_more:
-                    self._end_dropped()
-                continue
             flags = buf[i]
             if flags & ~(MORE | LONG | COMMAND):
                 raise ProtocolError("reserved frame flags")
@@ -299,7 +320,7 @@ class Channel(asyncio.Protocol):
                 break
             size = int.from_bytes(buf[i + 1 : i + 9], "big") if flags & LONG else buf[i + 1]
             if flags & COMMAND:
-                if size > limits.max_command_bytes or self._frames or self._dropping:
+                if size > limits.max_command_bytes or self._frames:
                     raise ProtocolError("command too large, or inside a message")
                 if end - i < head + size:
                     break
@@ -309,22 +330,15 @@ class Channel(asyncio.Protocol):
             if not self._ready:
                 raise ProtocolError("message before READY")
             more = bool(flags & MORE)
+            if len(self._frames) >= limits.max_frames:
+                raise ProtocolError(f"a message of more than {limits.max_frames} frames")
+            if self._msg_bytes + size > limits.max_message_bytes:
+                # Decided from the frame's header: its body is never waited for.
+                raise ProtocolError(
+                    f"a message of at least {self._msg_bytes + size} bytes, over the limit of "
+                    f"{limits.max_message_bytes}"
+                )
             i += head
-            if (
-                self._dropping
-                or len(self._frames) >= limits.max_frames
-                or self._msg_bytes + size > limits.max_message_bytes
-            ):
-                # Over a limit: pass over the rest of this message as it arrives.
-                if not self._dropping:
-                    self._dropping = True
-                    self.counts["oversized"] += 1
-                self._msg_bytes += size
-                self._skip = size
-                self._skipped_more = more
-                if size == 0 and not more:
-                    self._end_dropped()
-                continue
             if end - i < size:
                 i -= head
                 break
@@ -340,13 +354,6 @@ class Channel(asyncio.Protocol):
                 if time.perf_counter() - started > limits.slice_s:
                     return i, True
         return i, False
-
-    def _end_dropped(self) -> None:
-        kept, size = self._frames, self._msg_bytes
-        self._frames = []
-        self._msg_bytes = 0
-        self._dropping = False
-        self._on_oversized(kept, size)
 
     def _command(self, body: bytes) -> None:
         name_len = body[0] if body else 0

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from sandbox import cgroups
 from sandbox.bwrap import (
+    INSIDE_VIEW,
     SANDBOX_UID,
     bwrap_argv,
     bwrap_runs_as,
@@ -49,7 +50,6 @@ from sandbox.client import new_key, write_connection_file
 from sandbox.dirs import KernelDirs, base_dir
 from sandbox.errors import KernelStartError
 from sandbox.launch import (
-    INSIDE_SCRIPT,
     REPORT_FILE,
     Spawned,
     connect_and_handshake,
@@ -60,6 +60,7 @@ from sandbox.launch import (
 from sandbox.policy import SandboxPolicy
 from sandbox.process import ProcessHandle, wait_first
 from sandbox.seccomp import kernel_filter
+from sandbox.user import KERNEL_UID_BASE, KERNEL_UID_COUNT, UidLease
 
 _zygote_ids = itertools.count()
 
@@ -111,6 +112,9 @@ class ZygoteLauncher:
             "preimport": list(self.policy.preimport),
             "net_per_kernel": self.net_per_kernel,
             "seccomp": filt.bpf.hex() if filt.bpf else None,
+            # A root runtime gives each kernel a host uid of its own (see spawn),
+            # which the zygote maps (it may: CAP_SETUID in its own namespace).
+            "map_ids": "zygote" if self.ids is not None else "self",
         }
         python = sandbox_python(self.python)
         env = kernel_env(self.policy, "/sandbox/work", str(Path(python).parent))
@@ -120,13 +124,24 @@ class ZygoteLauncher:
         env["IPYTHONDIR"] = "/tmp/.ipython"
         ro, stage = staged(read_only_binds(self.python), self.ids)
         rw = [(str(kernels), "/sandbox/kernels"), (str(ctl), "/sandbox/ctl")]
+        wrap = bwrap_argv(self.policy, ro, rw, env, single=False, disable_userns=False)
+        pass_fds: tuple[int, ...] = ()
+        if self.ids is not None:
+            # The zygote's user namespace maps the sandbox user (the zygote
+            # itself) and the kernels' uid range, written by us (root) while
+            # bwrap waits, so each kernel's namespace can map a uid of its own.
+            info_r, info_w = os.pipe()
+            block_r, block_w = os.pipe()
+            wrap[1:1] = ["--info-fd", str(info_w), "--userns-block-fd", str(block_r)]
+            wrap += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+            pass_fds = (info_w, block_r)
         argv = [
             *host_prelude(self.ids, (), stage),
-            *bwrap_argv(self.policy, ro, rw, env, single=False, disable_userns=False),
+            *wrap,
             "--",
             python,
             "-s",
-            f"/sandbox/lib/{INSIDE_SCRIPT.name}",
+            INSIDE_VIEW,
             "zygote",
             json.dumps(config),
         ]
@@ -137,7 +152,22 @@ class ZygoteLauncher:
             stderr=open(root / "zygote.log", "wb"),  # noqa: SIM115
             env={"PATH": "/usr/bin:/bin"},
             start_new_session=True,
+            pass_fds=pass_fds,
         )
+        if self.ids is not None:
+            os.close(info_w)
+            os.close(block_r)
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(_map_zygote, info_r, block_w, self.ids), self.policy.start_timeout_s
+                )
+            except (OSError, ValueError, TimeoutError) as exc:
+                self._proc.kill()
+                await self._proc.wait()
+                raise KernelStartError(f"could not map the zygote's user namespace: {exc!r}") from exc
+            finally:
+                os.close(info_r)
+                os.close(block_w)
         assert self._proc.stdout is not None
         self._exited = asyncio.ensure_future(self._proc.wait())
         try:
@@ -182,11 +212,17 @@ class ZygoteLauncher:
         kroot = self._root / "kernels" / kid
         dirs = KernelDirs(root=kroot, run=kroot / "run", work=None)
         key = new_key()
-        await asyncio.to_thread(_make_dirs, dirs, key, self.ids)
+        lease = await asyncio.to_thread(UidLease.take) if self.ids is not None else None
         hello: asyncio.Future[tuple[int, asyncio.StreamWriter]] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.to_thread(_make_dirs, dirs, key, lease.ids if lease is not None else self.ids)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
         self._hellos[kid] = hello
         try:
-            self._proc.stdin.write(kid.encode() + b"\n")
+            self._proc.stdin.write(f"{kid} {lease.uid if lease is not None else ''}\n".encode())
             await self._proc.stdin.drain()
             assert self._exited is not None
             done = await wait_first(hello, self._exited, timeout=self.policy.start_timeout_s)
@@ -196,6 +232,9 @@ class ZygoteLauncher:
             pid, writer = hello.result()
         except (KernelStartError, OSError, ConnectionError) as exc:
             await asyncio.to_thread(dirs.remove)
+            if lease is not None:
+                # The kernel never said hello: its uid was never mapped.
+                lease.release()
             log = _read(dirs.run / "kernel.log") or _read(self._root / "zygote.log")
             raise KernelStartError(f"the zygote did not start a kernel ({exc!r}). {log}") from exc
         finally:
@@ -211,7 +250,9 @@ class ZygoteLauncher:
             await writer.drain()
         writer.close()
         facts = outside_facts(handle.cgroup, own_network=self.net_per_kernel)
-        return await connect_and_handshake(handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, facts)
+        return await connect_and_handshake(
+            handle, dirs, str(dirs.run / "k"), key, self.tier, self.policy, facts, lease
+        )
 
     async def close(self) -> None:
         self._closed = True
@@ -235,6 +276,28 @@ def _cage(groups: KernelCgroups, policy: SandboxPolicy, pid: int) -> Path | None
         cgroups.kill_all(group)
         return None
     return group
+
+
+def _map_zygote(info_fd: int, block_fd: int, ids: tuple[int, int]) -> None:
+    """Write the zygote's uid and gid maps (bwrap blocks until then): its own user plus the kernels' range."""
+    data = b""
+    while b"}" not in data:
+        chunk = os.read(info_fd, 4096)
+        if not chunk:
+            raise ValueError(f"bwrap said no child pid ({data!r})")
+        data += chunk
+    pid = int(json.loads(data[: data.index(b"}") + 1])["child-pid"])
+    for name, own in (("uid_map", ids[0]), ("gid_map", ids[1])):
+        _write_proc(pid, name, f"{SANDBOX_UID} {own} 1\n{KERNEL_UID_BASE} {KERNEL_UID_BASE} {KERNEL_UID_COUNT}\n")
+    os.write(block_fd, b"1")
+
+
+def _write_proc(pid: int, name: str, text: str) -> None:
+    fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _make_dirs(dirs: KernelDirs, key: str, owner: tuple[int, int] | None) -> None:

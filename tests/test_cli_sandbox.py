@@ -112,3 +112,38 @@ def test_exec_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.strip().count("\n") == 0 and words in proc.stderr, proc.stderr
         assert proc.stdout == ""
+
+
+# A cell that sends, signed as its own output, text holding lone surrogates
+# (a JSON "\ud800" escape): what every output path must survive.
+SURROGATE_CELL = r"""
+import json
+_k = get_ipython().kernel
+for kind, content in [('stream', {'name': 'stdout', 'text': 'a\ud800b\n'}),
+                      ('stream', {'name': 'stderr', 'text': 'e\udfff\n'})]:
+    parts = [_k.session.pack(_k.session.msg_header(kind)), _k.session.pack(_k.get_parent()['header']), b'{}',
+             json.dumps(content).encode()]
+    _k.iopub_socket.send_multipart([b'stream', b'<IDS|MSG>', _k.session.sign(parts), *parts])
+print('done')
+"""
+
+
+def test_exec_survives_lone_surrogates_on_the_terminal_and_in_json(tmp_path: Path) -> None:
+    cell = tmp_path / "odd.py"
+    cell.write_text(SURROGATE_CELL)
+    for extra in ([], ["--json"]):
+        # A pipe: Python's strict UTF-8 encoder, where the surrogate used to kill the command.
+        proc = subprocess.run(
+            [sys.executable, "-m", "tora.cli.main", "sandbox", "exec", str(cell), *extra],
+            capture_output=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        text = proc.stdout.decode("utf-8")  # strict: valid UTF-8 throughout
+        if extra:
+            (result,) = json.loads(text)["cells"]
+            assert result["stdout"].startswith("a\ufffdb\n") and result["stderr"].startswith("e\ufffd"), result
+            assert result["status"] == "ok" and result["stdout"].endswith("done\n"), result
+        else:
+            assert "a\ufffdb" in text and "e\ufffd" in text, text

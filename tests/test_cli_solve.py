@@ -137,3 +137,31 @@ def test_repl_ctrl_c_interrupts_the_cell_and_keeps_the_session(tmp_path: Path, t
     assert "answer: 6" in out  # x survived the interrupt: same kernel
     records = [json.loads(line) for line in (tora_home / "trajectories" / "solve.jsonl").read_text().splitlines()]
     assert [r["result"]["finish"] for r in records] == ["interrupted", "answered"]
+
+
+def test_lone_surrogates_in_a_cells_output_reach_the_record_export_and_report(tmp_path: Path, tora_home: Path) -> None:
+    # The cell sends, signed as its own, output holding a lone surrogate (a
+    # JSON "\ud800" escape); the trajectory used to be lost to it.
+    cell = (
+        "import json\n"
+        "_k = get_ipython().kernel\n"
+        "parts = [_k.session.pack(_k.session.msg_header('stream')), _k.session.pack(_k.get_parent()['header']),"
+        " b'{}', json.dumps({'name': 'stdout', 'text': 'a\\ud800b\\n'}).encode()]\n"
+        "_k.iopub_socket.send_multipart([b'stream', b'<IDS|MSG>', _k.session.sign(parts), *parts])\n"
+        "print(6 * 7)\n"
+    )
+    completion = f"Compute.\n```python\n{cell}```\n```output\n42\n```\nSo $\\boxed{{42}}$."
+    model = f"replay:{scripted(tmp_path, completion)}"
+    for extra in ([], ["--json"]):
+        proc = subprocess.run([*TORA, "solve", "--model", model, *extra, "What is 6*7?"], capture_output=True,
+                              timeout=120, env=os.environ.copy())
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert "a\ufffdb" in proc.stdout.decode("utf-8")
+    recorded = tora_home / "trajectories" / "solve.jsonl"
+    steps = [json.loads(line)["steps"] for line in recorded.read_text(encoding="utf-8").splitlines()]
+    assert len(steps) == 2 and all(s[2]["stdout"] == "a\ufffdb\n42\n" for s in steps), steps
+    proc = run(["export", str(recorded), "-f", "tora"])
+    assert proc.returncode == 0 and "a\ufffdb" in proc.stdout, proc.stderr
+    proc = run(["report", str(recorded)])
+    assert proc.returncode == 0, proc.stderr
+    assert "a\ufffdb" in recorded.with_name("solve.report.html").read_text(encoding="utf-8")

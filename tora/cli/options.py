@@ -36,9 +36,9 @@ _SAMPLING = [
     click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True),
     click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True),
     click.option("--seed", type=int, default=None),
-    click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=10.0, show_default=True,
-                 help="Wall-time limit per code cell, seconds."),
 ]
+_TIMEOUT = click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=10.0, show_default=True,
+                        help="Wall-time limit per code cell, seconds.")
 _RENDER = [
     click.option("--render", "render_policy", type=click.Choice(sorted(RENDERERS)), default="default",
                  show_default=True, help="How execution results are shown to the model."),
@@ -63,13 +63,18 @@ def _apply(opts: list[Callable[[F], F]], func: F) -> F:
 
 def loop_options(func: F) -> F:
     """--model, --prompt and the budgets; each flag also reads TORA_<NAME>."""
-    return _apply([*_MODEL, *_BUDGETS, *_SAMPLING, *_RENDER, *_SANDBOX], func)
+    return _apply([*_MODEL, *_BUDGETS, *_SAMPLING, _TIMEOUT, *_RENDER, *_SANDBOX], func)
 
 
 def continuation_options(func: F) -> F:
     """The budgets, sampling and sandbox flags of a verb that continues recorded trajectories
     (`tora correct`): the model is its own flag, and the rendering is the recorded one."""
-    return _apply([*_BUDGETS, *_SAMPLING, *_SANDBOX], func)
+    return _apply([*_BUDGETS, *_SAMPLING, _TIMEOUT, *_SANDBOX], func)
+
+
+def sandbox_options(func: F) -> F:
+    """The kernels' limits alone (`tora sandbox serve`): --timeout, --isolation, --memory-mb."""
+    return _apply([_TIMEOUT, *_SANDBOX], func)
 
 
 def sampling_from(kw: dict[str, Any]) -> SamplingParams:

@@ -1,4 +1,4 @@
-"""`tora sandbox check` and `tora sandbox exec`: see and exercise the code sandbox."""
+"""`tora sandbox check`, `tora sandbox exec` and `tora sandbox serve`: see, exercise and serve the code sandbox."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rich.text import Text
 
 from sandbox import CellResult, KernelPool, SandboxError, SandboxPolicy
 from sandbox.tiers import check
+from tora.cli.options import sandbox_from, sandbox_options
 from tora.errors import ToraError, UsageError
 
 ISOLATION = click.Choice(["auto", "bwrap", "landlock", "none"])
@@ -125,6 +126,77 @@ async def _run(
             return await in_fresh_kernel(cells)
         done = await asyncio.gather(*(in_fresh_kernel([code]) for code in cells))
         return [pair for one in done for pair in one]
+
+
+@sandbox.command("serve")
+@sandbox_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: a free one, printed at start).")
+@click.option("--api-key", envvar="TORA_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health (env TORA_API_KEY).")
+@click.option("--concurrency", "-c", type=click.IntRange(1), default=8, show_default=True,
+              help="Stateless requests (/run_code, /run_jupyter, /execute without a session) running at once, "
+                   "each in a fresh kernel.")
+@click.option("--max-queued", type=click.IntRange(0), default=256, show_default=True,
+              help="Stateless requests that may wait for a slot; beyond that: 429.")
+@click.option("--max-sessions", type=click.IntRange(1), default=32, show_default=True,
+              help="Live sessions (one kernel each); beyond that a new session gets 429 with Retry-After.")
+@click.option("--session-ttl", type=click.FloatRange(0.1), default=600.0, show_default=True,
+              help="Seconds an idle session lives before its kernel is released.")
+@click.option("--pool-size", type=click.IntRange(1), default=None,
+              help="Fresh kernels kept warm [default: as --concurrency, at most 8].")
+@click.option("--max-timeout", type=click.FloatRange(0.1), default=300.0, show_default=True,
+              help="The longest deadline a request may ask for, seconds (longer: 4xx).")
+@click.option("--max-body-bytes", type=click.IntRange(1024), default=16 << 20, show_default=True,
+              help="The largest request body accepted (larger: 413).")
+def serve_cmd(host: str, port: int, api_key: str | None, concurrency: int, max_queued: int, max_sessions: int,
+              session_ttl: float, pool_size: int | None, max_timeout: float, max_body_bytes: int,
+              **kw: Any) -> None:
+    """Serve fresh and session kernels over HTTP in SandboxFusion's and NeMo-Skills' formats.
+
+    SandboxFusion: POST /run_code, POST /run_jupyter. NeMo-Skills: POST /execute
+    (X-Session-ID for a session), DELETE /sessions/ID, GET /health. tora's own:
+    POST /sessions/ID/fork. Kernels get the same sandbox policy as trajectories
+    (--timeout is the deadline of a request that names none). SIGINT or
+    SIGTERM stops it and shuts every kernel down.
+    """
+    from sandbox.service.app import create_app
+    from sandbox.service.sessions import Service, ServiceLimits
+    from tora.cli.serve import bind, is_loopback
+    from tora.serve.server import run_until_stopped
+
+    api_key = api_key or None
+    if not is_loopback(host) and api_key is None:
+        raise UsageError(f"--host {host} is not a loopback address: set --api-key (or TORA_API_KEY) to serve on it")
+    policy = sandbox_from(kw)
+    limits = ServiceLimits(max_sessions=max_sessions, session_ttl_s=session_ttl, concurrency=concurrency,
+                           max_queued=max_queued, max_timeout_s=max_timeout)
+    pool = KernelPool(policy, size=pool_size or min(concurrency, 8))
+    service = Service(pool, limits)
+    sock = bind(host, port)
+
+    async def main() -> None:
+        try:
+            await service.start()
+            app = create_app(service, api_key=api_key, max_body_bytes=max_body_bytes)
+
+            def started(url: str) -> None:
+                click.echo(f"tora sandbox serve: {url} · tier {pool.launcher.tier} · {concurrency} stateless at "
+                           f"once · {max_sessions} sessions, idle {session_ttl:g} s", err=True)
+
+            # Execution clients keep large connection pools (NeMo-Skills: 2048) idle between cells.
+            await run_until_stopped(app, sock, "tora sandbox serve", lambda: None, started, keep_alive_s=75)
+        finally:
+            await service.close()
+
+    try:
+        asyncio.run(main())
+    except SandboxError as exc:
+        raise ToraError(f"sandbox failure: {exc}") from exc
+    finally:
+        sock.close()
 
 
 def _panel(path: Path, r: CellResult) -> Panel:

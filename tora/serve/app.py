@@ -30,8 +30,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
+from sandbox.service.asgi import BodyLimit
 from tora.data import problem_from_text
 from tora.engine import SolveConfig
 from tora.serve import protocol as p
@@ -115,56 +116,6 @@ def request_config(base: SolveConfig, req: p.CompletionRequest | p.ChatCompletio
 
 
 # --- middleware and auth ------------------------------------------------------------
-
-
-class BodyLimit:
-    """Refuses a body over `limit` bytes with 413, before the route reads any of it.
-
-    The body is read here (bounded) and handed on whole; later `receive` calls
-    go to the connection, so routes can still hear the client disconnect.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            await self._too_large(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._too_large(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        async def replay() -> Message:
-            nonlocal body
-            if body is not None:
-                message, body = body, None
-                return message
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = ApiError(413, f"the request body is larger than this server accepts ({self.limit} bytes)",
-                         code="request_too_large")
-        await error.response()(scope, receive, send)
 
 
 def _key_check(api_key: str | None) -> Any:
@@ -268,4 +219,8 @@ def create_app(runner: Runner, *, served_name: str, limits: ServeLimits, api_key
     async def completions(request: Request) -> Response:
         return await complete(request, "text")
 
-    return BodyLimit(app, limits.max_body_bytes)
+    def too_large(scope: Scope) -> ASGIApp:
+        return ApiError(413, f"the request body is larger than this server accepts ({limits.max_body_bytes} bytes)",
+                        code="request_too_large").response()
+
+    return BodyLimit(app, limits.max_body_bytes, too_large)

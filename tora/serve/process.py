@@ -26,6 +26,10 @@ _BANNER = re.compile(r"^tora serve: (http://(\S+?):(\d+)/v1) ")
 
 
 class ServeProcess:
+    # The verb it runs and the start-up line that names its URL.
+    command: tuple[str, ...] = ("serve",)
+    banner = _BANNER
+
     def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None, startup_timeout: float = 300.0,
                  python: str = sys.executable) -> None:
         self.args = list(args)
@@ -46,7 +50,7 @@ class ServeProcess:
         return self._proc.pid
 
     def start(self) -> ServeProcess:
-        self._proc = subprocess.Popen([self.python, "-m", "tora.cli.main", "serve", *self.args],
+        self._proc = subprocess.Popen([self.python, "-m", "tora.cli.main", *self.command, *self.args],
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       text=True, env=self.env if self.env is not None else os.environ.copy())
         threading.Thread(target=self._read, daemon=True).start()
@@ -54,14 +58,14 @@ class ServeProcess:
         if not self.url:
             self.stop(signal.SIGKILL)
             tail = "".join(self.stderr[-20:]).strip()
-            raise ToraError(f"tora serve did not start within {self.startup_timeout:.0f} s: {tail or 'no output'}")
+            raise ToraError(f"tora {' '.join(self.command)} did not start within {self.startup_timeout:.0f} s: {tail or 'no output'}")
         return self
 
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
         for line in self._proc.stderr:
             self.stderr.append(line)
-            found = _BANNER.match(line)
+            found = self.banner.match(line)
             if found and not self.url:
                 self.url, self.port = found.group(1), int(found.group(3))
                 self._ready.set()
@@ -85,3 +89,10 @@ class ServeProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class SandboxServeProcess(ServeProcess):
+    """`tora sandbox serve` in a child process; ``url`` is its root (the routes are /run_code, /execute, ...)."""
+
+    command = ("sandbox", "serve")
+    banner = re.compile(r"^tora sandbox serve: (http://(\S+?):(\d+)) ")

@@ -1,0 +1,228 @@
+"""A copy of a live kernel's state in a new, separately sandboxed kernel (``KernelPool.fork``).
+
+How the copy is made. The new kernel is a fresh pool kernel: its own namespaces,
+cgroups, network, work dir and host user, exactly as any other. Into it goes a
+snapshot the source kernel takes of itself: every name the cells defined (with
+cloudpickle: functions, classes and lambdas of the cells by value, modules by
+reference, re-imported on arrival), the state of ``random`` and of numpy's global
+generator, the working directory, and the files of its work dir. The runtime only
+relays the snapshot (bounded by the policy's output limit) and never unpickles it:
+it is loaded in the new kernel, which belongs to the same author as the source.
+
+Where a copy is not possible, the copy is made by re-running the source's recorded
+cells in order instead, and the answer says so (``method="replay"`` and the
+reason): a cell left threads or child processes running (they cannot be copied),
+the state holds what cannot be pickled (open files, sockets, generators), or it
+is larger than the limit. A replay can differ from the original where cells used
+randomness, time, files or the network: each cell whose outcome differs is named in
+``Forked.diverged``.
+
+What this is not: a copy of the process (its memory as is, C-level state, module
+state other than the RNGs). A kernel runs under a seccomp filter that denies it
+new namespaces, and a child of its ``fork()`` would inherit every namespace and
+cgroup of its parent: a process-level fork in a sandbox of its own needs the
+kernel's init to build the child's namespaces (see "Forking kernels" in
+sandbox/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from sandbox.result import CellResult
+
+if TYPE_CHECKING:
+    from sandbox.kernel import Kernel
+    from sandbox.pool import KernelPool
+
+
+class RecordedCell(BaseModel):
+    """A cell a kernel ran, and how it ended there."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: str
+    timeout_s: float
+    result: CellResult
+
+
+class Forked(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    method: Literal["snapshot", "replay"]
+    reason: str = ""  # why a replay, where it was one
+    size: int = 0  # bytes of the snapshot
+    replayed: int = 0
+    # Indexes of replayed cells whose status or output differs from the recorded run.
+    diverged: list[int] = []
+
+
+# Runs in the source kernel; prints one JSON line. Leaves no name behind.
+_SNAPSHOT = r'''
+def __tora_snapshot(limit):
+    import base64, io, json, os, random, re, sys, tarfile, threading, zlib
+    def refuse(why):
+        return json.dumps({"ok": False, "why": why})
+    def own(t):
+        # ipykernel's threads, and pyzmq's garbage collector (started by a large send).
+        target = getattr(getattr(t, "_target", None), "__module__", None) or ""
+        return type(t).__module__.startswith(("ipykernel", "zmq")) or target.startswith("ipykernel")
+    extra = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not own(t)]
+    if extra:
+        return refuse("threads a cell left running cannot be copied: " + ", ".join(extra))
+    try:
+        if os.waitpid(-1, os.WNOHANG) == (0, 0):
+            return refuse("child processes a cell left running cannot be copied")
+    except ChildProcessError:
+        pass
+    try:
+        import cloudpickle
+    except ImportError as exc:
+        return refuse(f"cloudpickle is not importable in the kernel ({exc})")
+    ip = get_ipython()
+    skip = re.compile(r"^(_+|_i+|_i?\d+|_ih|_oh|_dh|In|Out|__tora_snapshot)$")
+    names = {k: v for k, v in ip.user_ns.items() if k not in ip.user_ns_hidden and not skip.match(k)}
+    home = os.environ.get("HOME") or os.getcwd()
+    files = io.BytesIO()
+    with tarfile.open(fileobj=files, mode="w") as tar:
+        for entry in sorted(os.listdir(home)):
+            if entry != ".ipython":
+                tar.add(os.path.join(home, entry), arcname=entry)
+    state = {"names": names, "random": random.getstate(), "cwd": os.getcwd(), "home": home,
+             "files": files.getvalue()}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        state["numpy_random"] = np.random.get_state()
+    try:
+        blob = zlib.compress(cloudpickle.dumps(state), 1)
+    except Exception as exc:
+        return refuse(f"the kernel's state cannot be copied ({type(exc).__name__}: {exc})")
+    if len(blob) > limit:
+        return refuse(f"the kernel's state is {len(blob)} bytes, more than the {limit} bytes a fork copies")
+    return json.dumps({"ok": True, "data": base64.b64encode(blob).decode(), "size": len(blob)})
+print(__tora_snapshot(%d))
+del __tora_snapshot
+'''
+
+# Runs in the new kernel before the snapshot cell. IPython costs ~1 us per character of a
+# cell's source before running it (ipykernel's input transformers, and the murmur hash its
+# compiler names cells by): for the snapshot cell alone, skip both. Each patch undoes itself
+# on its first call.
+_FAST_NEXT = r'''
+def __tora_fast_next():
+    ip = get_ipython()
+    transform, cache = ip.transform_cell, ip.compile.cache
+    def once_transform(cell):
+        ip.transform_cell = transform
+        return cell
+    def once_cache(cell, number=0, raw_code=None):
+        ip.compile.cache = cache
+        return cache("# tora: a kernel snapshot\n", number)
+    ip.transform_cell = once_transform
+    ip.compile.cache = once_cache
+__tora_fast_next()
+del __tora_fast_next
+'''
+
+# The snapshot cell itself: the data as one base64 string literal.
+_RESTORE = r'''
+def __tora_restore(data):
+    import base64, io, os, random, tarfile, zlib, cloudpickle
+    state = cloudpickle.loads(zlib.decompress(base64.b64decode(data)))
+    with tarfile.open(fileobj=io.BytesIO(state["files"])) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(state["home"], filter="data")
+        else:
+            tar.extractall(state["home"])
+    get_ipython().user_ns.update(state["names"])
+    random.setstate(state["random"])
+    if "numpy_random" in state:
+        import numpy
+        numpy.random.set_state(state["numpy_random"])
+    try:
+        os.chdir(state["cwd"])
+    except OSError:
+        pass
+__tora_restore(%r)
+del __tora_restore
+'''
+
+
+def same_outcome(a: CellResult, b: CellResult) -> bool:
+    return (a.status, a.stdout, a.stderr, a.display, a.error) == (b.status, b.stdout, b.stderr, b.display, b.error)
+
+
+def snapshot_limit(kernel: Kernel) -> int:
+    """The largest snapshot that fits one cell's output as base64 in JSON."""
+    return int(kernel.policy.max_output_bytes * 0.74) - 1024
+
+
+async def take_snapshot(kernel: Kernel) -> tuple[str | None, int, str]:
+    """(base64 snapshot, its size, "") or (None, 0, why not)."""
+    result = await kernel.execute(_SNAPSHOT % snapshot_limit(kernel))
+    if result.status != "ok" or result.truncated:
+        why = f"{result.error.ename}: {result.error.evalue}" if result.error else result.status
+        return None, 0, f"the snapshot cell failed ({'output over the limit' if result.truncated else why})"
+    try:
+        answer = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        return None, 0, "the snapshot could not be read (the kernel's output was not the snapshot)"
+    if not isinstance(answer, dict):
+        return None, 0, "the snapshot could not be read"
+    if not answer.get("ok"):
+        return None, 0, str(answer.get("why", "unknown"))
+    return str(answer["data"]), int(answer.get("size", 0)), ""
+
+
+async def _restore(kernel: Kernel, data: str) -> CellResult:
+    prepared = await kernel.execute(_FAST_NEXT)
+    if prepared.status != "ok":
+        return prepared
+    return await kernel.execute(_RESTORE % data)
+
+
+async def replay(kernel: Kernel, cells: Sequence[RecordedCell]) -> tuple[int, list[int]]:
+    """Re-run ``cells`` in ``kernel``: how many ran, and which came out differently.
+
+    Cells that timed out or killed their kernel are not re-run (their effects
+    were interrupted, or lost with the kernel).
+    """
+    diverged: list[int] = []
+    replayed = 0
+    for i, cell in enumerate(cells):
+        if cell.result.status in ("timeout", "died") or cell.result.restarted:
+            continue
+        again = await kernel.execute(cell.code, timeout=cell.timeout_s)
+        replayed += 1
+        if not same_outcome(cell.result, again):
+            diverged.append(i)
+    return replayed, diverged
+
+
+async def fork_kernel(pool: KernelPool, source: Kernel, cells: Sequence[RecordedCell] = ()) -> tuple[Kernel, Forked]:
+    """A fresh kernel of ``pool`` holding ``source``'s state, and how it got there.
+
+    ``cells``: what ``source`` ran since its state began, re-run where a
+    snapshot cannot be taken or loaded. The caller owns the new kernel.
+    """
+    data, size, why = await take_snapshot(source)
+    kernel = await pool.acquire()
+    try:
+        if data is not None:
+            loaded = await _restore(kernel, data)
+            if loaded.status == "ok":
+                return kernel, Forked(method="snapshot", size=size)
+            err = f"{loaded.error.ename}: {loaded.error.evalue}" if loaded.error else loaded.status
+            why = f"the snapshot could not be loaded in the new kernel ({err})"
+            # The half-loaded kernel is not the state: start the replay from a fresh one.
+            await pool.release(kernel)
+            kernel = await pool.acquire()
+        replayed, diverged = await replay(kernel, cells)
+    except BaseException:
+        await pool.release(kernel)
+        raise
+    return kernel, Forked(method="replay", reason=why, replayed=replayed, diverged=diverged)
