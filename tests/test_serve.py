@@ -30,6 +30,16 @@ RELEASED = [json.loads(line) for line in HEAD.read_text().splitlines()[:3]]
 KEY = "test-key-0123456789"
 SLEEPY_Q = "How long is a nap? (the recorded code sleeps)"
 TWICE_Q = "What is 2 + 3? (recorded twice)"
+SURROGATE_Q = "What does a cell print with a lone surrogate?"
+# The cell sends, signed as its own, output holding a lone surrogate (a JSON "\ud800" escape).
+SURROGATE_CELL = (
+    "import json\n"
+    "_k = get_ipython().kernel\n"
+    "parts = [_k.session.pack(_k.session.msg_header('stream')), _k.session.pack(_k.get_parent()['header']),"
+    " b'{}', json.dumps({'name': 'stdout', 'text': 'a\\ud800b\\n'}).encode()]\n"
+    "_k.iopub_socket.send_multipart([b'stream', b'<IDS|MSG>', _k.session.sign(parts), *parts])\n"
+    "print(6 * 7)\n"
+)
 
 
 def says(n: int, pause: float = 0.0) -> str:
@@ -45,6 +55,8 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *RELEASED,
         {"idx": 100, "question": SLEEPY_Q, "code": [says(7, pause=60)]},
         {"idx": 101, "question": TWICE_Q, "code": [says(5), says(6)]},
+        {"idx": 102, "question": SURROGATE_Q,
+         "code": [f"Run it.\n```python\n{SURROGATE_CELL}```\n```output\n42\n```\nSo $\\boxed{{42}}$."]},
     ])
 
 
@@ -121,6 +133,14 @@ def test_completion_is_the_whole_interleaved_solution_with_its_trajectory(server
     recorded = record_for(server, row["question"])[-1]
     assert recorded["id"] == trajectory["id"] and recorded["origin"] == "replayed"
     assert recorded["problem"]["source"] == "served" and recorded["problem"]["meta"]["endpoint"] == "/v1/completions"
+
+
+def test_a_lone_surrogate_in_a_cells_output_is_served_and_recorded(server: ServeProcess) -> None:
+    out = client(server).completions.create(model="tora", prompt=SURROGATE_Q)
+    trajectory = out.choices[0].model_extra["tora"]["trajectory"]
+    assert trajectory["steps"][2]["stdout"] == "a\ufffdb\n42\n", trajectory["steps"][2]
+    assert trajectory["result"]["final_answer"] == "42"
+    assert record_for(server, SURROGATE_Q)[-1]["steps"][2]["stdout"] == "a\ufffdb\n42\n"
 
 
 def test_chat_completion_answers_the_last_user_message(server: ServeProcess) -> None:
