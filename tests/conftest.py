@@ -83,3 +83,31 @@ def tora_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tupl
     out, err = capsys.readouterr()
     code = info.value.code
     return (code if isinstance(code, int) else 0), out, err
+
+
+# --- protections a machine may lack -------------------------------------------------
+# A test of a sandbox protection skips, with the reason, where the machine lacks it (a laptop
+# without bubblewrap or a writable cgroup hierarchy). In CI that would hide a missing protection:
+# `.ci/run` sets TORA_REQUIRE_TIER=bwrap, and then such a skip is reported as a failure.
+REQUIRED_TIER = os.environ.get("TORA_REQUIRE_TIER") or None
+_MISSING = "protection missing here: "
+
+
+def needs_protection(missing: bool, what: str) -> pytest.MarkDecorator:
+    """Skip when `missing` (a failure under TORA_REQUIRE_TIER; see `pytest_runtest_makereport`)."""
+    return pytest.mark.skipif(missing, reason=_MISSING + what)
+
+
+def skip_without_protection(what: str) -> None:
+    """The same, decided inside a test."""
+    pytest.skip(_MISSING + what)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRED_TIER and report.skipped and _MISSING in str(report.longrepr):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"TORA_REQUIRE_TIER={REQUIRED_TIER}: this protection must be tested here, but {reason}"

@@ -169,7 +169,7 @@ def test_sampled_prefixes_are_reproducible_and_bad_input_exits_2(tmp_path: Path)
     out = curated_run(tmp_path)
     teacher = write_released(tmp_path / "teacher.jsonl", [
         {"idx": p, "question": f"What is {p}?", "code": [TEACHER, TEACHER]} for p in "ab"])
-    proc = run(["correct", str(out), "--teacher", f"replay:{teacher}", "--prefixes", "2", "--seed", "5"])
+    proc = run(["correct", str(out), "--teacher", f"replay:{teacher}", "--prefixes", "2", "--prefix-seed", "5"])
     assert proc.returncode == 0, proc.stderr
     chosen = {(r["parent"], r["prefix_lines"]) for r in records(out / "corrections.jsonl")}
     assert len(chosen) == 4

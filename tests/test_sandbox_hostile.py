@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import pytest_asyncio
+from conftest import needs_protection
 
 from sandbox import CellResult, Kernel, KernelPool, SandboxPolicy
 from sandbox.tiers import check
@@ -24,10 +25,10 @@ from sandbox.zygote import ZygoteLauncher
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 REPORT = check()
-needs_bwrap = pytest.mark.skipif(REPORT.tier != "bwrap", reason=f"bubblewrap tier unavailable here: {REPORT.tier}")
-needs_pids_cgroup = pytest.mark.skipif(
+needs_bwrap = needs_protection(REPORT.tier != "bwrap", f"bubblewrap tier unavailable: {REPORT.tier}")
+needs_pids_cgroup = needs_protection(
     not REPORT.pids_cgroup and os.geteuid() == 0,
-    reason="no writable pids cgroup and running as root (RLIMIT_NPROC does not apply to root)",
+    "no writable pids cgroup and running as root (RLIMIT_NPROC does not apply to root)",
 )
 
 POLICY = SandboxPolicy(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import skip_without_protection
 
 from sandbox import KernelPool, SandboxPolicy, start_kernel
 from sandbox.client import KernelClient, new_key
@@ -182,7 +183,7 @@ async def test_none_tier_still_runs_cells() -> None:
 
 async def test_cold_bwrap_kernel_is_sandboxed() -> None:
     if REPORT.tier != "bwrap":
-        pytest.skip(f"bubblewrap tier unavailable here: {REPORT.tier}")
+        skip_without_protection(f"bubblewrap tier unavailable: {REPORT.tier}")
     async with await start_kernel(SandboxPolicy(isolation="bwrap")) as k:
         r = await k.execute(
             "import os\nprint(os.getcwd(), os.path.exists('/etc/shadow'), os.listdir('/tmp'))"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from tora.cli.output import print_json
 from tora.errors import UsageError
 from tora.export.source import read, resolve
 from tora.report import REPORT, build_report
@@ -24,7 +25,9 @@ from tora.report import REPORT, build_report
               help="Grade every trajectory with every grader and list where they disagree (slower).")
 @click.option("--skip-invalid", is_flag=True,
               help="Skip lines that are not valid records (a run killed mid-write leaves a torn last line).")
-def report(source: Path, out: Path | None, compare_graders: bool, skip_invalid: bool) -> int:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print what was written as one JSON line on stdout ({out, source, trajectories}).")
+def report(source: Path, out: Path | None, compare_graders: bool, skip_invalid: bool, as_json: bool) -> int:
     """Write an HTML report of RUN_DIR (its curated.jsonl, else trajectories.jsonl) or of FILE."""
     src = resolve(source)
     click.echo(f"reading {src.path}", err=True)
@@ -35,4 +38,6 @@ def report(source: Path, out: Path | None, compare_graders: bool, skip_invalid: 
         out = src.run_dir / REPORT if src.run_dir is not None else src.path.with_name(f"{src.path.stem}.report.html")
     path = build_report(src, records, out, compare_graders=compare_graders)
     click.echo(f"wrote {path} ({len(records)} trajectories)", err=True)
+    if as_json:
+        print_json({"out": str(path), "source": str(src.path), "trajectories": len(records)})
     return 0
