@@ -16,8 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from tora.data import load_problems
-from tora.grading import GRADERS, grade_many, predict, shutdown
-from tora.grading import api
+from tora.grading import GRADERS, api, grade_many, predict, shutdown
 from tora.grading.worker import run_task
 from tora.released import read_released
 

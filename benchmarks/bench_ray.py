@@ -54,7 +54,9 @@ from tora.distributed.cluster import LOOPBACK_ENV
 os.environ.update(LOOPBACK_ENV)  # before Ray is imported: everything on 127.0.0.1
 
 import ray
+import simulate
 from rich.console import Console
+from simulate import Endpoint, PacedBackend, SleepKernels
 
 from tora.backends.registry import load_backend
 from tora.cli.eval import _run as eval_run
@@ -68,9 +70,6 @@ from tora.prompts import load_prompt
 from tora.record import Problem, TrajectoryWriter
 from tora.report.charts import Bar, hbars
 from tora.scheduler import Capacity, Graded
-
-import simulate  # noqa: E402  (benchmarks/: stand-ins for the cluster's GPUs and cores)
-from simulate import Endpoint, PacedBackend, SleepKernels  # noqa: E402
 
 # The workers are Ray processes that cannot import benchmarks/: they get these classes by value.
 ray.cloudpickle.register_pickle_by_value(simulate)

@@ -8,7 +8,6 @@ import time
 
 import psutil
 import pytest
-
 from conftest import assert_within, kernel_start_s
 
 from sandbox import CellResult, Kernel, SandboxPolicy, start_kernel

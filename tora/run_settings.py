@@ -55,14 +55,15 @@ class RunSettings(BaseModel):
     @classmethod
     def of(cls, command: str, model: str, config: SolveConfig, policy: SandboxPolicy, *,
            template: PromptTemplate | None = None, dataset: str | None = None, render: bool = True,
-           **verb: Any) -> RunSettings:
+           verb: dict[str, Any] | None = None) -> RunSettings:
         s, lim, r = config.sampling, config.limits, config.render
         return cls(command=command, model=model, dataset=dataset,
                    prompt=template.name if template else None, prompt_sha256=template.sha256 if template else None,
                    temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tool_calls=lim.max_tool_calls,
                    max_tokens=lim.max_tokens, max_tokens_per_call=lim.max_tokens_per_call, timeout_s=lim.timeout_s,
                    render=r.policy if render else None, run_on=r.run_on if render else None,
-                   fresh_namespace=r.fresh_namespace if render else None, memory_mb=policy.memory_mb, verb=verb)
+                   fresh_namespace=r.fresh_namespace if render else None, memory_mb=policy.memory_mb,
+                   verb=verb or {})
 
     def stored(self) -> dict[str, Any]:
         """The manifest's form: one flat object, the verb's own settings beside the common ones."""

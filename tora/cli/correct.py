@@ -38,9 +38,8 @@ from tora import fences
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.batch import fail_if_all_failed
-from tora.cli.output import print_json
 from tora.cli.options import continuation_options, loop_settings, scheduler_options
-from tora.progress import BatchProgress
+from tora.cli.output import print_json
 from tora.correction import choose_prefixes, prefix_of
 from tora.curation import KeepRule, Ledger, Work, content_hash, tool_errors
 from tora.engine import Episode, KernelSource, RenderSettings, SolveConfig
@@ -48,6 +47,7 @@ from tora.errors import DataError, UsageError
 from tora.evaluate import load_finished
 from tora.grading import GRADERS
 from tora.loop import Loop, LoopSettings
+from tora.progress import BatchProgress
 from tora.prompts import PLACEHOLDER, PromptTemplate
 from tora.record import Trajectory, TrajectoryWriter, read_trajectories, repair_tail
 from tora.run_dir import (
@@ -124,7 +124,7 @@ def correct(run_dir: Path, teacher: str, prefixes: str, prefix_seed: int, keep_t
         chosen = {"teacher": teacher, "prefixes": prefixes, "prefix_seed": prefix_seed, "grader": grader,
                   "keep_tool_errors": keep_tool_errors, "max_per_parent": max_per_parent}
         settings = RunSettings.of("correct", teacher, loop.config, loop.policy, render=False,
-                                  **{k: v for k, v in chosen.items() if k != "teacher"})
+                                  verb={k: v for k, v in chosen.items() if k != "teacher"})
         section = manifest.get("correct")
         previous = section if isinstance(section, dict) else None
         if previous is not None:

@@ -43,7 +43,6 @@ from tora.cli.batch import (
     fail_if_all_failed,
     previous_run,
 )
-from tora.cli.output import print_json
 from tora.cli.options import (
     cluster_from,
     engine_options,
@@ -51,7 +50,7 @@ from tora.cli.options import (
     loop_settings,
     scheduler_options,
 )
-from tora.progress import BatchProgress
+from tora.cli.output import print_json
 from tora.contamination import DEFAULT_N, DEFAULT_THRESHOLD, NgramIndex, Overlap
 from tora.curation import KeepRule, Ledger, Work
 from tora.data import DATASETS, dataset_path, load_problems
@@ -62,6 +61,7 @@ from tora.evaluate import Pair, load_finished, regrade
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.loop import Loop, LoopSettings
 from tora.metrics import compute_metrics
+from tora.progress import BatchProgress
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Problem, TrajectoryWriter, read_trajectories, repair_tail
 from tora.run_dir import (
@@ -76,7 +76,7 @@ from tora.run_dir import (
     write_jsonl,
 )
 from tora.run_settings import RunSettings
-from tora.scheduler import Capacity, Job, episode_factory, origin_for, sample_config
+from tora.scheduler import Job, episode_factory, origin_for, sample_config
 
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions
@@ -151,7 +151,7 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
                 "stop_when_full": stop_when_full}
     template = load_prompt(kw["prompt"] or ("tora-math" if problems_arg in _MATH_SETS else DEFAULT_PROMPT))
     settings = RunSettings.of("curate", kw["model"], config, loop.policy, template=template, dataset=problems_arg,
-                              **{name: chosen[name] for name in _FIXED})
+                              verb={name: chosen[name] for name in _FIXED})
     with locked(out, "curate"):
         previous = previous_run(out, settings, "these decide what is made and kept: use another --out", _FIXED)
         for name in (TRAJECTORIES, CURATED):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,6 @@ from tora.cli.batch import (
     fail_if_all_failed,
     previous_run,
 )
-from tora.cli.output import print_json
 from tora.cli.options import (
     cluster_from,
     engine_options,
@@ -40,7 +38,7 @@ from tora.cli.options import (
     loop_settings,
     scheduler_options,
 )
-from tora.progress import BatchProgress
+from tora.cli.output import print_json
 from tora.data import load_problems
 from tora.distributed.shards import has_shards, merge_shards
 from tora.engine import SolveConfig
@@ -49,6 +47,7 @@ from tora.evaluate import Pair, load_finished, regrade, work_list
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.loop import Loop, LoopSettings
 from tora.metrics import compute_metrics
+from tora.progress import BatchProgress
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Problem, Trajectory, TrajectoryWriter
 from tora.run_dir import MANIFEST, METRICS, TRAJECTORIES, default_out, latest_out, locked, write_json

@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from sandbox import KernelPool
-from tora.progress import BatchProgress
 from tora.errors import ToraError, UsageError
 from tora.kernels import sandbox_policy
+from tora.progress import BatchProgress
 from tora.replaying import DEFAULT_TIMEOUT_S, CellReport, Job, Summary, load_jobs, replay_jobs
 
 EXIT_DIFFERS = 4  # some re-executed cell did not reproduce its record (see the module's exit codes)

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tora.progress import PLAIN_EVERY_S
 from tora.distributed.worker import WorkerStats
+from tora.progress import PLAIN_EVERY_S
 
 WINDOW_S = 10.0  # rates are measured over the last this many seconds
 

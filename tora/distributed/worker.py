@@ -30,9 +30,9 @@ from sandbox import SandboxPolicy
 from tora.backends.base import Backend, Done, GenerationRequest, StreamEvent
 from tora.distributed.plan import Prior, ProblemPlan
 from tora.distributed.shards import shard_files
+from tora.loop import Loop, ManagedKernels
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory, TrajectoryWriter
-from tora.loop import Loop, ManagedKernels
 from tora.scheduler import Capacity, Job, Scheduler, episode_factory
 
 

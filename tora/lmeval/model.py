@@ -41,10 +41,10 @@ from tora.backends.registry import load_backend
 from tora.data import problem_from_text
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.errors import ToraError, UsageError
+from tora.loop import Loop, LoopSettings
 from tora.paths import trajectories_dir
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Trajectory, TrajectoryWriter
-from tora.loop import Loop, LoopSettings
 from tora.scheduler import Job, origin_for
 
 logger = logging.getLogger(__name__)
