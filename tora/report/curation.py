@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from tora.curation import KeepRule, content_hash, tool_errors
-from tora.evaluate import load_finished
 from tora.record import Trajectory, read_trajectories
 from tora.run_dir import CONTAMINATION, CURATED, TRAJECTORIES
 
@@ -60,7 +59,9 @@ def read_curation(run_dir: Path, manifest: dict[str, Any] | None) -> CurationRun
     """The run in `run_dir` if it is a curation run, else None."""
     if not manifest or manifest.get("command") != "curate" or not (run_dir / TRAJECTORIES).is_file():
         return None
-    samples = list(load_finished(run_dir / TRAJECTORIES).values())
+    # The latest record of each sample, an interrupted one too (a killed run's, shown as failed).
+    latest = {(t.problem.id, t.sample_index): t for t in read_trajectories(run_dir / TRAJECTORIES, skip_invalid=True)}
+    samples = list(latest.values())
     curated = list(read_trajectories(run_dir / CURATED, skip_invalid=True)) if (run_dir / CURATED).is_file() else []
     kept_ids = {t.id for t in curated}
     kept_hashes = {content_hash(t) for t in curated}
