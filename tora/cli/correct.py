@@ -38,7 +38,7 @@ from tora import fences
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.batch import fail_if_all_failed
-from tora.cli.options import continuation_options, loop_settings, scheduler_options
+from tora.cli.options import MODEL_SPECS, continuation_options, loop_settings, scheduler_options
 from tora.cli.output import print_json
 from tora.correction import choose_prefixes, prefix_of
 from tora.curation import KeepRule, Ledger, Work, content_hash, tool_errors
@@ -93,8 +93,7 @@ def _prefixes(value: str) -> int | None:
 @click.command("correct")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--teacher", required=True,
-              help="Model spec of the teacher: embedded | gguf:FILE | hf:DIR | vllm:DIR | replay:FILE | "
-                   "openai:MODEL@URL[?OPTIONS] (see `tora models`).")
+              help=f"Model spec of the teacher: {MODEL_SPECS} (see `tora models`).")
 @click.option("--prefixes", "prefixes", default="all", show_default=True,
               help="Line prefixes of each wrong trajectory to continue: all, or N drawn with --prefix-seed.")
 @click.option("--prefix-seed", type=int, default=0, show_default=True,

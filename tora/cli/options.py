@@ -17,9 +17,13 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Every backend kind's spec (see `tora models`); --model and correct's --teacher take the same.
+MODEL_SPECS = ("embedded | gguf:FILE | hf:DIR | vllm:DIR | vllm:embedded | replay:FILE | "
+               "openai:MODEL@URL[?OPTIONS]")
+
 _MODEL = [
     click.option("--model", "-m", "model", envvar="TORA_MODEL", default="embedded", show_default=True,
-                 help="Model spec: embedded | gguf:FILE | hf:DIR | vllm:DIR | vllm:embedded | replay:FILE | openai:MODEL@URL[?OPTIONS]."),
+                 help=f"Model spec: {MODEL_SPECS}."),
     click.option("--prompt", "-p", "prompt", envvar="TORA_PROMPT", default=None,
                  help="Prompt template name (see prompts/) or file [default: tora-gsm8k; tora-math for MATH sets]."),
 ]
