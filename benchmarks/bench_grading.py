@@ -16,8 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from tora.data import load_problems
-from tora.grading import GRADERS, grade_many, predict, shutdown
-from tora.grading.api import pool_replacements
+from tora.grading import GRADERS, api, grade_many, predict, shutdown
 from tora.grading.worker import run_task
 from tora.released import read_released
 
@@ -83,6 +82,10 @@ def main() -> None:
         results = grade_many(math500, grader)
         print(f"[{grader}] MATH-500 references against themselves: {rate(len(math500), time.perf_counter() - start)} "
               f"{dict(Counter(r.status for r in results))}")
+
+    def pool_replacements() -> int:
+        """Workers killed and replaced (timeouts, crashes) so far: the pool's own count."""
+        return api._pool.replaced if api._pool is not None else 0
 
     for grader in GRADERS:
         normal = [(str(i), str(i)) for i in range(200)] + [("\\frac{1}{2}", "0.5"), ("(1,2)", "(1,2)")] * 20

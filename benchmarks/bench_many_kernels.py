@@ -21,9 +21,11 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paced import pss_mb
 
 from sandbox import KernelPool, SandboxPolicy
-from sandbox.process import pss_mb
 
 # Measured here: ~16 MB PSS per pool kernel; ask for some headroom.
 ESTIMATE_MB = 20

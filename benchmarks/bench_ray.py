@@ -16,7 +16,7 @@ starting the worker, each run).
 scaling: a simulated cluster of `max(--nodes)` one-CPU nodes (Ray's
 `cluster_utils.Cluster`: real raylets, real actors, real RPCs, all on this
 machine) and `--endpoints` simulated serving endpoints
-(`tora.distributed.simulate.Endpoint`: `--slots` sequences at once,
+(`benchmarks/simulate.py`'s `Endpoint`: `--slots` sequences at once,
 `--tokens-per-s` each; a request waits for a slot). One worker per node runs
 `--concurrency` trajectories at once. What is simulated, and why: the GPUs
 (the endpoints pace the replayed tokens instead of computing them) and the
@@ -47,20 +47,22 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tora.distributed.cluster import LOOPBACK_ENV
 
 os.environ.update(LOOPBACK_ENV)  # before Ray is imported: everything on 127.0.0.1
 
 import ray
+import simulate
 from rich.console import Console
+from simulate import Endpoint, PacedBackend, SleepKernels
 
 from tora.backends.registry import load_backend
 from tora.cli.eval import _run as eval_run
 from tora.data import load_problems
 from tora.distributed.driver import ClusterOptions, ClusterRun, run_on_cluster
 from tora.distributed.plan import EvalPlan
-from tora.distributed.simulate import Endpoint, PacedBackend, SleepKernels
 from tora.distributed.worker import WorkerSetup
 from tora.engine import SolveConfig
 from tora.kernels import sandbox_policy
@@ -68,6 +70,9 @@ from tora.prompts import load_prompt
 from tora.record import Problem, TrajectoryWriter
 from tora.report.charts import Bar, hbars
 from tora.scheduler import Capacity, Graded
+
+# The workers are Ray processes that cannot import benchmarks/: they get these classes by value.
+ray.cloudpickle.register_pickle_by_value(simulate)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = ROOT / "tests" / "data" / "released_gsm8k_head.jsonl"  # the first 15 rows (MIT)

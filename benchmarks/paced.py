@@ -50,6 +50,17 @@ def write_released(path: Path, rows: list[tuple[str, str, str]]) -> Path:
     return path
 
 
+def pss_mb(pid: int) -> float:
+    """A process's proportional share of memory (pages shared with the zygote split among the sharers)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])

@@ -84,17 +84,6 @@ class ProcessHandle:
             self.cgroup = None
 
 
-def pss_mb(pid: int) -> float:
-    """A process's proportional share of memory (pages shared with the zygote split among the sharers)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 async def wait_first(*futures: asyncio.Future[Any], timeout: float | None) -> set[asyncio.Future[Any]]:
     """The futures that finished first (empty on timeout); the others keep running."""
     done, _ = await asyncio.wait(set(futures), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

@@ -186,3 +186,26 @@ def test_grade_trajectory_api_for_eval() -> None:
         updated = with_grade(t, graded)
         assert (updated.result.correct, updated.result.grader, updated.result.grade_status) == (True, grader, "ok")
         assert updated.result.final_answer == "\\frac{1}{2}" and t.result.correct is None
+
+
+def test_grade_timeout_and_its_old_spelling(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--grade-timeout` is the grader's; `--timeout` (a cell's wall time in every other verb) still
+    works here for one release, with a warning on stderr and nothing else changed."""
+    import tora.cli.grade
+
+    seen: list[float] = []
+    real = tora.cli.grade.grade_many
+
+    def spy(pairs: Any, grader: str, timeout: float) -> Any:
+        seen.append(timeout)
+        return real(pairs, grader, timeout)
+
+    monkeypatch.setattr(tora.cli.grade, "grade_many", spy)
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"pred": "1", "ref": "1"}\n')
+    code, new_out, new_err = run(["grade", "--pairs", str(f), "--json", "--grade-timeout", "7"], capsys)
+    assert code == 0 and "warning" not in new_err
+    code, old_out, old_err = run(["grade", "--pairs", str(f), "--json", "--timeout", "9"], capsys)
+    assert code == 0 and "--grade-timeout" in old_err and old_out == new_out
+    assert seen == [7.0, 9.0]

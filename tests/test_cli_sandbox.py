@@ -10,6 +10,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from tora.cli.sandbox import sandbox
+from tora.kernels import sandbox_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,31 @@ def test_check_human_names_the_tier_and_flags_no_isolation() -> None:
     result = CliRunner().invoke(sandbox, ["check", "--isolation", "none"])
     assert result.exit_code == 0
     assert "tier none" in result.output and "NOT ISOLATED" in result.output
+
+
+def test_check_and_exec_report_the_policy_trajectories_get(tmp_path: Path) -> None:
+    """TORA_ISOLATION and TORA_SANDBOX_* reach the diagnostic as they reach trajectories
+    (one function builds the policy: tora.kernels.sandbox_policy); a flag still wins."""
+    limits = {"TORA_SANDBOX_MAX_PROCS": "37", "TORA_MEMORY_MB": "777"}
+    result = CliRunner().invoke(sandbox, ["check", "--json"], env=limits)
+    assert result.exit_code == 0, result.output
+    details = " ".join(p["detail"] for p in json.loads(result.output)["protections"])
+    assert "777 MB" in details and ("max 37" in details or "RLIMIT_NPROC 37" in details), details
+    env = {**limits, "TORA_ISOLATION": "none"}
+    result = CliRunner().invoke(sandbox, ["check", "--json"], env=env)
+    assert result.exit_code == 0 and json.loads(result.output)["tier"] == "none", result.output
+    flag = CliRunner().invoke(sandbox, ["check", "--json", "--isolation", "landlock"], env=env)
+    assert flag.exit_code == 0 and json.loads(flag.output)["tier"] in ("landlock", "none"), flag.output
+    from tora.loop import LoopSettings
+
+    assert LoopSettings.build().policy == sandbox_policy(timeout_s=10.0)  # what eval/curate/serve get
+    f = tmp_path / "one.py"
+    f.write_text("print(1)")
+    ran = CliRunner().invoke(sandbox, ["exec", str(f), "--json"], env=env)
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(ran.output)["kernel"]["tier"] == "none"
+    bad = CliRunner().invoke(sandbox, ["check"], env={"TORA_SANDBOX_NO_SUCH": "1"})
+    assert bad.exit_code != 0 and "no sandbox limit is called 'no_such'" in str(bad.exception)
 
 
 def test_exec_runs_files_in_order_in_one_kernel(tmp_path: Path) -> None:

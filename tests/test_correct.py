@@ -125,8 +125,10 @@ def test_tora_correct_keeps_the_teachers_correct_continuations_and_resumes(tmp_p
     teacher = write_released(tmp_path / "teacher.jsonl", [
         {"idx": p, "question": f"What is {p}?", "code": [TEACHER, TEACHER]} for p in "ab"])
     args = ["correct", str(out), "--teacher", f"replay:{teacher}"]
-    proc = run(args)
+    proc = run([*args, "--json"])
     assert proc.returncode == 0, proc.stderr
+    (summary,) = [json.loads(line) for line in proc.stdout.splitlines()]  # --json: the summary alone
+    assert summary["kept"] == 6 and summary["out"] == str(out)
     attempts = records(out / "corrections.jsonl")
     assert sorted((r["parent"], r["prefix_lines"]) for r in attempts) == sorted(
         (pid, n) for pid in wrong for n in (1, 8, 9, 15))
@@ -159,17 +161,25 @@ def test_tora_correct_keeps_the_teachers_correct_continuations_and_resumes(tmp_p
     after = records(out / "curated.jsonl")
     assert sorted(r["id"] for r in after) == sorted(json.loads(c)["id"] for c in curated)  # restored, no duplicate
     log_after = records(out / "corrections.jsonl")
+    log_after_bytes = (out / "corrections.jsonl").read_bytes()
     assert len(log_after) == len(log) and len({(r["parent"], r["prefix_lines"]) for r in log_after}) == len(log)
     # The settings that decide what is kept cannot change under a run.
     other = run(["correct", str(out), "--teacher", f"replay:{teacher}", "--prefixes", "2"])
     assert other.returncode == 2 and "--prefixes" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+    # Nor what a continuation is (tora.run_settings): the teacher's sampling and budgets.
+    for extra, needle in ((["--temperature", "0.5"], "--temperature 0.0, not 0.5"),
+                          (["--max-tokens", "99"], "--max-tokens 2048, not 99"),
+                          (["--prefix-seed", "3"], "--prefix-seed 0, not 3")):
+        other = run([*args, *extra])
+        assert other.returncode == 2 and needle in other.stderr, other.stderr
+    assert (out / "corrections.jsonl").read_bytes() == log_after_bytes  # refused before anything ran
 
 
 def test_sampled_prefixes_are_reproducible_and_bad_input_exits_2(tmp_path: Path) -> None:
     out = curated_run(tmp_path)
     teacher = write_released(tmp_path / "teacher.jsonl", [
         {"idx": p, "question": f"What is {p}?", "code": [TEACHER, TEACHER]} for p in "ab"])
-    proc = run(["correct", str(out), "--teacher", f"replay:{teacher}", "--prefixes", "2", "--seed", "5"])
+    proc = run(["correct", str(out), "--teacher", f"replay:{teacher}", "--prefixes", "2", "--prefix-seed", "5"])
     assert proc.returncode == 0, proc.stderr
     chosen = {(r["parent"], r["prefix_lines"]) for r in records(out / "corrections.jsonl")}
     assert len(chosen) == 4

@@ -98,6 +98,36 @@ def test_curate_keeps_correct_clean_distinct_trajectories_capped_per_problem(tmp
     assert len({tuple(d) for d in draws}) > 1  # another seed, another draw
 
 
+def test_the_report_of_a_curation_run_shows_its_yield_over_every_trajectory(tmp_path: Path) -> None:
+    """Not curated.jsonl alone (100 % correct by construction): sampled, graded correct, kept, and why
+    each of the rest was not, with the browser over all of them."""
+    data, released = fixture(tmp_path, {**SAMPLES, "j": [says(18)]}, {**ANSWERS, "j": "18"}, {"j": JANET})
+    out = tmp_path / "run"
+    proc = run(["curate", str(data), "--model", f"replay:{released}", "--samples", "4", "-M", "2", "-o", str(out),
+                "--json"])
+    assert proc.returncode == 0, proc.stderr
+    [line] = proc.stdout.splitlines()  # --json: the metrics, and nothing else on stdout
+    assert json.loads(line)["curation"]["kept"] == 3
+    proc = run(["report", str(out), "--json"])
+    assert proc.returncode == 0, proc.stderr
+    [line] = proc.stdout.splitlines()
+    assert json.loads(line) == {"out": str(out / "report.html"), "source": str(out / "curated.jsonl"),
+                                "trajectories": 12}
+    html = (out / "report.html").read_text()
+    start = html.index('id="tora-data">') + len('id="tora-data">')
+    rows = json.loads(html[start:html.index("</script>", start)])["t"]
+    why = {(r["pid"], r["k"]): r["why"] for r in rows}
+    assert len(why) == 12  # every sample, not only the 3 kept
+    # a: 0 and 1 alike (one kept, one a duplicate), 2 had a failing cell, 3 wrong; b: three right ones
+    # under a cap of 2, one wrong; c: all wrong; j: excluded as contaminated, never sampled.
+    assert sorted(why[("a", k)] for k in (0, 1)) == ["duplicate", "kept"]
+    assert (why[("a", 2)], why[("a", 3)], why[("b", 3)]) == ("tool error", "wrong", "wrong")
+    assert sorted(why[("b", k)] for k in range(3)) == ["kept", "kept", "over the cap"]
+    assert all(why[("c", k)] == "wrong" for k in range(4))
+    assert "Curation yield" in html and "3 kept" in html and "of 12 sampled (6 graded correct" in html
+    assert "1 problems excluded as contaminated" in html and 'data-filter="kept"' in html
+
+
 def test_stop_when_full_withdraws_the_samples_not_yet_started(tmp_path: Path) -> None:
     samples = {p: [says(n)] * 8 for p, n in (("a", 6), ("b", 7))}
     data, released = fixture(tmp_path, samples, {"a": "6", "b": "7"})
@@ -230,6 +260,11 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     cases = [
         (["--samples", "1", "-M", "2"], "--max-per-problem"),  # what is kept cannot change under a run
         (["--samples", "1", "--grader", "tora-compat"], "--grader"),
+        # What a trajectory is cannot change under a run either (tora.run_settings): each named with both values.
+        (["--samples", "1", "--temperature", "0.5"], "--temperature 0.0, not 0.5"),
+        (["--samples", "1", "--prompt", "tora-math"], "--prompt tora-gsm8k, not tora-math"),
+        (["--samples", "1", "--max-tokens", "99"], "--max-tokens 2048, not 99"),
+        (["--samples", "1", "--render", "tora-compat"], "--render default, not tora-compat"),
     ]
     for extra, needle in cases:
         proc = run(["curate", str(data), "--model", f"replay:{released}", *extra, "--out", str(out)])

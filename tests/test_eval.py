@@ -169,3 +169,36 @@ def test_real_embedded_model_on_twenty_gsm8k_problems(tmp_path: Path) -> None:
     recs = records(out / "trajectories.jsonl")
     assert len(recs) == 20 and {r["generation"]["backend"] for r in recs} == {"llama.cpp"}
     assert all(r["result"]["grade_status"] is not None for r in recs)
+
+
+def test_resume_refuses_a_changed_run_and_a_second_writer(tmp_path: Path) -> None:
+    """Every setting that changes what a trajectory is must match on --resume (exit 2 naming it and
+    both values; nothing written), and two evals cannot write one folder at once."""
+    from tora.run_dir import locked
+
+    out = tmp_path / "run"
+    base = ["eval", "gsm8k", "--model", REPLAY, "--limit", "3", "--out", str(out)]
+    assert run(base).returncode == 0
+    before = {name: (out / name).read_bytes() for name in ("manifest.json", "trajectories.jsonl")}
+    assert json.loads(before["manifest.json"])["settings"]["temperature"] == 0.0
+    for extra, needle in [
+        (["--temperature", "0.7"], "--temperature 0.0, not 0.7"),
+        (["--prompt", "tora-math"], "--prompt tora-gsm8k, not tora-math"),
+        (["--max-tool-calls", "2"], "--max-tool-calls 4, not 2"),
+        (["--timeout", "3"], "--timeout 10.0, not 3.0"),
+        (["--run-on", "output"], "--run-on close, not output"),
+        (["--fresh-namespace"], "--fresh-namespace False, not True"),
+        (["--memory-mb", "1024"], "--memory-mb 2048, not 1024"),
+    ]:
+        proc = run([*base, "--resume", *extra])
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    other = run(["eval", "gsm8k", "--model", f"replay:{ROOT / 'tests' / 'data' / 'released_gsm8k_head5.jsonl'}",
+                 "--limit", "3", "--out", str(out), "--resume"])
+    assert other.returncode == 2 and "--model" in other.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before  # the manifest was not overwritten
+    # What only changes the speed may differ; the same settings resume.
+    assert run([*base, "--resume", "--concurrency", "2"]).returncode == 0
+    with locked(out, "test"):
+        held = run([*base, "--resume"])
+    assert held.returncode == 2 and "another tora run" in held.stderr

@@ -245,6 +245,20 @@ def test_a_curated_run_dir_exports_curated_records_and_finds_parents_beside_them
     assert code == 0 and out == "" and "1 corrections without their parent" in err
 
 
+def test_json_prints_the_summary_and_the_rows_go_to_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write(tmp_path / "run.jsonl", everything())
+    out = tmp_path / "rows.jsonl"
+    code, stdout, err = cli(["export", str(src), "-f", "trl", "-o", str(out), "--only-correct", "--json"], capsys)
+    assert code == 0, err
+    (summary,) = lines(stdout)  # the summary alone on stdout
+    rows = lines(out.read_text())
+    assert summary["written"] == len(rows) > 0 and summary["out"] == str(out) and summary["format"] == "trl"
+    assert summary["read"] == len(everything()) == summary["written"] + summary["failed"] + summary["filtered"]
+    # Without --out the rows would take stdout: a usage error, not a mixed stream.
+    code, stdout, err = cli(["export", str(src), "-f", "trl", "--json"], capsys)
+    assert code == 2 and stdout == "" and "--out" in err
+
+
 # --- notebooks and parquet -----------------------------------------------------------
 
 

@@ -21,10 +21,11 @@ def run(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 def replay_json(path: Path, *extra: str) -> dict[str, Any]:
     proc = run(["replay", str(path), "--json", *extra])
-    assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 1, "with --json stdout holds the summary line only"
+    assert len(lines) == 1, proc.stderr or "with --json stdout holds the summary line only"
     summary: dict[str, Any] = json.loads(lines[0])
+    # A difference (or a cell that could not run) fails a script: exit 4; a clean replay exits 0.
+    assert proc.returncode == (4 if summary["differ"] or summary["errors"] else 0), proc.stderr
     return summary
 
 
@@ -72,7 +73,7 @@ def test_tora_records_replay_clean_and_a_tampered_one_is_reported(tmp_path: Path
     assert d["new"] == row["code"][0].split("```output\n")[1].split("\n```")[0]
     # The human report names the problem, the cell and both outputs on one line.
     human = run(["replay", str(tampered), "--limit", "10"])
-    assert human.returncode == 0
+    assert human.returncode == 4
     assert f"{d['id']} cell 0: recorded '999' -> new {d['new']!r}" in human.stdout
     assert "10 trajectories, 10 cells: 9 same, 1 differ, 0 errors" in human.stdout
 

@@ -220,3 +220,31 @@ def test_report_and_export_of_a_real_eval_run(tmp_path: Path) -> None:
 
         if CHROMIUM is not None:
             assert load((out / "report.html").as_uri()).console == []
+
+
+@needs_chromium
+def test_a_curation_run_is_browsed_whole_with_a_kept_filter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A `tora curate` folder: every trajectory in the browser, each tagged kept or why not, and the
+    kept / not kept filters shown (they stay hidden for any other run)."""
+    records = corpus()
+    run = tmp_path / "run"
+    write(run / "trajectories.jsonl", records)
+    kept = [t for t in records if t.result.correct is True][:1]
+    write(run / "curated.jsonl", kept)
+    (run / "manifest.json").write_text(json.dumps({"command": "curate", "run_id": "run", "model": "m"}))
+    code, err = report([str(run)], capsys)
+    assert code == 0 and f"({len(records)} trajectories)" in err
+    seen = load((run / "report.html").as_uri(), dump_dom=True)
+    assert seen.console == []
+    dom = Elements(seen.dom)
+    buttons = {a.get("data-filter"): a for a in dom.named("button") if a.get("data-filter")}
+    assert "hidden" not in buttons["kept"] and "hidden" not in buttons["notkept"]
+    text = "".join(dom.text)
+    assert "Curation yield" in text and f"{len(records)} of {len(records)} trajectories" in text
+    assert [t for t in dom.text if t == "kept"].count("kept") >= 2  # the filter and the kept row's tag
+    # Any other run: no such filter to show.
+    other = write(tmp_path / "plain.jsonl", records)
+    assert report([str(other)], capsys)[0] == 0
+    dom = Elements(load((tmp_path / "plain.report.html").as_uri(), dump_dom=True).dom)
+    buttons = {a.get("data-filter"): a for a in dom.named("button") if a.get("data-filter")}
+    assert "hidden" in buttons["kept"] and "Curation yield" not in "".join(dom.text)

@@ -27,29 +27,28 @@ from typing import Any
 import psutil
 import pytest
 import pytest_asyncio
+from conftest import needs_protection
 
 from sandbox import Kernel, KernelPool, SandboxPolicy, cgroups, start_kernel, user
 from sandbox.errors import SandboxError
 from sandbox.tiers import check
 from sandbox.zygote import ZygoteLauncher
 
+REPORT = check()
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
     # The few plain (not async) tests here need no loop.
     pytest.mark.filterwarnings("ignore:The test .* is marked with '@pytest.mark.asyncio'"),
+    # Per test, not for the module at import: under TORA_REQUIRE_TIER each becomes a failure (conftest).
+    needs_protection(REPORT.tier != "bwrap", f"bubblewrap tier unavailable: {REPORT.tier}"),
+    needs_protection(not REPORT.pids_cgroup,
+                     "no writable cgroup hierarchy (these tests find a kernel's processes by its cgroup)"),
 ]
-
-REPORT = check()
-if REPORT.tier != "bwrap":
-    pytest.skip(f"bubblewrap tier unavailable here: {REPORT.tier}", allow_module_level=True)
-if not REPORT.pids_cgroup:
-    pytest.skip("no writable cgroup hierarchy: these tests find a kernel's processes by its cgroup",
-                allow_module_level=True)  # fmt: skip
 
 X86_64 = platform.machine() == "x86_64"
 needs_x86_64 = pytest.mark.skipif(not X86_64, reason="the cells call system calls by their x86_64 numbers")
-needs_memory_cgroup = pytest.mark.skipif(not REPORT.memory_cgroup, reason="no writable memory cgroup here")
-needs_seccomp = pytest.mark.skipif(not REPORT.seccomp, reason="no seccomp filter here (libseccomp missing?)")
+needs_memory_cgroup = needs_protection(not REPORT.memory_cgroup, "no writable memory cgroup")
+needs_seccomp = needs_protection(not REPORT.seccomp, "no seccomp filter (libseccomp missing?)")
 
 POLICY = SandboxPolicy(
     timeout_s=20,

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import assert_within, kernel_start_s, skip_without_protection
 
 from sandbox import KernelPool, SandboxPolicy, start_kernel
 from sandbox.client import KernelClient, new_key
 from sandbox.errors import IsolationUnavailableError
 from sandbox.launch import Spawned
-from sandbox.process import pss_mb
 from sandbox.tiers import check, choose_tier, landlock_abi
 
 REPORT = check()
@@ -53,8 +53,9 @@ async def test_pool_hands_out_fresh_kernels_quickly() -> None:
             r = await k.execute("print('secret' in globals())")
             assert r.stdout == "False\n", r
             await pool.release(k)
-        # The goal is 10 ms; leave room for a loaded CI machine.
-        assert statistics.median(times) < 0.05, times
+        # The goal is 10 ms (benchmarks/bench_kernel.py): here, far below a cold start measured now.
+        cold = await kernel_start_s(SandboxPolicy())
+        assert_within(statistics.median(times), cold, 0.2, what=f"a warm acquire (all: {times})")
 
 
 async def test_pool_kernel_first_output_is_complete() -> None:
@@ -182,7 +183,7 @@ async def test_none_tier_still_runs_cells() -> None:
 
 async def test_cold_bwrap_kernel_is_sandboxed() -> None:
     if REPORT.tier != "bwrap":
-        pytest.skip(f"bubblewrap tier unavailable here: {REPORT.tier}")
+        skip_without_protection(f"bubblewrap tier unavailable: {REPORT.tier}")
     async with await start_kernel(SandboxPolicy(isolation="bwrap")) as k:
         r = await k.execute(
             "import os\nprint(os.getcwd(), os.path.exists('/etc/shadow'), os.listdir('/tmp'))"
@@ -247,13 +248,7 @@ async def test_a_hundred_live_pool_kernels_at_once() -> None:
         kernels = await asyncio.gather(*(pool.acquire() for _ in range(n)))
         results = await asyncio.gather(*(k.execute(f"x = {i}\nprint(x)") for i, k in enumerate(kernels)))
         assert [r.stdout for r in results] == [f"{i}\n" for i in range(n)]
-        # Each pool kernel is two processes (its pid namespace's init and the
-        # kernel), mostly pages shared with the zygote.
-        pss = 0.0
-        for k in kernels:
-            init = psutil.Process(k.info["pid"])
-            pss += sum(pss_mb(p.pid) for p in [init, *init.children(recursive=True)])
-        assert pss / n < 60, f"{pss / n:.1f} MB per kernel"
+        # What they cost (PSS per kernel) is measured by benchmarks/bench_many_kernels.py.
         await asyncio.gather(*(pool.release(k) for k in kernels))
 
 

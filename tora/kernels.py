@@ -28,10 +28,23 @@ def _from_env() -> dict[str, Any]:
     return found
 
 
-def sandbox_policy(*, timeout_s: float, **flags: Any) -> SandboxPolicy:
-    """The sandbox policy: flags (None: not given) > TORA_SANDBOX_* environment > defaults."""
+def sandbox_policy(*, timeout_s: float | None = None, isolation: str | None = None, memory_mb: int | None = None,
+                   **flags: Any) -> SandboxPolicy:
+    """The sandbox policy in force: the one function every kernel user builds it with (trajectories,
+    `tora sandbox check/exec/serve`, replay, lm-eval), so a diagnostic never reports another policy.
+
+    Each setting: the flag (None: not given) > TORA_ISOLATION / TORA_MEMORY_MB > TORA_SANDBOX_<FIELD>
+    > the policy's default.
+    """
     given = {k: v for k, v in flags.items() if v is not None}
-    values = {**_from_env(), **given, "timeout_s": timeout_s}
+    if isolation is None:
+        isolation = os.environ.get("TORA_ISOLATION") or None
+    if memory_mb is None and os.environ.get("TORA_MEMORY_MB"):
+        given["memory_mb"] = os.environ["TORA_MEMORY_MB"]
+    for name, value in (("isolation", isolation), ("memory_mb", memory_mb), ("timeout_s", timeout_s)):
+        if value is not None:
+            given[name] = value
+    values = {**_from_env(), **given}
     try:
         return SandboxPolicy(**values)
     except ValidationError as exc:

@@ -1,17 +1,15 @@
-"""What the batch verbs (eval, curate, correct) share: problems in, a manifest,
-one scheduler over one kernel pool, and the episodes it runs."""
+"""What the batch verbs (eval, curate, correct) share: problems in, a manifest whose settings a
+resume must match, and the episodes they run (on a `tora.loop.Loop`)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sandbox import KernelPool, SandboxPolicy
 from tora.backends.base import Backend
 from tora.data import source_path
 from tora.engine import SolveConfig
@@ -19,7 +17,8 @@ from tora.errors import ToraError, UsageError
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory
 from tora.run_dir import package_versions, read_manifest, sha256_file
-from tora.scheduler import Capacity, EpisodeFactory, Scheduler
+from tora.run_settings import RunSettings, check_resume, stored_settings
+from tora.scheduler import Capacity
 
 
 def check_unique(problems: Sequence[Problem]) -> None:
@@ -30,31 +29,13 @@ def check_unique(problems: Sequence[Problem]) -> None:
         seen.add(p.id)
 
 
-def previous_run(out: Path, model: str, dataset: str, command: str) -> dict[str, Any] | None:
-    """The manifest of the run in `out` to continue, checked to be the same kind of run."""
+def previous_run(out: Path, settings: RunSettings, advice: str, verb_keys: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The manifest of the run in `out` to continue, refused (exit 2) if any setting that decides
+    what its trajectories are differs from `settings` (see `tora.run_settings`)."""
     previous = read_manifest(out)
-    if previous is None:
-        return None
-    if previous.get("command", command) != command:
-        raise UsageError(f"{out} holds a `tora {previous.get('command')}` run, not a `tora {command}` one")
-    if previous.get("model") != model:
-        raise UsageError(f"resume: {out} was run with --model {previous.get('model')}, not {model}")
-    data = previous.get("dataset")
-    data_name = data.get("name") if isinstance(data, dict) else None
-    if data_name != dataset:
-        raise UsageError(f"resume: {out} ran on {data_name}, not {dataset}")
+    if previous is not None:
+        check_resume(stored_settings(previous, verb_keys), settings, str(out), advice)
     return previous
-
-
-def check_fixed(previous: dict[str, Any] | None, settings: dict[str, Any], fixed: Sequence[str], what: str,
-                advice: str) -> None:
-    """Refuse to resume a run with settings that decide what it keeps ("RUN was WHAT with --FLAG X, not Y")."""
-    if previous is None:
-        return
-    for name in fixed:
-        if name in previous and previous[name] != settings[name]:
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"resume: {what} with {flag} {previous[name]}, not {settings[name]}; {advice}")
 
 
 def fail_if_all_failed(new: Sequence[Trajectory], what: str = "trajectory") -> None:
@@ -68,39 +49,25 @@ def backend_ref(backend: Backend) -> dict[str, str]:
     return {"name": backend.name, "model": backend.model}
 
 
-def base_manifest(command: str, previous: dict[str, Any] | None, dataset: str, problems: Sequence[Problem],
-                  model: str, backend: dict[str, str], template: PromptTemplate, capacity: Capacity,
+def base_manifest(settings: RunSettings, previous: dict[str, Any] | None, dataset: str, problems: Sequence[Problem],
+                  backend: dict[str, str], template: PromptTemplate, capacity: Capacity,
                   config: SolveConfig, *, out: Path, run: dict[str, Any]) -> dict[str, Any]:
-    """The manifest fields every batch verb writes; `run` describes this invocation."""
+    """The manifest fields every batch verb writes; `run` describes this invocation. On a resume
+    `settings` (hence the prompt and config) equal the stored ones: `previous_run` checked them."""
     path = source_path(dataset)  # the copy load_problems read, resolved
     run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], **run}
     return {
         **(previous or {}),  # what other verbs added (`tora correct`'s section) stays
-        "command": command,
+        "command": settings.command,
         "run_id": (previous or {}).get("run_id", out.name),
         "argv": sys.argv[1:] if previous is None else previous.get("argv"),
         "dataset": {"name": dataset, "path": str(path), "sha256": sha256_file(path), "problems": len(problems)},
-        "model": model,
+        "model": settings.model,
         "backend": backend,
         "prompt": {"name": template.name, "sha256": template.sha256},
         "capacity": dataclasses.asdict(capacity),
         "config": dataclasses.asdict(config),
+        "settings": settings.stored(),
         "versions": package_versions(),
         "runs": [*(previous or {}).get("runs", []), run],
     }
-
-
-@contextlib.asynccontextmanager
-async def scheduled(make_episode: EpisodeFactory, backend: Backend, policy: SandboxPolicy, grader: str,
-                    capacity: Capacity) -> AsyncIterator[Scheduler]:
-    """A scheduler over a started kernel pool; the pool, the grading workers and the model are
-    closed on the way out, however it is left."""
-    pool = KernelPool(policy, size=min(capacity.kernels, 8))
-    scheduler = Scheduler(make_episode, pool, grader=grader, capacity=capacity)
-    try:
-        await pool.start()
-        yield scheduler
-    finally:
-        await scheduler.aclose()
-        await pool.close()
-        await backend.aclose()

@@ -2,7 +2,7 @@
 
 For each wrong trajectory of RUN_DIR (graded `correct: false`, not an
 infrastructure failure), for its line prefixes (`--prefixes all`, or N of
-them drawn with `--seed`; see `tora.correction` for where a prefix may
+them drawn with `--prefix-seed`; see `tora.correction` for where a prefix may
 end), the teacher continues it through the same runtime: a new episode
 starts from the parent's exact prompt and first steps, its kernel rebuilt by
 re-running the prefix's cells, the rendering as the parent recorded it.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,26 +34,20 @@ from typing import Any
 import click
 from rich.console import Console
 
-from sandbox import SandboxError
 from tora import fences
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
-from tora.cli.batch import check_fixed, fail_if_all_failed, scheduled
-from tora.cli.options import (
-    capacity_from,
-    continuation_options,
-    limits_from,
-    sampling_from,
-    sandbox_from,
-    scheduler_options,
-)
-from tora.cli.progress import BatchProgress
+from tora.cli.batch import fail_if_all_failed
+from tora.cli.options import MODEL_SPECS, continuation_options, loop_settings, scheduler_options
+from tora.cli.output import print_json
 from tora.correction import choose_prefixes, prefix_of
 from tora.curation import KeepRule, Ledger, Work, content_hash, tool_errors
 from tora.engine import Episode, KernelSource, RenderSettings, SolveConfig
-from tora.errors import DataError, ToraError, UsageError
+from tora.errors import DataError, UsageError
 from tora.evaluate import load_finished
 from tora.grading import GRADERS
+from tora.loop import Loop, LoopSettings
+from tora.progress import BatchProgress
 from tora.prompts import PLACEHOLDER, PromptTemplate
 from tora.record import Trajectory, TrajectoryWriter, read_trajectories, repair_tail
 from tora.run_dir import (
@@ -66,11 +61,21 @@ from tora.run_dir import (
     update_json,
     write_json,
 )
-from tora.scheduler import Capacity, Job
+from tora.run_settings import RunSettings, check_resume
+from tora.scheduler import Job
 
 Attempt = tuple[str, int]  # (parent id, prefix lines): the unit of work and of resume
-# Settings a resumed run must share with the run it continues: they decide what is run and kept.
-_FIXED = ("teacher", "prefixes", "seed", "grader", "keep_tool_errors", "max_per_parent")
+# A section written before `settings` existed: what it held of them (its `seed` drew the prefixes).
+_LEGACY = {"teacher": "model", "prefixes": "prefixes", "seed": "prefix_seed", "grader": "grader",
+           "keep_tool_errors": "keep_tool_errors", "max_per_parent": "max_per_parent"}
+
+
+def _stored(section: dict[str, Any]) -> dict[str, Any]:
+    """The settings an earlier correction of this folder ran with (see `tora.run_settings`)."""
+    settings = section.get("settings")
+    if isinstance(settings, dict):
+        return settings
+    return {"command": "correct", **{new: section[old] for old, new in _LEGACY.items() if old in section}}
 
 
 def _prefixes(value: str) -> int | None:
@@ -87,21 +92,26 @@ def _prefixes(value: str) -> int | None:
 
 @click.command("correct")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--teacher", required=True, help="Model spec of the teacher: embedded | gguf:FILE | hf:DIR | replay:FILE.")
+@click.option("--teacher", required=True,
+              help=f"Model spec of the teacher: {MODEL_SPECS} (see `tora models`).")
 @click.option("--prefixes", "prefixes", default="all", show_default=True,
-              help="Line prefixes of each wrong trajectory to continue: all, or N drawn with --seed.")
+              help="Line prefixes of each wrong trajectory to continue: all, or N drawn with --prefix-seed.")
+@click.option("--prefix-seed", type=int, default=0, show_default=True,
+              help="Seed of the draw of N prefixes (and of the rank that picks which M are kept); --seed seeds "
+                   "the teacher's sampling.")
 @continuation_options
 @click.option("--keep-tool-errors", is_flag=True, help="Also keep corrections in which a teacher's cell failed.")
 @click.option("--max-per-parent", type=click.IntRange(1), default=None,
               help="Keep at most M corrections per wrong trajectory [default: all that qualify].")
 @click.option("--retry-errors", is_flag=True, help="Run again the continuations that failed for infrastructure reasons.")
 @click.option("--grader", type=click.Choice(GRADERS), default=None, help="[default: the run's grader]")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line on stdout, nothing else.")
 @scheduler_options
-def correct(run_dir: Path, teacher: str, prefixes: str, keep_tool_errors: bool, max_per_parent: int | None,
-            retry_errors: bool, grader: str | None, **kw: Any) -> int:
+def correct(run_dir: Path, teacher: str, prefixes: str, prefix_seed: int, keep_tool_errors: bool,
+            max_per_parent: int | None, retry_errors: bool, grader: str | None, as_json: bool, **kw: Any) -> int:
     """Let a teacher continue the wrong trajectories of a `tora curate` RUN_DIR from their line prefixes."""
     count = _prefixes(prefixes)
-    seed = 0 if kw["seed"] is None else kw["seed"]
+    loop = loop_settings(kw)  # the recorded rendering of each parent replaces loop.config.render
     err = Console(stderr=True)
     if not (run_dir / TRAJECTORIES).is_file():
         raise UsageError(f"{run_dir}: no {TRAJECTORIES}; point tora correct at a `tora curate` run folder")
@@ -110,31 +120,32 @@ def correct(run_dir: Path, teacher: str, prefixes: str, keep_tool_errors: bool, 
         if manifest is None or manifest.get("command") != "curate":
             raise DataError(run_dir / MANIFEST, None, "command", "not a `tora curate` run")
         grader = grader or str(manifest.get("grader") or "math-verify")
-        settings = {"teacher": teacher, "prefixes": prefixes, "seed": seed, "grader": grader,
-                    "keep_tool_errors": keep_tool_errors, "max_per_parent": max_per_parent}
+        chosen = {"teacher": teacher, "prefixes": prefixes, "prefix_seed": prefix_seed, "grader": grader,
+                  "keep_tool_errors": keep_tool_errors, "max_per_parent": max_per_parent}
+        settings = RunSettings.of("correct", teacher, loop.config, loop.policy, render=False,
+                                  verb={k: v for k, v in chosen.items() if k != "teacher"})
         section = manifest.get("correct")
         previous = section if isinstance(section, dict) else None
-        check_fixed(previous, settings, _FIXED, f"{run_dir} was corrected",
-                    "finish that run with the same flags first")
+        if previous is not None:
+            check_resume(_stored(previous), settings, str(run_dir), "finish that run with the same flags first")
         for name in (CORRECTIONS, CURATED):
             moved = repair_tail(run_dir / name)
             if moved:
                 err.print(f"{run_dir / name}: moved a torn last line ({moved} bytes) to {name}.torn", highlight=False)
-        config = SolveConfig(sampling=sampling_from(kw), limits=limits_from(kw))
-        state = Correction(KeepRule(keep_tool_errors), max_per_parent, seed, count, retry_errors, config)
+        state = Correction(KeepRule(keep_tool_errors), max_per_parent, prefix_seed, count, retry_errors, loop.config)
         state.load(run_dir)
         if not state.parents:
             err.print(f"{run_dir}: no wrong trajectory to correct", highlight=False)
+            if as_json:
+                print_json({**state.summary(0.0, complete=True), "out": str(run_dir)})
             return 0
         with err.status("loading teacher…") if err.is_terminal else contextlib.nullcontext():
             backend = load_backend(teacher)
         run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_records": state.loaded}
-        manifest["correct"] = {**settings, "backend": {"name": backend.name, "model": backend.model},
-                               "capacity": {"in_flight": kw["concurrency"], "kernels": kw["kernels"],
-                                            "graders": kw["graders"]},
-                               "limits": {"max_tool_calls": kw["max_tool_calls"], "max_tokens": kw["max_tokens"],
-                                          "max_tokens_per_call": kw["max_tokens_per_call"],
-                                          "timeout_s": kw["timeout_s"]},
+        manifest["correct"] = {**chosen, "backend": {"name": backend.name, "model": backend.model},
+                               "capacity": dataclasses.asdict(loop.capacity),
+                               "limits": dataclasses.asdict(loop.config.limits),
+                               "settings": settings.stored(),
                                "runs": [*(previous or {}).get("runs", []), run]}
         write_json(run_dir / MANIFEST, manifest)
         if state.loaded:
@@ -143,17 +154,16 @@ def correct(run_dir: Path, teacher: str, prefixes: str, keep_tool_errors: bool, 
         interrupted = False
         t0 = time.monotonic()
         try:
-            asyncio.run(state.run(run_dir, backend, teacher, str(manifest["run_id"]), kw, grader,
-                                  capacity_from(kw), err))
+            asyncio.run(state.run(run_dir, backend, teacher, str(manifest["run_id"]), loop, grader, err))
         except KeyboardInterrupt:
             interrupted = True
-        except SandboxError as exc:
-            raise ToraError(f"sandbox failure: {exc}") from exc
         summary = state.summary(time.monotonic() - t0, complete=not interrupted)
         update_json(run_dir / METRICS, {"correction": summary})
     err.print(f"kept {summary['kept']} corrections of {summary['parents_corrected']} of {summary['parents']} wrong "
               f"trajectories ({summary['continuations']} continuations, {summary['correct']} correct); "
               f"written to {run_dir}", highlight=False)
+    if as_json:
+        print_json({**summary, "out": str(run_dir)})
     if interrupted:
         err.print("interrupted: run the same command again to continue", highlight=False)
         raise KeyboardInterrupt
@@ -230,8 +240,8 @@ class Correction:
             for _, n in self.work.pending(pid):
                 yield Job(parent.problem, parent.sample_index, config, "teacher_corrected", prefix_of(parent, n))
 
-    async def run(self, run_dir: Path, backend: Backend, spec: str, run_id: str, kw: dict[str, Any], grader: str,
-                  capacity: Capacity, err: Console) -> None:
+    async def run(self, run_dir: Path, backend: Backend, spec: str, run_id: str, loop: LoopSettings, grader: str,
+                  err: Console) -> None:
         templates = {pid: template_of(p) for pid, p in self.parents.items()}
 
         def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
@@ -248,8 +258,8 @@ class Correction:
                                hits=sum(t.result.correct is True for t in loaded), rate_unit=" traj/s",
                                score_label="correct", counters=("kept", "exec errors")) as progress:
                 progress.add(kept=self.ledger.kept_count())
-                async with (scheduled(make_episode, backend, sandbox_from(kw), grader, capacity) as scheduler,
-                            contextlib.aclosing(scheduler.run(self.jobs(), wanted=self._wanted)) as results):
+                async with (Loop(make_episode, loop.policy, loop.capacity, grader=grader, backend=backend) as running,
+                            contextlib.aclosing(running.scheduler.run(self.jobs(), wanted=self._wanted)) as results):
                     async for result in results:
                         t = result.trajectory
                         attempt = _attempt(t)

@@ -34,37 +34,34 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.console import Console
 
-from sandbox import SandboxError
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.batch import (
     backend_ref,
     base_manifest,
-    check_fixed,
     check_unique,
     fail_if_all_failed,
     previous_run,
-    scheduled,
 )
 from tora.cli.options import (
-    capacity_from,
     cluster_from,
-    config_from,
     engine_options,
     loop_options,
-    sandbox_from,
+    loop_settings,
     scheduler_options,
 )
-from tora.cli.progress import BatchProgress
+from tora.cli.output import print_json
 from tora.contamination import DEFAULT_N, DEFAULT_THRESHOLD, NgramIndex, Overlap
 from tora.curation import KeepRule, Ledger, Work
 from tora.data import DATASETS, dataset_path, load_problems
 from tora.distributed.shards import has_shards, merge_shards
 from tora.engine import SamplingParams, SolveConfig
-from tora.errors import DataError, ToraError, UsageError
+from tora.errors import DataError, UsageError
 from tora.evaluate import Pair, load_finished, regrade
 from tora.grading import DEFAULT_GRADER, GRADERS
+from tora.loop import Loop, LoopSettings
 from tora.metrics import compute_metrics
+from tora.progress import BatchProgress
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Problem, TrajectoryWriter, read_trajectories, repair_tail
 from tora.run_dir import (
@@ -78,14 +75,16 @@ from tora.run_dir import (
     write_json,
     write_jsonl,
 )
-from tora.scheduler import Capacity, Job, episode_factory, origin_for, sample_config
+from tora.run_settings import RunSettings
+from tora.scheduler import Job, episode_factory, origin_for, sample_config
 
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions
 
 _MATH_SETS = {"math", "math500"}
-# Settings a resumed run must share with the run it continues: they decide what is kept.
-_FIXED = ("grader", "keep_tool_errors", "max_per_problem", "select_seed")
+# Curate's own settings a resumed run must share with the run it continues (with those of every
+# batch verb, tora.run_settings): they decide what is sampled and what is kept.
+_FIXED = ("grader", "keep_tool_errors", "max_per_problem", "select_seed", "greedy_first")
 
 
 def _sets(value: str | None) -> list[str] | None:
@@ -119,20 +118,23 @@ def _sets(value: str | None) -> list[str] | None:
               show_default=True, help="Contamination check: flag a problem when this fraction of its n-grams "
                                       "occurs in an evaluation set.")
 @click.option("--allow-contaminated", is_flag=True, help="Report overlapping problems but curate them anyway.")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", "-o", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The run folder; running the same command again resumes it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON line on stdout, nothing else.")
 @click.option("--question-field", default=None, help="JSONL files: the field holding the question.")
 @click.option("--answer-field", default=None, help="JSONL files: the field holding the reference answer.")
 @click.option("--id-field", default=None, help="JSONL files: the field holding a unique problem id.")
 def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: bool, cap: int | None,
            select_seed: int, stop_when_full: bool, keep_tool_errors: bool, retry_errors: bool, grader: str,
            eval_sets: str | None, ngram: int, threshold: float, allow_contaminated: bool, out: Path,
-           question_field: str | None, answer_field: str | None, id_field: str | None, **kw: Any) -> int:
+           question_field: str | None, answer_field: str | None, id_field: str | None, as_json: bool,
+           **kw: Any) -> int:
     """Sample, grade and keep training trajectories for PROBLEMS (a data set name or a JSONL file
     with reference answers)."""
     if stop_when_full and cap is None:
         raise UsageError("--stop-when-full needs --max-per-problem M")
-    config = config_from(kw)
+    loop = loop_settings(kw)
+    config = loop.config
     cluster = cluster_from(kw)
     err = Console(stderr=True)
     problems = load_problems(problems_arg, question_field=question_field, answer_field=answer_field,
@@ -144,12 +146,14 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
     if unanswered is not None:
         raise UsageError(f"{problems_arg}: problem {unanswered.id!r} has no reference answer; curation grades "
                          "against references (see --answer-field)")
-    settings = {"samples": samples, "greedy_first": greedy_first, "grader": grader,
+    chosen = {"samples": samples, "greedy_first": greedy_first, "grader": grader,
                 "keep_tool_errors": keep_tool_errors, "max_per_problem": cap, "select_seed": select_seed,
                 "stop_when_full": stop_when_full}
+    template = load_prompt(kw["prompt"] or ("tora-math" if problems_arg in _MATH_SETS else DEFAULT_PROMPT))
+    settings = RunSettings.of("curate", kw["model"], config, loop.policy, template=template, dataset=problems_arg,
+                              verb={name: chosen[name] for name in _FIXED})
     with locked(out, "curate"):
-        previous = previous_run(out, kw["model"], problems_arg, "curate")
-        check_fixed(previous, settings, _FIXED, f"{out} was curated", "these decide what is kept: use another --out")
+        previous = previous_run(out, settings, "these decide what is made and kept: use another --out", _FIXED)
         for name in (TRAJECTORIES, CURATED):
             moved = repair_tail(out / name)
             if moved:
@@ -164,20 +168,19 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
         if not problems:
             raise UsageError(f"nothing to curate: every problem overlaps an evaluation set (see {out / CONTAMINATION}); "
                              "--allow-contaminated keeps them")
-        template = load_prompt(kw["prompt"] or ("tora-math" if problems_arg in _MATH_SETS else DEFAULT_PROMPT))
         state = Curation(problems, samples, KeepRule(keep_tool_errors), cap, select_seed, stop_when_full,
                          retry_errors, greedy_first)
         state.load(out)
         contamination = {"n": ngram, "threshold": threshold, "checked_against": checked, "flagged": len(flagged),
                          "excluded": len(excluded)}
-        capacity = capacity_from(kw)
+        capacity = loop.capacity
         run_id = (previous or {}).get("run_id", out.name)
 
         def write_manifest(backend: dict[str, str], engine: dict[str, Any]) -> None:
-            manifest = base_manifest("curate", previous, problems_arg, problems, kw["model"], backend, template,
+            manifest = base_manifest(settings, previous, problems_arg, problems, backend, template,
                                      capacity, config, out=out, run={"resumed_records": state.loaded,
                                                                      "retry_errors": retry_errors, "engine": engine})
-            manifest.update(settings, contamination=contamination)
+            manifest.update(chosen, contamination=contamination)
             write_json(out / MANIFEST, manifest)
             if samples > 1 and config.sampling.temperature == 0 and backend["name"] != "replay":
                 err.print("[yellow]warning:[/yellow] --samples > 1 at temperature 0: greedy samples are all alike")
@@ -192,16 +195,14 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
                     backend = load_backend(kw["model"])
                     backend.prepare(template.prefix)
                 write_manifest(backend_ref(backend), {"name": "local"})
-                asyncio.run(state.run(out, backend, template, config, kw, grader, capacity, run_id, err))
+                asyncio.run(state.run(out, backend, template, loop, kw["model"], grader, run_id, err))
             else:
-                state = _curate_on_cluster(state, problems, out, template, config, kw, grader, capacity, run_id,
+                state = _curate_on_cluster(state, problems, out, template, loop, kw, grader, run_id,
                                            cluster, previous, write_manifest, err)
         except KeyboardInterrupt:
             interrupted = True
             if cluster is not None:
                 state = state.reloaded(out)
-        except SandboxError as exc:
-            raise ToraError(f"sandbox failure: {exc}") from exc
         metrics = state.metrics(problems, grader, time.monotonic() - t0, contamination)
         metrics.update({"dataset": problems_arg, "model": kw["model"], "run_id": run_id, "out": str(out),
                         "complete": not interrupted and len(state.work.closed) == len(problems)})
@@ -210,6 +211,8 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
     err.print(f"kept {c['kept']} trajectories for {c['problems_with_kept']} of {len(problems)} problems "
               f"({metrics['trajectories']} sampled, accuracy {_pct(metrics['accuracy'])}, {c['duplicates']} duplicates "
               f"dropped); written to {out}", highlight=False)
+    if as_json:
+        print_json(metrics)
     if interrupted:
         err.print("interrupted: run the same command again to continue", highlight=False)
         raise KeyboardInterrupt
@@ -222,7 +225,7 @@ def _pct(x: float | None) -> str:
 
 
 def _curate_on_cluster(state: Curation, problems: list[Problem], out: Path, template: PromptTemplate,
-                       config: SolveConfig, kw: dict[str, Any], grader: str, capacity: Capacity, run_id: str,
+                       loop: LoopSettings, kw: dict[str, Any], grader: str, run_id: str,
                        cluster: ClusterOptions, previous: dict[str, Any] | None,
                        write_manifest: Callable[[dict[str, str], dict[str, Any]], None], err: Console) -> Curation:
     """The same curation sharded by problem over Ray workers (`tora.distributed`); returns the state
@@ -233,10 +236,10 @@ def _curate_on_cluster(state: Curation, problems: list[Problem], out: Path, temp
     from tora.distributed.worker import WorkerSetup
 
     ledger, work = state.ledger, state.work
-    plan = CuratePlan(state.samples, config, state.rule, ledger.cap, ledger.seed, work.stop_when_full,
+    plan = CuratePlan(state.samples, loop.config, state.rule, ledger.cap, ledger.seed, work.stop_when_full,
                       work.retry_errors, state.greedy_first)
-    setup = WorkerSetup(model=kw["model"], template=template, policy=sandbox_from(kw), grader=grader,
-                        capacity=capacity, run_id=run_id, plan=plan)
+    setup = WorkerSetup(model=kw["model"], template=template, policy=loop.policy, grader=grader,
+                        capacity=loop.capacity, run_id=run_id, plan=plan)
 
     def started(run: ClusterRun) -> None:
         write_manifest(run.backend(previous), cluster.describe(run))
@@ -335,8 +338,8 @@ class Curation:
                 cfg = greedy if self.greedy_first and k == 0 else sample_config(config, k, self.samples)
                 yield Job(p, k, cfg, origin_for(backend, cfg))
 
-    async def run(self, out: Path, backend: Backend, template: PromptTemplate, config: SolveConfig,
-                  kw: dict[str, Any], grader: str, capacity: Capacity, run_id: str, err: Console) -> None:
+    async def run(self, out: Path, backend: Backend, template: PromptTemplate, loop: LoopSettings, spec: str,
+                  grader: str, run_id: str, err: Console) -> None:
         work = self.work
         with TrajectoryWriter(out / TRAJECTORIES) as records, TrajectoryWriter(out / CURATED) as curated:
             await work.close_finished(curated)
@@ -345,10 +348,10 @@ class Curation:
                                hits=sum(t.result.correct is True for t in loaded), rate_unit=" traj/s",
                                counters=("kept", "exec errors")) as progress:
                 progress.add(kept=self.ledger.kept_count(), **{"exec errors": sum(t.stats.exec_errors for t in loaded)})
-                make_episode = episode_factory(backend, template, kw["model"], run_id)
-                feed = self.jobs(config, backend)
-                async with (scheduled(make_episode, backend, sandbox_from(kw), grader, capacity) as scheduler,
-                            contextlib.aclosing(scheduler.run(feed, wanted=lambda j: work.open(j.problem.id)))
+                make_episode = episode_factory(backend, template, spec, run_id)
+                feed = self.jobs(loop.config, backend)
+                async with (Loop(make_episode, loop.policy, loop.capacity, grader=grader, backend=backend) as running,
+                            contextlib.aclosing(running.scheduler.run(feed, wanted=lambda j: work.open(j.problem.id)))
                             as results):
                     async for result in results:
                         t = result.trajectory

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sandbox import SandboxError, SandboxPolicy
+from sandbox import SandboxPolicy
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.batch import (
@@ -31,34 +30,35 @@ from tora.cli.batch import (
     check_unique,
     fail_if_all_failed,
     previous_run,
-    scheduled,
 )
 from tora.cli.options import (
-    capacity_from,
     cluster_from,
-    config_from,
     engine_options,
     loop_options,
-    sandbox_from,
+    loop_settings,
     scheduler_options,
 )
-from tora.cli.progress import BatchProgress
+from tora.cli.output import print_json
 from tora.data import load_problems
 from tora.distributed.shards import has_shards, merge_shards
 from tora.engine import SolveConfig
-from tora.errors import ToraError, UsageError
+from tora.errors import UsageError
 from tora.evaluate import Pair, load_finished, regrade, work_list
 from tora.grading import DEFAULT_GRADER, GRADERS
+from tora.loop import Loop, LoopSettings
 from tora.metrics import compute_metrics
+from tora.progress import BatchProgress
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Problem, Trajectory, TrajectoryWriter
-from tora.run_dir import MANIFEST, METRICS, TRAJECTORIES, default_out, latest_out, write_json
+from tora.run_dir import MANIFEST, METRICS, TRAJECTORIES, default_out, latest_out, locked, write_json
+from tora.run_settings import RunSettings
 from tora.scheduler import Capacity, Graded, Job, episode_factory, origin_for, sample_config
 
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions, ClusterRun
 
 _MATH_SETS = {"math", "math500"}
+RESUME_ADVICE = "resume it with the settings it was run with, or pick another --out"
 
 
 
@@ -72,7 +72,7 @@ _MATH_SETS = {"math", "math500"}
 @click.option("--grader", type=click.Choice(GRADERS), default=DEFAULT_GRADER, show_default=True)
 @scheduler_options
 @engine_options
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "-o", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: trajectories/eval-<dataset>-<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (or this data set's latest run).")
 @click.option("--question-field", default=None, help="JSONL files: the field holding the question.")
@@ -83,8 +83,7 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
              resume: bool, question_field: str | None, answer_field: str | None, id_field: str | None,
              as_json: bool, **kw: Any) -> int:
     """Evaluate a model on DATASET (gsm8k, math, math500, gsm-hard, svamp, asdiv, mawps) or a JSONL FILE."""
-    config = config_from(kw)
-    capacity = capacity_from(kw)
+    loop = loop_settings(kw)
     cluster = cluster_from(kw)
     err = Console(stderr=True)
     problems = load_problems(dataset, question_field=question_field, answer_field=answer_field,
@@ -93,19 +92,29 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
         raise UsageError(f"{dataset}: no problems to evaluate")
     check_unique(problems)
     out = _resolve_out(dataset, out, resume)
+    with locked(out, "eval"):  # one writer per run folder, as curate and correct
+        return _evaluate(dataset, problems, samples, grader, out, resume, as_json, loop, cluster, err, kw)
+
+
+def _evaluate(dataset: str, problems: list[Problem], samples: int, grader: str, out: Path, resume: bool,
+              as_json: bool, loop: LoopSettings, cluster: ClusterOptions | None, err: Console,
+              kw: dict[str, Any]) -> int:
+    """The run, under the folder's lock."""
+    config, capacity = loop.config, loop.capacity
+    template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
+    settings = RunSettings.of("eval", kw["model"], config, loop.policy, template=template, dataset=dataset)
     traj_path = out / TRAJECTORIES
-    previous = previous_run(out, kw["model"], dataset, "eval") if resume else None
+    previous = previous_run(out, settings, RESUME_ADVICE) if resume else None
     selected = {(p.id, k) for p in problems for k in range(samples)}
     if resume and has_shards(out):
         merge_shards(out)  # what the workers of a cluster run recorded counts as recorded, whichever engine resumes
     finished = {pair: t for pair, t in load_finished(traj_path).items() if pair in selected} if resume else {}
-    template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
     if finished:
         err.print(f"resuming {out}: {len(finished)} of {len(selected)} trajectories already recorded", highlight=False)
 
     def write_manifest(backend: dict[str, str], engine: dict[str, Any]) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
-        manifest = _manifest(previous, dataset, problems, samples, grader, capacity, config, kw["model"], backend,
+        manifest = _manifest(settings, previous, dataset, problems, samples, grader, capacity, config, backend,
                              template, skipped=len(finished), out=out, engine=engine)
         write_json(out / MANIFEST, manifest)
         if samples > 1 and config.sampling.temperature == 0 and backend["name"] != "replay":
@@ -118,15 +127,13 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
     new: list[Graded] | None = None
     try:
         if cluster is None:
-            new = _eval_local(problems, samples, finished, template, config, capacity, grader, kw, run_id, out,
+            new = _eval_local(problems, samples, finished, template, loop, grader, kw, run_id, out,
                               write_manifest, err, len(selected))
         else:
-            _eval_on_cluster(problems, samples, finished, template, config, capacity, grader, kw, run_id, out,
+            _eval_on_cluster(problems, samples, finished, template, loop, grader, kw, run_id, out,
                                    write_manifest, err, cluster, previous)
     except KeyboardInterrupt:
         interrupted, new = True, None
-    except SandboxError as exc:
-        raise ToraError(f"sandbox failure: {exc}") from exc
     if new is not None and cluster is None:
         graded = regrade(list(finished.values()), grader) + new
     else:  # what this session added is in the records (the workers graded it)
@@ -149,7 +156,7 @@ ManifestWriter = Callable[[dict[str, str], dict[str, Any]], dict[str, Any]]
 
 
 def _eval_local(problems: list[Problem], samples: int, finished: dict[Pair, Trajectory], template: PromptTemplate,
-                config: SolveConfig, capacity: Capacity, grader: str, kw: dict[str, Any], run_id: str, out: Path,
+                loop: LoopSettings, grader: str, kw: dict[str, Any], run_id: str, out: Path,
                 write_manifest: ManifestWriter, err: Console, total: int) -> list[Graded]:
     with err.status("loading model…") if err.is_terminal else contextlib.nullcontext():
         backend = load_backend(kw["model"])
@@ -157,14 +164,14 @@ def _eval_local(problems: list[Problem], samples: int, finished: dict[Pair, Traj
     write_manifest(backend_ref(backend), {"name": "local"})
     new: list[Graded] = []
     with TrajectoryWriter(out / TRAJECTORIES) as writer:
-        asyncio.run(_run(work_list(problems, samples, finished), backend, template, config, sandbox_from(kw),
-                         kw["model"], grader, capacity, run_id, samples, writer, new, err, total, len(finished),
+        asyncio.run(_run(work_list(problems, samples, finished), backend, template, loop.config, loop.policy,
+                         kw["model"], grader, loop.capacity, run_id, samples, writer, new, err, total, len(finished),
                          sum(t.result.correct is True for t in finished.values())))
     return new
 
 
 def _eval_on_cluster(problems: list[Problem], samples: int, finished: dict[Pair, Trajectory],
-                     template: PromptTemplate, config: SolveConfig, capacity: Capacity, grader: str,
+                     template: PromptTemplate, loop: LoopSettings, grader: str,
                      kw: dict[str, Any], run_id: str, out: Path, write_manifest: ManifestWriter, err: Console,
                      cluster: ClusterOptions, previous: dict[str, Any] | None) -> None:
     from tora.distributed.driver import run_on_cluster
@@ -172,8 +179,8 @@ def _eval_on_cluster(problems: list[Problem], samples: int, finished: dict[Pair,
     from tora.distributed.progress import ClusterProgress
     from tora.distributed.worker import WorkerSetup
 
-    setup = WorkerSetup(model=kw["model"], template=template, policy=sandbox_from(kw), grader=grader,
-                        capacity=capacity, run_id=run_id, plan=EvalPlan(samples, config))
+    setup = WorkerSetup(model=kw["model"], template=template, policy=loop.policy, grader=grader,
+                        capacity=loop.capacity, run_id=run_id, plan=EvalPlan(samples, loop.config))
 
     def started(run: ClusterRun) -> None:
         write_manifest(run.backend(previous), cluster.describe(run))
@@ -199,10 +206,10 @@ def _resolve_out(dataset: str, out: Path | None, resume: bool) -> Path:
     return out
 
 
-def _manifest(previous: dict[str, Any] | None, dataset: str, problems: list[Problem], samples: int, grader: str,
-              capacity: Capacity, config: SolveConfig, model: str, backend: dict[str, str], template: PromptTemplate,
-              *, skipped: int, out: Path, engine: dict[str, Any]) -> dict[str, Any]:
-    manifest = base_manifest("eval", previous, dataset, problems, model, backend, template, capacity, config,
+def _manifest(settings: RunSettings, previous: dict[str, Any] | None, dataset: str, problems: list[Problem],
+              samples: int, grader: str, capacity: Capacity, config: SolveConfig, backend: dict[str, str],
+              template: PromptTemplate, *, skipped: int, out: Path, engine: dict[str, Any]) -> dict[str, Any]:
+    manifest = base_manifest(settings, previous, dataset, problems, backend, template, capacity, config,
                              out=out, run={"skipped": skipped, "engine": engine})
     manifest.update(samples=samples, grader=grader)
     return manifest
@@ -215,9 +222,9 @@ async def _run(work: list[tuple[Problem, int]], backend: Backend, template: Prom
     origin = origin_for(backend, config)
     jobs = (Job(p, k, sample_config(config, k, samples), origin) for p, k in work)
     make_episode = episode_factory(backend, template, spec, run_id)
-    async with scheduled(make_episode, backend, policy, grader, capacity) as scheduler:
+    async with Loop(make_episode, policy, capacity, grader=grader, backend=backend) as loop:
         with BatchProgress(err, "eval", total, done=already, hits=already_hits) as progress:
-            async with contextlib.aclosing(scheduler.run(jobs)) as results:
+            async with contextlib.aclosing(loop.scheduler.run(jobs)) as results:
                 async for result in results:
                     await writer.append(result.trajectory)
                     new.append(result)
@@ -262,7 +269,4 @@ def _report(m: dict[str, Any], console: Console, as_json: bool) -> None:
             console.print(sub)
     console.print(f"[dim]written to {m['out']}[/dim]")
     if as_json:
-        import json
-
-        sys.stdout.write(json.dumps(m) + "\n")
-        sys.stdout.flush()
+        print_json(m)

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from tora.cli.output import print_json
 from tora.errors import RecordError, UsageError
 from tora.export import FILE_FORMATS, FORMATS, ROW_FORMATS, Selection, Tally, select
 from tora.export.formats import ROWS, tora_row
@@ -86,10 +87,14 @@ def _tokenizer(folder: Path) -> Any:
         raise UsageError(f"--retokenize {folder}: not a tokenizer folder ({type(exc).__name__}: {exc})") from exc
 
 
-def _say(tally: Tally, written: int, what: str, where: str) -> None:
+def _say(tally: Tally, written: int, what: str, where: str, fmt: str, as_json: bool) -> None:
     left = [f"{n} {label}" for n, label in ((tally.failed, "failed (error/interrupted; --include-failed keeps them)"),
                                              (tally.filtered, "filtered out"), (tally.duplicates, "duplicates"))
             if n]
+    if as_json:
+        print_json({"format": fmt, "out": where, "written": written, "what": what, "read": tally.read,
+                    "failed": tally.failed, "filtered": tally.filtered, "duplicates": tally.duplicates,
+                    "notes": tally.notes})
     if written == 1:
         what = what[:-1]
     click.echo(f"wrote {written} {what} to {where}" + (f"; left out: {', '.join(left)}" if left else ""), err=True)
@@ -128,12 +133,16 @@ def _say(tally: Tally, written: int, what: str, where: str) -> None:
                    "instead of leaving them out.")
 @click.option("--skip-invalid", is_flag=True,
               help="Skip lines that are not valid records (a run killed mid-write leaves a torn last line).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary (written, read, left out and why) as one JSON line on stdout; needs --out.")
 def export(source: Path, fmt: str, out: Path | None, only_correct: bool, finishes: tuple[str, ...],
-           include_failed: bool, dedupe: bool, limit: int | None, **opts: Any) -> int:
+           include_failed: bool, dedupe: bool, limit: int | None, as_json: bool, **opts: Any) -> int:
     """Export the trajectories of RUN_DIR (its curated.jsonl, else trajectories.jsonl) or FILE."""
     if fmt in FILE_FORMATS and out is None:
         raise UsageError(f"--format {fmt} writes {'a folder of notebooks' if fmt == 'ipynb' else 'a file'}: "
                          "give it with --out PATH")
+    if as_json and out is None:
+        raise UsageError("--json prints the summary on stdout, where the rows would go: give the rows a --out FILE")
     pairs = opts["rows_fmt"] if fmt == "parquet" else fmt
     if pairs in ("preference", "correction") and only_correct:
         raise UsageError(f"--only-correct leaves no wrong trajectory for --format {pairs}")
@@ -151,7 +160,7 @@ def export(source: Path, fmt: str, out: Path | None, only_correct: bool, finishe
     if fmt == "ipynb":
         assert out is not None
         _write_notebooks(records, out)
-        _say(tally, len(records), "notebooks", str(out))
+        _say(tally, len(records), "notebooks", str(out), fmt, as_json)
         return 0
     from tora.export.writers import write_jsonl, write_parquet
 
@@ -162,7 +171,7 @@ def export(source: Path, fmt: str, out: Path | None, only_correct: bool, finishe
         written = write_parquet(list(rows), out)
     else:
         written = write_jsonl(rows, out)
-    _say(tally, written, what, str(out) if out else "stdout")
+    _say(tally, written, what, str(out) if out else "stdout", fmt, as_json)
     return 0
 
 

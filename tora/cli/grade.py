@@ -174,10 +174,17 @@ def _grade_pairs(path: Path, grader: str, as_json: bool, timeout: float) -> None
 @click.option("--diff", is_flag=True, help="Grade with both graders and list every item where they disagree.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout only; the last line is the summary.")
 @click.option("--pairs", is_flag=True, help='FILE holds lines {"pred": ..., "ref": ...}.')
-@click.option("--timeout", type=click.FloatRange(0.1), default=DEFAULT_TIMEOUT, show_default=True,
+@click.option("--grade-timeout", "timeout", type=click.FloatRange(0.1), default=DEFAULT_TIMEOUT, show_default=True,
               help="Seconds allowed per comparison before it counts as a timeout.")
-def grade(file: Path, grader: str, diff: bool, as_json: bool, pairs: bool, timeout: float) -> None:
+@click.option("--timeout", "old_timeout", type=click.FloatRange(0.1), default=None, hidden=True,
+              help="Deprecated spelling of --grade-timeout (elsewhere --timeout is a cell's wall time).")
+def grade(file: Path, grader: str, diff: bool, as_json: bool, pairs: bool, timeout: float,
+          old_timeout: float | None) -> None:
     """Grade FILE: tora trajectories, ToRA's released outputs, or --pairs of answers."""
+    if old_timeout is not None:  # kept one release (0.x) so that scripts keep working; see the README
+        click.echo("warning: `tora grade --timeout` is now --grade-timeout (--timeout is a cell's wall time "
+                   "elsewhere); the old spelling goes in the next release", err=True)
+        timeout = old_timeout
     if pairs:
         if diff:
             raise click.UsageError("--diff applies to trajectory files, not to --pairs")

@@ -1,7 +1,7 @@
 """The `tora` command: one click group, one module per verb.
 
-Exit codes: 0 ok/answered, 1 runtime failure, 2 usage error, 3 no answer,
-130 interrupted.
+Exit codes: 0 ok/answered, 1 runtime failure, 2 usage error, 3 no answer
+(solve), 4 a re-executed cell differs from its record (replay), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from sandbox.errors import SandboxError
 from tora import __version__
 from tora.errors import ToraError
 
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     except ToraError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except SandboxError as exc:  # the one place a sandbox failure becomes tora's exit 1, for every verb
+        click.echo(f"error: sandbox failure: {exc}", err=True)
+        sys.exit(ToraError.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)

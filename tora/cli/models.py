@@ -129,7 +129,7 @@ def list_cmd(as_json: bool) -> None:
 
 @models.command("convert")
 @click.argument("source")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Target directory [default: $TORA_HOME/models/<gguf name>-hf].")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=DEFAULT_DTYPE,
               show_default=True, help="Weight type of the dequantised model.")

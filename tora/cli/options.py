@@ -7,12 +7,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sandbox import SandboxPolicy
-from tora.engine import Limits, RenderSettings, SamplingParams, SolveConfig
 from tora.errors import UsageError
-from tora.kernels import sandbox_policy
+from tora.loop import LoopSettings
 from tora.render import RENDERERS
-from tora.scheduler import Capacity
 
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions
@@ -20,9 +17,13 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Every backend kind's spec (see `tora models`); --model and correct's --teacher take the same.
+MODEL_SPECS = ("embedded | gguf:FILE | hf:DIR | vllm:DIR | vllm:embedded | replay:FILE | "
+               "openai:MODEL@URL[?OPTIONS]")
+
 _MODEL = [
     click.option("--model", "-m", "model", envvar="TORA_MODEL", default="embedded", show_default=True,
-                 help="Model spec: embedded | gguf:FILE | hf:DIR | vllm:DIR | vllm:embedded | replay:FILE | openai:MODEL@URL[?OPTIONS]."),
+                 help=f"Model spec: {MODEL_SPECS}."),
     click.option("--prompt", "-p", "prompt", envvar="TORA_PROMPT", default=None,
                  help="Prompt template name (see prompts/) or file [default: tora-gsm8k; tora-math for MATH sets]."),
 ]
@@ -77,26 +78,15 @@ def sandbox_options(func: F) -> F:
     return _apply([_TIMEOUT, *_SANDBOX], func)
 
 
-def sampling_from(kw: dict[str, Any]) -> SamplingParams:
-    return SamplingParams(temperature=kw["temperature"], top_p=kw["top_p"], seed=kw["seed"])
+# The options LoopSettings is built from; a verb without one of the flags gets its default.
+_LOOP_FIELDS = ("temperature", "top_p", "seed", "max_tool_calls", "max_tokens", "max_tokens_per_call", "timeout_s",
+                "render_policy", "run_on", "fresh_namespace", "isolation", "memory_mb", "concurrency", "kernels",
+                "graders")
 
 
-def limits_from(kw: dict[str, Any]) -> Limits:
-    return Limits(max_tool_calls=kw["max_tool_calls"], max_tokens=kw["max_tokens"],
-                  max_tokens_per_call=kw["max_tokens_per_call"], timeout_s=kw["timeout_s"])
-
-
-def config_from(kw: dict[str, Any]) -> SolveConfig:
-    return SolveConfig(
-        sampling=sampling_from(kw),
-        limits=limits_from(kw),
-        render=RenderSettings(policy=kw["render_policy"], run_on=kw["run_on"], fresh_namespace=kw["fresh_namespace"]),
-    )
-
-
-def sandbox_from(kw: dict[str, Any]) -> SandboxPolicy:
-    """The kernels' limits: --timeout, --isolation, --memory-mb, then TORA_SANDBOX_*."""
-    return sandbox_policy(timeout_s=kw["timeout_s"], isolation=kw.get("isolation"), memory_mb=kw.get("memory_mb"))
+def loop_settings(kw: dict[str, Any]) -> LoopSettings:
+    """The loop's settings from a verb's options, built once (see `tora.loop.LoopSettings`)."""
+    return LoopSettings.build(**{name: kw[name] for name in _LOOP_FIELDS if name in kw})
 
 
 def scheduler_options(func: F) -> F:
@@ -110,10 +100,6 @@ def scheduler_options(func: F) -> F:
         click.option("--graders", type=click.IntRange(1), default=2, show_default=True,
                      help="Grading worker processes."),
     ], func)
-
-
-def capacity_from(kw: dict[str, Any]) -> Capacity:
-    return Capacity(in_flight=kw["concurrency"], kernels=kw["kernels"] or kw["concurrency"], graders=kw["graders"])
 
 
 def engine_options(func: F) -> F:

@@ -1,7 +1,9 @@
 """`tora replay FILE`: re-run recorded code cells in fresh kernels, report what changed.
 
-Exit: 0 the replay completed (differences are findings, not failures),
-2 bad file or usage, 1 infrastructure failure, 130 interrupted.
+Exit: 0 every re-executed cell reproduced its recorded output, 4 at least one
+cell differs or could not be run (the report names each: a check a script can
+rely on), 2 bad file or usage, 1 infrastructure failure (no cell could run at
+all), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from sandbox import KernelPool, SandboxError
-from tora.cli.progress import BatchProgress
+from sandbox import KernelPool
 from tora.errors import ToraError, UsageError
 from tora.kernels import sandbox_policy
+from tora.progress import BatchProgress
 from tora.replaying import DEFAULT_TIMEOUT_S, CellReport, Job, Summary, load_jobs, replay_jobs
+
+EXIT_DIFFERS = 4  # some re-executed cell did not reproduce its record (see the module's exit codes)
 
 
 def short(text: str, width: int = 60) -> str:
@@ -64,8 +68,6 @@ def replay(file: Path, timeout_s: float | None, limit: int | None, concurrency: 
         asyncio.run(_run(jobs, concurrency, summary, err, out))
     except KeyboardInterrupt:
         interrupted = True
-    except SandboxError as exc:
-        raise ToraError(f"sandbox failure: {exc}") from exc
     summary.wall_s = time.monotonic() - t0
     line = (f"{summary.trajectories} trajectories, {summary.cells} cells: {summary.same} same, "
             f"{summary.differ} differ, {summary.errors} errors, {summary.wall_s:.1f} s")
@@ -77,7 +79,7 @@ def replay(file: Path, timeout_s: float | None, limit: int | None, concurrency: 
         raise KeyboardInterrupt
     if summary.cells and summary.errors == summary.cells:
         raise ToraError("no cell could be run; see the reports above")
-    return 0
+    return EXIT_DIFFERS if summary.differ or summary.errors else 0
 
 
 async def _run(jobs: list[Job], concurrency: int, summary: Summary, err: Console, out: Console) -> None:

@@ -13,10 +13,11 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
-from sandbox import CellResult, KernelPool, SandboxError, SandboxPolicy
+from sandbox import CellResult, KernelPool, SandboxPolicy
 from sandbox.tiers import check
-from tora.cli.options import sandbox_from, sandbox_options
-from tora.errors import ToraError, UsageError
+from tora.cli.options import sandbox_options
+from tora.errors import UsageError
+from tora.kernels import sandbox_policy
 
 ISOLATION = click.Choice(["auto", "bwrap", "landlock", "none"])
 STATUS_STYLE = {"ok": "green", "error": "red", "timeout": "yellow", "died": "magenta"}
@@ -29,10 +30,11 @@ def sandbox() -> None:
 
 @sandbox.command("check")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--isolation", type=ISOLATION, default="auto", show_default=True, help="Tier to check.")
-def check_cmd(as_json: bool, isolation: str) -> None:
+@click.option("--isolation", type=ISOLATION, default=None, envvar="TORA_ISOLATION",
+              help="Tier to check [default: auto, or TORA_ISOLATION; other limits: TORA_SANDBOX_<FIELD>].")
+def check_cmd(as_json: bool, isolation: str | None) -> None:
     """Print which protections are in force here, and why the others are not."""
-    report = check(SandboxPolicy(isolation=isolation))  # type: ignore[arg-type]
+    report = check(sandbox_policy(isolation=isolation))  # the policy trajectories get
     if as_json:
         click.echo(report.model_dump_json())
         return
@@ -57,12 +59,13 @@ def check_cmd(as_json: bool, isolation: str) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--timeout", type=float, default=None, help="Seconds per cell.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every cell's result.")
-@click.option("--isolation", type=ISOLATION, default="auto", show_default=True)
+@click.option("--isolation", type=ISOLATION, default=None, envvar="TORA_ISOLATION",
+              help="Sandbox tier [default: auto, or TORA_ISOLATION; other limits: TORA_SANDBOX_<FIELD>].")
 @click.option(
     "--parallel", is_flag=True, help="Run each FILE in its own fresh kernel, all at once, from one pool."
 )
 def exec_cmd(
-    files: tuple[Path, ...], timeout: float | None, as_json: bool, isolation: str, parallel: bool
+    files: tuple[Path, ...], timeout: float | None, as_json: bool, isolation: str | None, parallel: bool
 ) -> None:
     """Run each FILE as one cell in fresh pool kernels (as trajectories run).
 
@@ -80,16 +83,10 @@ def exec_cmd(
             raise UsageError(f"{path} is a directory, not a file") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read {path}: {exc}") from None
-    fields: dict[str, Any] = {"isolation": isolation}
-    if timeout is not None:
-        if not timeout > 0:
-            raise UsageError(f"--timeout must be a positive number of seconds, not {timeout:g}")
-        fields["timeout_s"] = timeout
-    policy = SandboxPolicy(**fields)
-    try:
-        ran = asyncio.run(_run(policy, [code for _, code in sources], parallel))
-    except SandboxError as exc:
-        raise ToraError(str(exc)) from None
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, not {timeout:g}")
+    policy = sandbox_policy(isolation=isolation, timeout_s=timeout)  # the policy trajectories get
+    ran = asyncio.run(_run(policy, [code for _, code in sources], parallel))
     if as_json:
         cells = [
             {"file": str(path), **r.model_dump(), **({"kernel": info} if parallel else {})}
@@ -170,7 +167,7 @@ def serve_cmd(host: str, port: int, api_key: str | None, concurrency: int, max_q
     api_key = api_key or None
     if not is_loopback(host) and api_key is None:
         raise UsageError(f"--host {host} is not a loopback address: set --api-key (or TORA_API_KEY) to serve on it")
-    policy = sandbox_from(kw)
+    policy = sandbox_policy(timeout_s=kw["timeout_s"], isolation=kw["isolation"], memory_mb=kw["memory_mb"])
     limits = ServiceLimits(max_sessions=max_sessions, session_ttl_s=session_ttl, concurrency=concurrency,
                            max_queued=max_queued, max_timeout_s=max_timeout)
     pool = KernelPool(policy, size=pool_size or min(concurrency, 8))
@@ -193,8 +190,6 @@ def serve_cmd(host: str, port: int, api_key: str | None, concurrency: int, max_q
 
     try:
         asyncio.run(main())
-    except SandboxError as exc:
-        raise ToraError(f"sandbox failure: {exc}") from exc
     finally:
         sock.close()
 

@@ -20,14 +20,12 @@ from typing import Any
 
 import click
 
-from sandbox import SandboxError
 from tora.backends.registry import load_backend
-from tora.cli.options import config_from, loop_options, sandbox_from
-from tora.errors import ToraError, UsageError
+from tora.cli.options import loop_options, loop_settings
+from tora.errors import UsageError
 from tora.paths import trajectories_dir
 from tora.prompts import DEFAULT_PROMPT, load_prompt
 from tora.record import TrajectoryWriter
-from tora.scheduler import Capacity
 
 
 def default_record_path() -> Path:
@@ -93,10 +91,10 @@ def serve(host: str, port: int, api_key: str | None, served_model_name: str, con
     api_key = api_key or None
     if not is_loopback(host) and api_key is None:
         raise UsageError(f"--host {host} is not a loopback address: set --api-key (or TORA_API_KEY) to serve on it")
-    config = config_from(kw)
+    settings = loop_settings({**kw, "concurrency": concurrency, "kernels": kernels, "graders": 1})
+    config = settings.config
     if config.limits.max_tokens > max_tokens_limit:
         raise UsageError(f"--max-tokens {config.limits.max_tokens} is above --max-tokens-limit {max_tokens_limit}")
-    policy = sandbox_from(kw)
     template = load_prompt(kw["prompt"] or DEFAULT_PROMPT)
     sock = bind(host, port)
     backend = load_backend(kw["model"])
@@ -104,13 +102,10 @@ def serve(host: str, port: int, api_key: str | None, served_model_name: str, con
     record_path = None if no_record else (record_to or default_record_path())
     writer = TrajectoryWriter(record_path) if record_path else None
     limits = ServeLimits(max_tokens=max_tokens_limit, max_body_bytes=max_body_bytes, max_choices=max_choices)
-    capacity = Capacity(in_flight=concurrency, kernels=kernels or concurrency, graders=1)
-    runner = Runner(backend, template, config, policy, capacity, spec=kw["model"], writer=writer,
+    runner = Runner(backend, template, settings, spec=kw["model"], writer=writer,
                     max_queued=max_queued, run_id=f"serve-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         asyncio.run(serve_forever(runner, sock, served_model_name, limits, api_key, record_path))
-    except SandboxError as exc:
-        raise ToraError(f"sandbox failure: {exc}") from exc
     finally:
         sock.close()
         if writer is not None:

@@ -16,7 +16,7 @@ from tora.backends.base import Backend
 from tora.backends.registry import load_backend
 from tora.cli.display import PlainPrinter, RichPrinter
 from tora.cli.interactive import run_episode
-from tora.cli.options import config_from, loop_options, sandbox_from
+from tora.cli.options import loop_options, loop_settings
 from tora.data import problem_from_text
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.kernels import FreshKernels
@@ -47,8 +47,8 @@ def solve(problem: str | None, answer: str | None, as_json: bool, no_record: boo
     PROBLEM '-' reads the problem from standard input. Exit: 0 answered,
     3 no answer, 1 runtime failure, 2 usage error, 130 interrupted.
     """
-    config = config_from(kw)
-    policy = sandbox_from(kw)
+    settings = loop_settings(kw)
+    config, policy = settings.config, settings.policy
     record_path = None if no_record else (record_to or default_record_path())
     if problem is None:
         from tora.cli.repl import run_repl

@@ -3,7 +3,7 @@
 On a terminal: a live table (tokens/s, trajectories/s, trajectories in
 flight, jobs waiting for a slot, grading queue, kernels in use, problems
 leased). Elsewhere (CI logs, pipes): one plain line every few seconds and
-the table at the end, as `tora.cli.progress` does for one process.
+the table at the end, as `tora.progress` does for one process.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tora.cli.progress import PLAIN_EVERY_S
 from tora.distributed.worker import WorkerStats
+from tora.progress import PLAIN_EVERY_S
 
 WINDOW_S = 10.0  # rates are measured over the last this many seconds
 

@@ -24,24 +24,16 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from sandbox import KernelPool, SandboxPolicy
+from sandbox import SandboxPolicy
 from tora.backends.base import Backend, Done, GenerationRequest, StreamEvent
 from tora.distributed.plan import Prior, ProblemPlan
 from tora.distributed.shards import shard_files
-from tora.engine import K, KernelSource
+from tora.loop import Loop, ManagedKernels
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory, TrajectoryWriter
 from tora.scheduler import Capacity, Job, Scheduler, episode_factory
-
-
-class ManagedKernels(KernelSource[K], Protocol[K]):
-    """A kernel source the worker starts and closes (sandbox.KernelPool fits)."""
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -148,9 +140,8 @@ class ShardWorker:
         self.setup = setup
         self.plan = setup.plan
         self.counts: Counter[str] = Counter()
+        self._loop: Loop | None = None
         self._scheduler: Scheduler | None = None
-        self._kernels: ManagedKernels[Any] | None = None
-        self._backend: Backend | None = None
         self._records: TrajectoryWriter | None = None
         self._kept: TrajectoryWriter | None = None
         self._node = ""
@@ -164,14 +155,13 @@ class ShardWorker:
         self._node = _node()
         inner = setup.backend_factory() if setup.backend_factory else load_backend(setup.model)
         inner.prepare(setup.template.prefix)
-        self._backend = MeteredBackend(inner, self.counts)
-        self.plan.start(self._backend)
-        kernels = (setup.kernels_factory() if setup.kernels_factory
-                   else KernelPool(setup.policy, size=min(setup.capacity.kernels, 8)))
-        await kernels.start()
-        self._kernels = kernels
-        make_episode = episode_factory(self._backend, setup.template, setup.model, setup.run_id)
-        self._scheduler = Scheduler(make_episode, kernels, grader=setup.grader, capacity=setup.capacity)
+        backend = MeteredBackend(inner, self.counts)
+        self.plan.start(backend)
+        make_episode = episode_factory(backend, setup.template, setup.model, setup.run_id)
+        loop = Loop(make_episode, setup.policy, setup.capacity, grader=setup.grader, backend=backend,
+                    kernels=setup.kernels_factory() if setup.kernels_factory else None)
+        await loop.start()
+        self._loop, self._scheduler = loop, loop.scheduler
         records, _ = shard_files(self.run_dir, self.name)
         self._records = TrajectoryWriter(records)
         return WorkerInfo(self.name, self._node, self._host, os.getpid(), inner.name, inner.model)
@@ -255,12 +245,8 @@ class ShardWorker:
     async def close(self) -> None:
         """Stop the grading workers and kernels, free the model, close the shard."""
         try:
-            if self._scheduler is not None:
-                await self._scheduler.aclose()
-            if self._kernels is not None:
-                await self._kernels.close()
-            if self._backend is not None:
-                await self._backend.aclose()
+            if self._loop is not None:
+                await self._loop.aclose()
         finally:
             for writer in (self._records, self._kept):
                 if writer is not None:

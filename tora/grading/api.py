@@ -149,11 +149,6 @@ def shutdown() -> None:
             _pool = None
 
 
-def pool_replacements() -> int:
-    """How many workers were killed and replaced (timeouts, crashes) so far."""
-    return _pool.replaced if _pool is not None else 0
-
-
 # --- entry points ------------------------------------------------------------
 
 

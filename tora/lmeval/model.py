@@ -36,18 +36,16 @@ from typing import Any
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from sandbox import KernelPool
 from tora.backends.base import cut_at_stops
 from tora.backends.registry import load_backend
-from tora.cli.options import config_from, sandbox_from
 from tora.data import problem_from_text
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.errors import ToraError, UsageError
+from tora.loop import Loop, LoopSettings
 from tora.paths import trajectories_dir
 from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
 from tora.record import Trajectory, TrajectoryWriter
-from tora.render import RENDERERS
-from tora.scheduler import Capacity, Job, Scheduler, origin_for
+from tora.scheduler import Job, origin_for
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +71,17 @@ class ToraLM(LM):  # type: ignore[misc]  # lm_eval is untyped
         unknown = sorted(set(harness) - _HARNESS_ARGS)
         if unknown:
             raise UsageError(f"tora model: unknown model argument(s) {', '.join(unknown)}; see tora/lmeval/model.py")
-        if render not in RENDERERS or run_on not in ("close", "output"):
-            raise UsageError(f"tora model: render must be one of {', '.join(sorted(RENDERERS))} and run_on "
-                             "'close' or 'output'")
-        options = {"temperature": float(temperature), "top_p": float(top_p), "seed": seed,
-                   "max_tool_calls": int(max_tool_calls), "max_tokens": int(max_tokens),
-                   "max_tokens_per_call": int(max_tokens_per_call), "timeout_s": float(timeout),
-                   "render_policy": render, "run_on": run_on, "fresh_namespace": bool(fresh_namespace),
-                   "isolation": isolation, "memory_mb": memory_mb}
+        try:
+            settings = LoopSettings.build(
+                temperature=temperature, top_p=top_p, seed=seed, max_tool_calls=max_tool_calls,
+                max_tokens=max_tokens, max_tokens_per_call=max_tokens_per_call, timeout_s=timeout,
+                render_policy=render, run_on=run_on, fresh_namespace=fresh_namespace, isolation=isolation,
+                memory_mb=memory_mb, concurrency=concurrency, kernels=kernels, graders=1)
+        except UsageError as exc:
+            raise UsageError(f"tora model: {exc}") from exc
         self.spec = str(model)
-        self.config = config_from(options)
-        self.policy = sandbox_from(options)
-        self.capacity = Capacity(in_flight=int(concurrency), kernels=int(kernels or concurrency), graders=1)
+        self.settings = settings
+        self.config = settings.config
         self.prompt = prompt
         self._templates: dict[str, PromptTemplate] = {}
         self._prepared = False
@@ -162,22 +159,19 @@ class ToraLM(LM):  # type: ignore[misc]  # lm_eval is untyped
                            config=job.config, spec=self.spec, sample_index=job.sample_index, origin=job.origin,
                            run_id=self.run_id)
 
-        pool = KernelPool(self.policy, size=min(self.capacity.kernels, 8))
-        scheduler = Scheduler(make_episode, pool, grader=None, capacity=self.capacity)
         writer = TrajectoryWriter(self.record_path) if self.record_path else None
         done: dict[tuple[str, int], Trajectory] = {}
         try:
-            await pool.start()
-            with tqdm(total=len(jobs), desc="tora trajectories", disable=disable_tqdm) as bar:
-                async with contextlib.aclosing(scheduler.run(jobs)) as results:
-                    async for result in results:
-                        if writer is not None:
-                            await writer.append(result.trajectory)
-                        done[result.pair] = result.trajectory
-                        bar.update(1)
+            # The model outlives this call (lm-eval calls generate_until per task): not the loop's to close.
+            async with Loop(make_episode, self.settings.policy, self.settings.capacity, grader=None) as loop:
+                with tqdm(total=len(jobs), desc="tora trajectories", disable=disable_tqdm) as bar:
+                    async with contextlib.aclosing(loop.scheduler.run(jobs)) as results:
+                        async for result in results:
+                            if writer is not None:
+                                await writer.append(result.trajectory)
+                            done[result.pair] = result.trajectory
+                            bar.update(1)
         finally:
-            await scheduler.aclose()
-            await pool.close()
             if writer is not None:
                 writer.close()
         return done

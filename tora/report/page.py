@@ -29,6 +29,7 @@ from typing import Any
 from tora.export.view import error_view, question_text, review_turns
 from tora.record import Trajectory
 from tora.report.charts import BLUE, GREEN, GREY, RED, Bar, columns, hbars, stacked
+from tora.report.curation import KEPT, CurationRun
 from tora.report.summary import Summary, verdict_label
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -64,7 +65,8 @@ def _turns(t: Trajectory) -> list[dict[str, Any]]:
     return out
 
 
-def browser_rows(records: Sequence[Trajectory], summary: Summary) -> list[dict[str, Any]]:
+def browser_rows(records: Sequence[Trajectory], summary: Summary,
+                 curation: CurationRun | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for i, t in enumerate(records):
         err = error_view(t)
@@ -79,6 +81,8 @@ def browser_rows(records: Sequence[Trajectory], summary: Summary) -> list[dict[s
             row["err"], row["ek"] = _cap(err.message, MAX_TRACEBACK), err.kind
         if i in summary.verdicts:
             row["v"] = [[v.grader, verdict_label(v.correct, v.status), v.pred] for v in summary.verdicts[i]]
+        if curation is not None:
+            row["why"] = curation.why[i]
         rows.append(row)
     return rows
 
@@ -164,6 +168,26 @@ def summary_html(records: Sequence[Trajectory], s: Summary) -> str:
     ])
 
 
+_YIELD_COLORS = {KEPT: GREEN, "failed": GREY, "wrong": RED, "tool error": "#ef6c00", "duplicate": BLUE,
+                 "over the cap": "#6a1b9a", "not final yet": "#bdbdbd"}
+
+
+def yield_html(curation: CurationRun) -> str:
+    """sampled -> graded correct -> kept, and why the rest were not."""
+    c = curation.yield_counts()
+    n = c["sampled"]
+    lead = (f'<p class="big">{c[KEPT]} kept <span class="muted">of {n} sampled ({c["correct"]} graded correct'
+            + (f"; {c['corrections kept']} teacher corrections kept too" if c["corrections kept"] else "")
+            + (f"; {c['contaminated problems']} problems excluded as contaminated, not sampled"
+               if c["contaminated problems"] else "") + ")</span></p>")
+    bar = stacked([(name, c[name], color) for name, color in _YIELD_COLORS.items() if c[name]])
+    rows = "".join(f"<tr><td>{escape(name)}</td><td>{c[name]}</td></tr>"
+                   for name in ("sampled", "correct", *_YIELD_COLORS, "corrections kept", "contaminated problems"))
+    note = ('<p class="muted">The browser below holds every trajectory of the run; the <em>kept</em> filter shows '
+            "the curated ones.</p>")
+    return _section("Curation yield", lead + bar + f"<table>{rows}</table>" + note, "yield")
+
+
 def _header(source: Path, manifest: dict[str, Any] | None, n: int, graders: list[str]) -> str:
     facts = [("records", str(source)), ("trajectories", str(n)), ("graders", ", ".join(graders) or "none")]
     if manifest:
@@ -177,7 +201,7 @@ def _header(source: Path, manifest: dict[str, Any] | None, n: int, graders: list
 
 
 def render(records: Sequence[Trajectory], summary: Summary, *, source: Path, title: str,
-           manifest: dict[str, Any] | None) -> str:
+           manifest: dict[str, Any] | None, curation: CurationRun | None = None) -> str:
     script = _asset("report.js")
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     csp = f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; img-src data:"
@@ -186,8 +210,8 @@ def render(records: Sequence[Trajectory], summary: Summary, *, source: Path, tit
         "<!--title-->": escape(title),
         "<!--css-->": _asset("report.css"),
         "<!--header-->": _header(source, manifest, len(records), summary.graders),
-        "<!--summary-->": summary_html(records, summary),
-        "<!--data-->": safe_json({"t": browser_rows(records, summary)}),
+        "<!--summary-->": (yield_html(curation) if curation else "") + summary_html(records, summary),
+        "<!--data-->": safe_json({"t": browser_rows(records, summary, curation)}),
         "<!--script-->": script,
     }
     page = _asset("template.html")

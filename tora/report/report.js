@@ -25,8 +25,12 @@
     wrong: function (r) { return r.c === false; },
     ungraded: function (r) { return r.c === null || r.c === undefined; },
     failed: function (r) { return r.fin === "error" || r.fin === "interrupted"; },
-    cellerror: function (r) { return r.ee > 0; }
+    cellerror: function (r) { return r.ee > 0; },
+    kept: function (r) { return r.why === "kept"; },
+    notkept: function (r) { return r.why !== undefined && r.why !== "kept"; }
   };
+  // A curation run's rows say whether each was kept (and why not): only then are those filters shown.
+  var curated = rows.some(function (r) { return r.why !== undefined; });
 
   function matches(r) {
     if (!FILTERS[state.filter](r)) return false;
@@ -59,6 +63,7 @@
       tr.appendChild(el("td", "ans", r.pid + (r.k ? " #" + r.k : "")));
       var v = el("td");
       v.appendChild(el("span", "tag " + verdict(r), verdict(r)));
+      if (r.why !== undefined) v.appendChild(el("span", "tag " + (r.why === "kept" ? "correct" : "why"), r.why));
       tr.appendChild(v);
       tr.appendChild(el("td", "", r.fin));
       tr.appendChild(el("td", "", r.tc));
@@ -88,6 +93,7 @@
     box.appendChild(el("h3", "", "#" + i + " · problem " + r.pid + " · sample " + r.k));
     var facts = el("p");
     facts.appendChild(el("span", "tag " + verdict(r), verdict(r)));
+    if (r.why !== undefined) facts.appendChild(el("span", "tag " + (r.why === "kept" ? "correct" : "why"), r.why));
     facts.appendChild(document.createTextNode(" finish " + r.fin + " · answer " + r.pred + " · reference " + r.ref +
       " · " + r.tc + " tool calls · origin " + r.origin));
     box.appendChild(facts);
@@ -122,6 +128,7 @@
   }
 
   document.querySelectorAll(".filters button").forEach(function (b) {
+    if (b.dataset.filter === "kept" || b.dataset.filter === "notkept") b.hidden = !curated;
     b.addEventListener("click", function () {
       document.querySelectorAll(".filters button").forEach(function (o) { o.classList.toggle("on", o === b); });
       state.filter = b.dataset.filter;

@@ -11,34 +11,32 @@ goes back, and the partial trajectory is recorded with finish `interrupted`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from sandbox import KernelPool, SandboxPolicy
 from tora.backends.base import Backend
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.events import Event
+from tora.loop import Loop, LoopSettings
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory, TrajectoryWriter
-from tora.scheduler import Capacity, Job, Scheduler, episode_factory, origin_for
+from tora.scheduler import Job, episode_factory, origin_for
 
 
 class Runner:
-    def __init__(self, backend: Backend, template: PromptTemplate, config: SolveConfig, policy: SandboxPolicy,
-                 capacity: Capacity, *, spec: str, writer: TrajectoryWriter | None, max_queued: int,
-                 run_id: str) -> None:
+    def __init__(self, backend: Backend, template: PromptTemplate, settings: LoopSettings, *, spec: str,
+                 writer: TrajectoryWriter | None, max_queued: int, run_id: str) -> None:
         self.backend = backend
         self.template = template
-        self.config = config
+        self.config = settings.config
         self.spec = spec
         self.writer = writer
         self.run_id = run_id
-        self.capacity = capacity
+        self.capacity = settings.capacity
         self._new_episode = episode_factory(backend, template, spec, run_id)
-        self.pool = KernelPool(policy, size=min(capacity.kernels, 8))
-        self.scheduler = Scheduler(self._make_episode, self.pool, grader=None, capacity=capacity)
-        self.max_admitted = capacity.in_flight + max_queued
+        self.loop = Loop(self._make_episode, settings.policy, settings.capacity, grader=None, backend=backend)
+        self.scheduler = self.loop.scheduler
+        self.max_admitted = settings.capacity.in_flight + max_queued
         self.admitted = 0  # trajectories running or waiting for a slot
         self.recorded = 0
         # Episodes by id(job), so that a cancelled one's partial trajectory can be recorded.
@@ -51,7 +49,7 @@ class Runner:
         return episode
 
     async def start(self) -> None:
-        await self.pool.start()
+        await self.loop.start()
 
     @property
     def queued(self) -> int:
@@ -108,10 +106,7 @@ class Runner:
         self.interrupt()
         if self._tasks:
             await asyncio.wait(list(self._tasks))
-        await self.scheduler.aclose()
-        with contextlib.suppress(Exception):
-            await self.pool.close()
-        await self.backend.aclose()
+        await self.loop.aclose()
 
     def health(self) -> dict[str, Any]:
         return {

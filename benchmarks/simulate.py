@@ -2,7 +2,7 @@
 
 For capacity planning and the scaling benchmark (benchmarks/bench_ray.py):
 how many workers an endpoint pool keeps busy, where trajectories/s stops
-growing. Nothing here is used by `tora eval` or `tora curate`.
+growing. Benchmark-only: it lives here, beside its one user, not in tora/.
 
 - `Endpoint`: a serving endpoint as a Ray actor. It holds `slots` sequences
   at once (continuous batching) and decodes each at `tokens_per_s`; a

@@ -65,24 +65,31 @@ class BatchProgress:
         return self
 
     def advance(self, hit: bool) -> None:
-        """One item done, and scored (eval, replay: an item is one sample)."""
-        self.score(hit)
-        self.complete()
+        """One item done, and scored (eval, replay: an item is one sample). One refresh after
+        both moved, so a plain line never shows a score without its count."""
+        self._count(hit)
+        self.done += 1
+        self._refresh()
 
     def score(self, hit: bool, **counts: int) -> None:
         """One sample scored; `counts` are added to the named counters."""
-        self.scored += 1
-        self.hits += hit
-        self.add(**counts)
+        self._count(hit, **counts)
+        self._refresh()
 
     def add(self, **counts: int) -> None:
-        for name, n in counts.items():
-            self.counts[name] = self.counts.get(name, 0) + n
+        self._count(None, **counts)
         self._refresh()
 
     def complete(self, n: int = 1) -> None:
         self.done += n
         self._refresh()
+
+    def _count(self, hit: bool | None, **counts: int) -> None:
+        if hit is not None:
+            self.scored += 1
+            self.hits += hit
+        for name, n in counts.items():
+            self.counts[name] = self.counts.get(name, 0) + n
 
     def _refresh(self) -> None:
         if self._bar is not None:
