@@ -207,19 +207,31 @@ async def test_an_episode_records_a_trajectory_with_the_real_model(engine: Engin
 
 @on_the_engine_loop
 async def test_a_stop_string_inside_a_token_keeps_the_whole_token(engine: Engine) -> None:
-    ids: list[int] = []
-    text, done = "", None
-    request = GenerationRequest("The quick brown fox jumps over the lazy", stop=["o"], max_tokens=32)
-    async for event in checked_stream(engine.backend, request):
-        if isinstance(event, Delta):
-            text += event.text
-            ids += event.token_ids
-            assert event.logprobs is not None and len(event.logprobs) == len(event.token_ids)
-        else:
-            done = event
-    assert isinstance(done, Done) and (done.stop, done.stop_string) == ("stop_string", "o")
-    assert "o" not in text and done.tail.startswith("o")
-    assert engine.backend.detokenize(ids) == text + done.tail
+    backend = engine.backend
+
+    async def run(stop: list[str]) -> tuple[str, list[int], Done]:
+        ids: list[int] = []
+        text, done = "", None
+        async for event in checked_stream(backend, GenerationRequest(CODE_PROMPT, stop=stop, max_tokens=32)):
+            if isinstance(event, Delta):
+                text += event.text
+                ids += event.token_ids
+                assert event.logprobs is not None and len(event.logprobs) == len(event.token_ids)
+            else:
+                done = event
+        assert done is not None
+        return text, ids, done
+
+    # A stop string that is the first character of a longer token the model writes anyway.
+    free, ids, _ = await run([])
+    pieces = [backend.detokenize(ids[: k + 1])[len(backend.detokenize(ids[:k])) :] for k in range(len(ids))]
+    assert "".join(pieces) == free
+    at = next(k for k, p in enumerate(pieces) if len(p) >= 2 and p[0] not in "".join(pieces[:k]))
+    stop = pieces[at][0]
+    text, cut_ids, done = await run([stop])
+    assert (done.stop, done.stop_string) == ("stop_string", stop)
+    assert cut_ids == ids[: at + 1] and text == "".join(pieces[:at]) and done.tail == pieces[at]
+    assert backend.detokenize(cut_ids) == text + done.tail
 
 
 @on_the_engine_loop
