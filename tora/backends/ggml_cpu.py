@@ -127,10 +127,11 @@ def _scores(found: dict[str, Path]) -> dict[str, int]:
 
 
 def probe_model() -> Path:
-    """What the probes load: the embedded model (small, always installed), whatever model is asked for."""
-    from tora.backends.embedded import embedded_model_path
+    """What the probes load: the tiny embedded model (small, quick to load, always installed),
+    whatever model is asked for."""
+    from tora import embedded_models
 
-    return embedded_model_path()
+    return embedded_models.model_path(embedded_models.TINY)
 
 
 def probe_all(*, stop_at_first: bool = True) -> list[Probe]:

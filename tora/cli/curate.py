@@ -65,7 +65,7 @@ from tora.errors import DataError, ToraError, UsageError
 from tora.evaluate import Pair, load_finished, regrade
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
-from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
+from tora.prompts import PromptTemplate, default_prompt, load_prompt
 from tora.record import Problem, TrajectoryWriter, read_trajectories, repair_tail
 from tora.run_dir import (
     CONTAMINATION,
@@ -83,7 +83,6 @@ from tora.scheduler import Capacity, Job, episode_factory, origin_for, sample_co
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions
 
-_MATH_SETS = {"math", "math500"}
 # Settings a resumed run must share with the run it continues: they decide what is kept.
 _FIXED = ("grader", "keep_tool_errors", "max_per_problem", "select_seed")
 
@@ -164,7 +163,7 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
         if not problems:
             raise UsageError(f"nothing to curate: every problem overlaps an evaluation set (see {out / CONTAMINATION}); "
                              "--allow-contaminated keeps them")
-        template = load_prompt(kw["prompt"] or ("tora-math" if problems_arg in _MATH_SETS else DEFAULT_PROMPT))
+        template = load_prompt(kw["prompt"] or default_prompt(kw["model"], problems_arg))
         state = Curation(problems, samples, KeepRule(keep_tool_errors), cap, select_seed, stop_when_full,
                          retry_errors, greedy_first)
         state.load(out)

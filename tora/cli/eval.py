@@ -50,7 +50,7 @@ from tora.errors import ToraError, UsageError
 from tora.evaluate import Pair, load_finished, regrade, work_list
 from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.metrics import compute_metrics
-from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
+from tora.prompts import PromptTemplate, default_prompt, load_prompt
 from tora.record import Problem, Trajectory, TrajectoryWriter
 from tora.run_dir import MANIFEST, METRICS, TRAJECTORIES, default_out, latest_out, write_json
 from tora.scheduler import Capacity, Graded, Job, episode_factory, origin_for, sample_config
@@ -58,7 +58,6 @@ from tora.scheduler import Capacity, Graded, Job, episode_factory, origin_for, s
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions, ClusterRun
 
-_MATH_SETS = {"math", "math500"}
 
 
 
@@ -99,7 +98,7 @@ def eval_cmd(dataset: str, limit: int | None, samples: int, grader: str, out: Pa
     if resume and has_shards(out):
         merge_shards(out)  # what the workers of a cluster run recorded counts as recorded, whichever engine resumes
     finished = {pair: t for pair, t in load_finished(traj_path).items() if pair in selected} if resume else {}
-    template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
+    template = load_prompt(kw["prompt"] or default_prompt(kw["model"], dataset))
     if finished:
         err.print(f"resuming {out}: {len(finished)} of {len(selected)} trajectories already recorded", highlight=False)
 
@@ -236,7 +235,8 @@ def _report(m: dict[str, Any], console: Console, as_json: bool) -> None:
     table.add_column(justify="right")
     rows: list[tuple[str, str]] = [("accuracy", f"{_pct(m['accuracy'])}  ({m['correct']}/{m['trajectories']})")]
     if "maj_at_k" in m:
-        rows += [(f"maj@{m['samples']}", _pct(m["maj_at_k"])), (f"pass@{m['samples']}", _pct(m["pass_at_k"]))]
+        rows += [(f"pass@1 (mean of {m['samples']})", _pct(m["pass_at_1"])), (f"maj@{m['samples']}", _pct(m["maj_at_k"])),
+                 (f"pass@{m['samples']}", _pct(m["pass_at_k"]))]
     rows += [
         ("problems", str(m["problems"])),
         ("missing", str(m["missing"])),

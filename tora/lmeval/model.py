@@ -44,7 +44,7 @@ from tora.data import problem_from_text
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.errors import ToraError, UsageError
 from tora.paths import trajectories_dir
-from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
+from tora.prompts import PromptTemplate, default_prompt, load_prompt
 from tora.record import Trajectory, TrajectoryWriter
 from tora.render import RENDERERS
 from tora.scheduler import Capacity, Job, Scheduler, origin_for
@@ -118,7 +118,7 @@ class ToraLM(LM):  # type: ignore[misc]  # lm_eval is untyped
 
     def _template(self, gen: dict[str, Any]) -> PromptTemplate:
         """The model argument `prompt`, else the task's `tora_prompt` generation kwarg, else the default."""
-        name = self.prompt or str(gen.get("tora_prompt") or DEFAULT_PROMPT)
+        name = self.prompt or str(gen.get("tora_prompt") or default_prompt(self.spec))
         if name not in self._templates:
             self._templates[name] = load_prompt(name)
             if not self._prepared:  # llama.cpp keeps one prefix's state: the first template's
