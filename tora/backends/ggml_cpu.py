@@ -251,7 +251,11 @@ def _child_generate(model: str, variant_path: str) -> None:
         return None
 
     llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
-    llm = llama_cpp.Llama(model_path=model, n_ctx=512, n_threads=os.cpu_count() or 1, verbose=False)
+    from tora.backends import cpu_threads
+
+    # As many threads as idle cores: more, on a busy machine, made the probe itself crawl (cpu_threads).
+    threads = cpu_threads.now()
+    llm = llama_cpp.Llama(model_path=model, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     # A prompt of several tokens exercises the batched matrix kernels (where
     # the AMX fault was), the decode the single-token ones.
     prompt = "Question: what is 12 times 7? Show the computation step by step, then the answer.\nAnswer:"
