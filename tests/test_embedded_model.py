@@ -28,8 +28,9 @@ def test_the_default_model_answers_the_readme_problem() -> None:
     assert proc.returncode == 0, proc.stderr
     t = json.loads(proc.stdout)
     assert t["generation"]["backend"] == "llama.cpp" and "qwen2.5-coder-1.5b" in t["generation"]["model"]
-    assert t["generation"]["prompt_template"]["name"] == "tir" and t["prompt"].startswith("<|im_start|>system\nPlease integrate")
+    assert t["generation"]["prompt_template"]["name"] == "pot"  # the model's own prompt (embedded_models.py)
     assert t["result"]["finish"] == "answered" and t["result"]["final_answer"] == "72"
+    assert [s["type"] for s in t["steps"]][:3] == ["text", "code", "execution"]  # PAL: it computed it
 
 
 def test_greedy_solve_executes_code_and_feeds_the_output_back() -> None:

@@ -32,7 +32,7 @@ def fake_model(site: Path, chunks: list[bytes] = CHUNKS, tag: str = "x") -> Embe
         (pkg / "data" / f"part{i:02d}.bin").write_bytes(chunk)
         parts.append(Part(pkg.name, f"data/part{i:02d}.bin", len(chunk), hashlib.sha256(chunk).hexdigest()))
     whole = b"".join(chunks)
-    return EmbeddedModel(spec=f"fake-{tag}", file_name=f"fake-{tag}.gguf", label="fake", prompt="tir", instruct=True,
+    return EmbeddedModel(spec=f"fake-{tag}", file_name=f"fake-{tag}.gguf", label="fake", prompt="tir", math_prompt="tir",
                          license="test", parts=tuple(parts), size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
 
 

