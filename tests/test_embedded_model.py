@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -28,9 +29,9 @@ def test_the_default_model_answers_the_readme_problem() -> None:
     assert proc.returncode == 0, proc.stderr
     t = json.loads(proc.stdout)
     assert t["generation"]["backend"] == "llama.cpp" and "qwen2.5-coder-1.5b" in t["generation"]["model"]
-    assert t["generation"]["prompt_template"]["name"] == "pot"  # the model's own prompt (embedded_models.py)
+    assert t["generation"]["prompt_template"]["name"] == "tora-gsm8k"  # the model's own (embedded_models.py)
     assert t["result"]["finish"] == "answered" and t["result"]["final_answer"] == "72"
-    assert [s["type"] for s in t["steps"]][:3] == ["text", "code", "execution"]  # PAL: it computed it
+    assert "execution" in [s["type"] for s in t["steps"]]  # it computed it in the kernel
 
 
 def test_greedy_solve_executes_code_and_feeds_the_output_back() -> None:
@@ -95,6 +96,13 @@ def test_cached_prefix_state_gives_the_same_greedy_text(tora_home: object) -> No
                 text += ev.text
         return text
 
+    # A KV cache of this test's own (the session shares one, where the default model's prefix
+    # may already lie), keeping the session's CPU-variant verdict.
+    shared = (Path(str(tora_home)) / "cache").resolve()
+    (Path(str(tora_home)) / "cache").unlink()
+    (Path(str(tora_home)) / "cache" / "kv").mkdir(parents=True)
+    if (shared / "ggml-cpu.json").is_file():
+        shutil.copy(shared / "ggml-cpu.json", Path(str(tora_home)) / "cache")
     cold = load_backend("embedded-tiny")
     expected = asyncio.run(greedy(cold))
     assert expected.strip()  # equal texts prove nothing if both are empty

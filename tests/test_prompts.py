@@ -37,7 +37,7 @@ def test_bad_templates_are_clear_errors(tmp_path: Path) -> None:
 def test_each_embedded_model_names_its_prompt_and_other_specs_get_toras_few_shot() -> None:
     from tora.prompts import default_prompt
 
-    assert default_prompt("embedded") == default_prompt("embedded", "svamp") == "pot"  # measured best (README)
+    assert default_prompt("embedded") == default_prompt("embedded", "svamp") == "tora-gsm8k"  # measured best
     assert default_prompt("embedded", "aime24") == "tora-math"
     assert default_prompt("embedded-tiny") == "tora-gsm8k"  # a base model: ToRA's few-shot, by data set
     assert default_prompt("embedded-tiny", "olympiadbench") == default_prompt("replay:x", "math500") == "tora-math"

@@ -103,10 +103,10 @@ QWEN_CODER_1_5B = EmbeddedModel(
     spec="embedded",
     file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
     label="qwen2.5-coder-1.5b-instruct (embedded, Q4_K_M)",
-    # Measured on GSM8K (benchmarks/bench_default_model.py, README): PAL (`pot`) 6/10 at 25 s
-    # per problem beat ToRA's few-shot (5/10, 39 s) and Qwen2.5-Math's chat TIR prompt (4/10,
-    # 87 s, and no code written). Competition maths gets ToRA's MATH few-shot prompt.
-    prompt="pot",
+    # Measured on the first GSM8K problems (benchmarks/bench_default_model.py, README): ToRA's
+    # few-shot prompt 12/20, PAL (`pot`) 10/20, Qwen2.5-Math's chat TIR prompt 4/10 (writing no
+    # code, at twice the tokens and time). ToRA's prompts, then, as for a base model.
+    prompt="tora-gsm8k",
     math_prompt="tora-math",
     license="Apache-2.0 (Qwen; tora/licenses/Qwen2.5-Coder-1.5B-Instruct.LICENSE)",
     parts=_qwen_parts(),
