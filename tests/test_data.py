@@ -20,7 +20,9 @@ SHIPPED = {
     "gsm-hard": "45db606263a4902580aba3974e8b7fb3f66012877889209af206b1c1b2f208f5",
     "svamp": "d0826ff1264f3860e46fc4e71db9e31d2d188960db87090e22677f9493e67a0d",
 }
-NOT_SHIPPED = {"asdiv": "CC BY-NC 4.0", "mawps": "no license upstream"}
+NOT_SHIPPED = {"asdiv": "CC BY-NC 4.0", "mawps": "no license upstream",
+               **dict.fromkeys(("aime24", "amc23", "minerva_math", "olympiadbench"), "competition problems")}
+COMPETITION = Path(__file__).parent / "data" / "competition"  # their first rows (see its README.md)
 
 KNOWN = {
     # name: (rows, index of a known row, id, start of text, end of text, answer)
@@ -45,6 +47,13 @@ KNOWN = {
         "9",
     ),
     "mawps": (2065, 0, "0", "Joan found 70 seashells on the beach.", "did she give to Sam ?", "43"),
+    "aime24": (30, 0, "60", "Every morning Aya goes for a $9$-kilometer-long wa",
+               "the $t$ minutes spent in the coffee shop.", "204"),
+    "amc23": (40, 0, "0", "Cities $A$ and $B$ are $45$ miles apart.", "from City $A$ will they be when they meet?", "27"),
+    "minerva_math": (272, 0, "0", "Each of the two Magellan telescopes has a diameter",
+                     "at the time of the observation is $45^{\\prime \\prime}$.", "1.6"),
+    "olympiadbench": (675, 0, "1606", "Xenia and Sergey play the following game.",
+                      "determine for sure the number Xenia thought of?", "2"),
 }
 
 
@@ -63,6 +72,35 @@ def test_known_row(name: str) -> None:
     assert (p.id, p.answer, p.source) == (pid, answer, name)
     assert p.text.startswith(start) and p.text.endswith(end)
     assert len({q.id for q in problems}) == rows  # ids are unique
+
+
+def test_competition_sets_are_read_as_qwen25_math_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORA_DATA_DIR", str(COMPETITION))
+    aime = load_problems("aime24")
+    assert [(p.id, p.answer, p.source, p.split) for p in aime] == [("60", "204", "aime24", "test"),
+                                                                   ("61", "113", "aime24", "test")]
+    amc = load_problems("amc23")
+    assert [(p.id, p.answer) for p in amc] == [("0", "27"), ("1", "36")]  # 27.0 in the file
+    minerva = load_problems("minerva_math")[0]
+    assert (minerva.id, minerva.answer, minerva.source) == ("0", "1.6", "minerva_math")
+    assert minerva.meta["type"] == "Introduction to Astronomy (8.282J Spring 2006)"
+    olympiad = load_problems("olympiadbench")
+    # final_answer[0] without its $...$; the unit is kept apart, not in the answer.
+    assert [p.answer for p in olympiad] == ["2", "\\frac{1}{2 n+2}",
+                                            "\\angle B E A_{1}=90$,$\\angle A E B_{1}=90"]
+    assert olympiad[0].meta == {"answer_type": "Numerical", "type": "Combinatorics"}
+    assert olympiad[2].meta["unit"] == "^{\\circ}"
+    assert all(p.text.strip() for p in olympiad)
+
+
+def test_a_competition_set_without_its_data_says_where_to_put_it(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import tora.data
+
+    monkeypatch.setenv("TORA_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(tora.data, "data_dirs", lambda: [tmp_path, PACKAGED])
+    with pytest.raises(DataError, match=r"not shipped with tora \(competition problems.*TORA_DATA_DIR/aime24/test.jsonl"):
+        load_problems("aime24")
 
 
 def test_meta_level_type_subject() -> None:

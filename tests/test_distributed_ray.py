@@ -288,7 +288,8 @@ def test_resume_after_the_driver_is_killed_runs_the_rest_once(cluster: str, tmp_
 @pytest.mark.slow
 def test_the_embedded_model_runs_in_a_worker(cluster: str, tmp_path: Path) -> None:
     out = tmp_path / "ray"
-    proc = tora(["eval", "gsm8k", "--limit", "1", "--max-tokens", "256", "--engine", "ray", "--address", cluster,
+    proc = tora(["eval", "gsm8k", "--limit", "1", "--model", "embedded-tiny", "--max-tokens", "256", "--engine", "ray",
+                 "--address", cluster,
                  "--actors", "1", "--out", str(out), "--json"], timeout=900)
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout)

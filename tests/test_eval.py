@@ -86,6 +86,29 @@ def _scripted(tmp_path: Path, delay: float = 0.0) -> tuple[Path, Path]:
     return data, released
 
 
+def test_a_competition_set_by_name_reports_pass_at_1_over_k_beside_maj_and_pass_at_k(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORA_DATA_DIR", str(ROOT / "tests" / "data" / "competition"))
+
+    def says(answer: str) -> str:
+        return f"```python\nprint({answer})\n```\n```output\n{answer}\n```\nSo $\\boxed{{{answer}}}$."
+
+    # AIME 2024 I 1 (204): right twice; I 2 (113): right once of two, and the tie goes to sample 0.
+    released = write_released(tmp_path / "samples.jsonl", [
+        {"idx": 60, "question": "q", "code": [says("204"), says("204")]},
+        {"idx": 61, "question": "q", "code": [says("113"), says("5")]},
+    ])
+    proc = run(["eval", "aime24", "--model", f"replay:{released}", "--samples", "2", "--out", str(tmp_path / "o"),
+                "--json"])
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    assert (m["dataset"], m["trajectories"], m["correct"]) == ("aime24", 4, 3)
+    assert (m["pass_at_1"], m["maj_at_k"], m["pass_at_k"]) == (0.75, 1.0, 1.0)
+    assert "pass@1 (mean of 2)" in proc.stderr and "maj@2" in proc.stderr
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["prompt"]["name"] == "tora-math"  # a competition set, and a model with no prompt of its own
+
+
 def test_samples_give_maj_and_pass_at_k_and_per_group_accuracy(tmp_path: Path) -> None:
     data, released = _scripted(tmp_path)
     proc = run(["eval", str(data), "--model", f"replay:{released}", "--samples", "3", "--out", str(tmp_path / "o"),
@@ -96,6 +119,7 @@ def test_samples_give_maj_and_pass_at_k_and_per_group_accuracy(tmp_path: Path) -
     assert (m["trajectories"], m["correct"], m["samples"]) == (9, 3, 3)
     assert m["accuracy"] == round(3 / 9, 6)
     assert m["maj_at_k"] == round(1 / 3, 6) and m["pass_at_k"] == round(2 / 3, 6)
+    assert m["pass_at_1"] == round((2 / 3 + 1 / 3 + 0) / 3, 6)
     assert m["by_type"] == {"algebra": {"n": 6, "correct": 3, "accuracy": 0.5},
                             "geometry": {"n": 3, "correct": 0, "accuracy": 0.0}}
     assert m["by_level"]["1"] == {"n": 3, "correct": 2, "accuracy": round(2 / 3, 6)}
@@ -162,7 +186,7 @@ def test_a_run_where_every_trajectory_fails_exits_1(tmp_path: Path) -> None:
 def test_real_embedded_model_on_twenty_gsm8k_problems(tmp_path: Path) -> None:
     out = tmp_path / "o"
     # Accuracy will be low; the point is that the run completes and every trajectory is recorded and graded.
-    proc = run(["eval", "gsm8k", "--limit", "20", "--out", str(out), "--json"], timeout=900)
+    proc = run(["eval", "gsm8k", "--limit", "20", "--model", "embedded-tiny", "--out", str(out), "--json"], timeout=900)
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout)
     assert m["trajectories"] == 20 and m["complete"] is True and m["grader"] == "math-verify"

@@ -1,4 +1,4 @@
-"""`tora models convert`: the embedded GGUF dequantised into a Hugging Face directory, for real.
+"""`tora models convert`: the tiny embedded GGUF dequantised into a Hugging Face directory, for real.
 
 The tests marked slow share one real conversion: the first in a test session takes about 100 s on 2 cores (more on a
 loaded machine); every later test reuses it through the session's shared models
@@ -23,7 +23,7 @@ from tora.errors import UsageError
 def converted_embedded() -> Path:
     for module in ("torch", "transformers", "gguf"):
         pytest.importorskip(module, reason=f"converting a GGUF model needs {module} (the hf extra)")
-    return convert(embedded_source())
+    return convert(embedded_source("embedded-tiny"))
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_the_conversion_is_a_stamped_bfloat16_safetensors_dir(embedded_hf: Path)
     config = json.loads((embedded_hf / "config.json").read_text())
     assert config["architectures"] == ["Gemma3ForCausalLM"]
     stamp = json.loads((embedded_hf / STAMP).read_text())
-    assert stamp["source"] == "embedded" and stamp["source_sha256"] == gemma.EXPECTED_SHA256
+    assert stamp["source"] == "embedded-tiny" and stamp["source_sha256"] == gemma.EXPECTED_SHA256
     assert stamp["dtype"] == "bfloat16" and "transformers" in stamp["converted_with"]
     weights = embedded_hf / "model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
@@ -61,7 +61,7 @@ def test_the_converted_tokenizer_and_weights_agree_with_the_gguf(embedded_hf: Pa
     from tora.backends.embedded import load_embedded
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_hf)
-    llama = load_embedded()
+    llama = load_embedded("embedded-tiny")
     texts = [
         "Natalia sold clips to 48 of her friends in April.\n```python\nprint(48 // 2)\n```\n```output\n24\n```\n",
         "Ünïcode — 3×4 = 12;\t tabs\n\n  $\\boxed{\\frac{1}{2}}$",
@@ -83,7 +83,7 @@ def test_a_second_conversion_only_reads_the_stamp(embedded_hf: Path) -> None:
     weights = embedded_hf / "model.safetensors"
     before = weights.stat().st_mtime_ns
     t0 = time.monotonic()
-    assert convert(embedded_source()) == embedded_hf
+    assert convert(embedded_source("embedded-tiny")) == embedded_hf
     assert time.monotonic() - t0 < 5
     assert weights.stat().st_mtime_ns == before
 
@@ -91,16 +91,16 @@ def test_a_second_conversion_only_reads_the_stamp(embedded_hf: Path) -> None:
 @pytest.mark.slow
 def test_the_cli_converts_lists_and_refuses_bad_input(embedded_hf: Path, tmp_path: Path) -> None:
     env = os.environ.copy()
-    proc = subprocess.run([*TORA, "models", "convert", "embedded"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([*TORA, "models", "convert", "embedded-tiny"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(embedded_hf)
-    assert "vllm:embedded" in proc.stderr
+    assert "vllm:embedded-tiny" in proc.stderr
 
     proc = subprocess.run([*TORA, "models", "list", "--json"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     rows = {row["name"]: row for row in map(json.loads, proc.stdout.splitlines())}
-    assert rows[embedded_hf.name]["spec"] == "vllm:embedded" and rows[embedded_hf.name]["format"] == "hf"
-    assert rows["gemma-3-270m-q4_k_m.gguf"]["spec"] == "embedded"
+    assert rows[embedded_hf.name]["spec"] == "vllm:embedded-tiny" and rows[embedded_hf.name]["format"] == "hf"
+    assert rows["gemma-3-270m-q4_k_m.gguf"]["spec"] == "embedded-tiny"
     assert rows[embedded_hf.name]["bytes"] > 400e6
 
     proc = subprocess.run([*TORA, "models", "convert", str(tmp_path / "nope.gguf")], capture_output=True, text=True,

@@ -1,5 +1,5 @@
 """The openai: backend against a real server: llama-cpp-python's `llama_cpp.server`
-serving the embedded Gemma 3 270M on loopback, started through
+serving the tiny embedded model (Gemma 3 270M) on loopback, started through
 tora.backends.llama_server (tora's CPU backend choice, its defaults) with an
 API key, and stopped at the end of the module.
 
@@ -56,7 +56,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Iterator[Ll
     (home / "cache").symlink_to(base / "cache", target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORA_HOME", str(home))
-        with LlamaServer(embedded_model_path(), args=["--api_key", SECRET, "--verbose", "False", *args],
+        with LlamaServer(embedded_model_path("embedded-tiny"), args=["--api_key", SECRET, "--verbose", "False", *args],
                          log=home / "server.log") as s:
             yield s
             assert s.proc is not None and s.proc.poll() is None, "the server died during the tests"
@@ -156,7 +156,7 @@ async def test_completions_protocol_records_a_real_trajectory(server: LlamaServe
     assert stops, "greedy Gemma writes a python block here: generation should have stopped at a loop stop"
     # Same engine, same model, greedy: the server's first answer is the in-process llama.cpp one.
     first_request, first_text, first_done = b.calls[0]
-    local = LlamaCppBackend(embedded_model_path())
+    local = LlamaCppBackend(embedded_model_path("embedded-tiny"))
     text, done = await collect(local, first_request)
     await local.aclose()
     assert (text, done.stop_string) == (first_text, first_done.stop_string)

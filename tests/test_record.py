@@ -137,6 +137,7 @@ def test_the_published_json_schema_matches_the_model() -> None:
 
 def test_records_validate_against_the_published_json_schema() -> None:
     import jsonschema  # the dev extra installs it
+
     from tora.record.schema import SCHEMA_FILE
 
     schema = json.loads(SCHEMA_FILE.read_text())

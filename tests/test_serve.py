@@ -409,7 +409,7 @@ def test_tora_api_key_from_the_environment(recording: Path) -> None:
 @pytest.mark.model
 def test_the_embedded_model_served(tmp_path: Path) -> None:
     record = tmp_path / "serve.jsonl"
-    with ServeProcess(["--model", "embedded", "--record-to", str(record), "--max-tokens", "160"]) as s:
+    with ServeProcess(["--model", "embedded-tiny", "--record-to", str(record), "--max-tokens", "160"]) as s:
         c = openai.OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=600)
         question = "What is 12 times 7?"
         out = c.chat.completions.create(model="tora", messages=[{"role": "user", "content": question}])

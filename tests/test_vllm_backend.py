@@ -1,4 +1,4 @@
-"""The vllm: backend against the real vLLM engine and the real (converted) embedded model.
+"""The vllm: backend against the real vLLM engine and the real (converted) tiny embedded model.
 
 Needs the second install tier: `./setup.sh --vllm`, then
 `.venv-vllm/bin/python -m pytest -q -m vllm`. Without vLLM every test here is
@@ -67,7 +67,7 @@ class Engine:
 async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncGenerator[Engine, None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORA_HOME", str(new_tora_home(tmp_path_factory)))
-        path = convert(embedded_source())
+        path = convert(embedded_source("embedded-tiny"))
         backend = VllmBackend(path, VllmOptions(enforce_eager=True, max_model_len=4096, kv_cache_gb=1.0))
         # Not multiprocessing's resource tracker: one per interpreter, it lives
         # as long as this one (and frees any shared memory vLLM left behind).
@@ -179,14 +179,14 @@ async def test_an_episode_records_a_trajectory_with_the_real_model(engine: Engin
         template=load_prompt("tora-gsm8k"),
         kernels=FreshKernels(SandboxPolicy(timeout_s=10)),
         config=SolveConfig(limits=Limits(max_tokens=600, max_tokens_per_call=300)),
-        spec="vllm:embedded",
+        spec="vllm:embedded-tiny",
     )
     events = [e async for e in episode.run()]
     final = events[-1]
     assert isinstance(final, Finished)
     t = final.trajectory
     assert t.result.finish != "error", t.result.error
-    assert t.generation.backend == "vllm" and t.generation.spec == "vllm:embedded"
+    assert t.generation.backend == "vllm" and t.generation.spec == "vllm:embedded-tiny"
     assert t.stats.completion_tokens > 0 and t.stats.prompt_tokens > 0
     executed = [s for s in t.steps if isinstance(s, ExecutionStep)]
     assert executed, "the model wrote no code block"
@@ -263,7 +263,7 @@ def test_solve_through_the_cli_keeps_stdout_json_and_writes_nothing_outside_tora
                            if not k.startswith(("XDG_", "VLLM_", "HF_", "TRANSFORMERS_", "TORCH"))}
     env.update(HOME=str(home), TORA_HOME=str(tora_home))
     proc = subprocess.run(
-        [*TORA, "solve", "--json", "--model", "vllm:embedded?enforce_eager=1&max_model_len=4096&kv_cache_gb=1",
+        [*TORA, "solve", "--json", "--model", "vllm:embedded-tiny?enforce_eager=1&max_model_len=4096&kv_cache_gb=1",
          "--max-tokens", "300", NATALIA],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )

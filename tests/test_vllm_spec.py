@@ -20,8 +20,9 @@ def test_options_are_parsed_and_typed() -> None:
 
 
 def test_the_embedded_model_gets_llama_cpps_context_and_a_bounded_kv_cache() -> None:
-    _, options = parse_spec("embedded")
-    assert options.max_model_len == 8192 and options.kv_cache_gb == 2.0
+    for spec in ("embedded", "embedded-tiny"):
+        _, options = parse_spec(spec)
+        assert options.max_model_len == 8192 and options.kv_cache_gb == 2.0
     _, options = parse_spec("embedded?max_model_len=2048&enforce_eager=true")
     assert options.max_model_len == 2048 and options.enforce_eager and options.kv_cache_gb == 2.0
 

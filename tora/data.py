@@ -3,7 +3,8 @@
 A built-in set NAME is read from the first of: `$TORA_DATA_DIR/NAME/test.jsonl`,
 `../shared/data/NAME/test.jsonl` beside the checkout (or beside the current
 directory), and the copy shipped inside the package (`tora/datasets/`, the
-MIT-licensed sets only; asdiv and mawps are not shipped, see `_NOT_SHIPPED`).
+MIT-licensed sets only; asdiv, mawps and the competition sets aime24, amc23,
+minerva_math and olympiadbench are not shipped, see `_NOT_SHIPPED`).
 `source_path` says which file that is, so a run can record it. Question text
 and reference answer are built the way ToRA builds them (its `parse_question`
 and `parse_ground_truth`: one builder per set below). Any other JSONL file
@@ -173,6 +174,37 @@ def _mawps(path: Path, line: int, row: Row) -> Problem:
     )
 
 
+# The competition sets, read as Qwen2.5-Math's evaluation reads them (../shared/data/README.md).
+
+
+def _competition(source: str) -> Callable[[Path, int, Row], Problem]:
+    """aime24 and amc23: `problem` / `answer` (amc23 writes 27.0 for 27)."""
+
+    def build(path: Path, line: int, row: Row) -> Problem:
+        return Problem(id=_row_id(path, line, row, "id"), text=_text(path, line, row, "problem"),
+                       answer=_text(path, line, row, "answer").strip(), source=source)
+
+    return build
+
+
+def _minerva_math(path: Path, line: int, row: Row) -> Problem:
+    problem = _math(path, line, row)
+    problem.source = "minerva_math"
+    return problem
+
+
+def _olympiadbench(path: Path, line: int, row: Row) -> Problem:
+    """`question` / `final_answer[0]` without its $...$; the `unit` is not part of the answer."""
+    answers = row.get("final_answer")
+    if not isinstance(answers, list) or not answers or not isinstance(answers[0], str) or not answers[0].strip("$ "):
+        raise DataError(path, line, "final_answer", "expected a list whose first item is the answer text")
+    meta: dict[str, Any] = {key: row[key] for key in ("answer_type", "unit") if row.get(key)}
+    if isinstance(row.get("subfield"), str):
+        meta["type"] = row["subfield"]
+    return Problem(id=_row_id(path, line, row, "id"), text=_text(path, line, row, "question"),
+                   answer=answers[0].strip().strip("$").strip(), source="olympiadbench", meta=meta)
+
+
 _BUILDERS: dict[str, tuple[str, Callable[[Path, int, Row], Problem]]] = {
     "gsm8k": ("gsm8k/test.jsonl", _gsm8k),
     "math": ("math/test.jsonl", _math),
@@ -181,12 +213,18 @@ _BUILDERS: dict[str, tuple[str, Callable[[Path, int, Row], Problem]]] = {
     "svamp": ("svamp/test.jsonl", _svamp),
     "asdiv": ("asdiv/test.jsonl", _asdiv),
     "mawps": ("mawps/test.jsonl", _mawps),
+    "aime24": ("aime24/test.jsonl", _competition("aime24")),
+    "amc23": ("amc23/test.jsonl", _competition("amc23")),
+    "minerva_math": ("minerva_math/test.jsonl", _minerva_math),
+    "olympiadbench": ("olympiadbench/test.jsonl", _olympiadbench),
 }
 DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 
 
 # Sets tora may not redistribute, and why: they are read only from a data folder.
-_NOT_SHIPPED = {"asdiv": "CC BY-NC 4.0, non-commercial", "mawps": "no license upstream"}
+_NOT_SHIPPED = {"asdiv": "CC BY-NC 4.0, non-commercial", "mawps": "no license upstream",
+                **dict.fromkeys(("aime24", "amc23", "minerva_math", "olympiadbench"),
+                                "competition problems, evaluation data read in place")}
 
 
 def dataset_path(name: str) -> Path | None:

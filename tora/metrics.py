@@ -3,8 +3,10 @@ run, `tora eval` and any later reader compute the same figures.
 
 Fractions are in [0, 1]. `accuracy` is over finished trajectories (all of
 them when the run is complete: `missing` is then 0). With K samples per
-problem, `maj_at_k` votes on the normalised answers and `pass_at_k` asks
-whether any sample was right.
+problem, `pass_at_1` is each problem's fraction of correct samples averaged
+over problems (how AIME and AMC results are usually reported: one greedy run of
+30 problems is too noisy), `maj_at_k` votes on the normalised answers and
+`pass_at_k` asks whether any sample was right.
 """
 
 from __future__ import annotations
@@ -91,8 +93,10 @@ def compute_metrics(
         "missing": len(by_id) * samples - n,
         "grader": grader,
     }
+    attempted = list(per_problem.values())
+    metrics["pass_at_1"] = (round(sum(sum(g.correct for g in s) / len(s) for s in attempted) / len(attempted), 6)
+                            if attempted else None)
     if samples > 1:
-        attempted = list(per_problem.values())
         metrics["maj_at_k"] = _frac(sum(majority_correct(s) for s in attempted), len(attempted))
         metrics["pass_at_k"] = _frac(sum(any(g.correct for g in s) for s in attempted), len(attempted))
     else:

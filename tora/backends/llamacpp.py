@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tora.backends import chat_template
+from tora.backends import chat_template, cpu_threads
 from tora.backends.base import Backend, Done, FinishReason, GenerationRequest, StreamEvent
 from tora.backends.ggml_cpu import ensure_cpu_backend
 from tora.backends.threaded import Sampled, stream_in_thread
@@ -76,11 +76,15 @@ class LlamaCppBackend(Backend):
             raise BackendError("llama-cpp-python is not installed: run ./setup.sh") from exc
         # Before the first Llama(): pick the CPU variant proven to run here.
         self.cpu_variant = ensure_cpu_backend()
+        # None: follow the idle cores call by call (cpu_threads says why).
+        self._fixed_threads = n_threads or cpu_threads.fixed()
+        self.n_threads = self._fixed_threads or cpu_threads.usable_cpus()
         try:
             self._llm: Any = Llama(
                 model_path=str(path),
                 n_ctx=n_ctx,
-                n_threads=n_threads or os.cpu_count() or 1,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
                 verbose=False,
             )
         except Exception as exc:
@@ -129,6 +133,7 @@ class LlamaCppBackend(Backend):
                 self._llm._requires_eval = True  # logits are not restored
                 return
         self._llm.reset()
+        self._follow_idle_cores()
         self._llm.eval(tokens)
         size = llama_cpp.llama_state_get_size(ctx)
         buf = (ctypes.c_uint8 * size)()
@@ -197,6 +202,7 @@ class LlamaCppBackend(Backend):
             def produce(cancel: threading.Event) -> Generator[Sampled, None, None]:
                 import llama_cpp
 
+                self._follow_idle_cores()  # here, in the worker thread: it waits a few ms
                 llm = self._llm
                 # As create_completion: a given seed, else the next of the model's own sequence.
                 llm.set_seed(request.seed if request.seed is not None else random.Random(llm._seed).randint(0, 2**32))
@@ -255,6 +261,16 @@ class LlamaCppBackend(Backend):
             return picked - norm, None
         best = np.argpartition(-logits, k)[:k]
         return picked - norm, {int(i): float(logits[i]) * scale - top - norm for i in best}
+
+    def _follow_idle_cores(self) -> None:
+        if self._fixed_threads is not None:
+            return
+        wanted = cpu_threads.now()
+        if wanted != self.n_threads:
+            import llama_cpp
+
+            llama_cpp.llama_set_n_threads(self._llm._ctx.ctx, wanted, wanted)
+            self.n_threads = wanted
 
     def _free_sampler(self) -> None:
         """Free the call's sampler now. llama-cpp-python builds one per completion; it

@@ -1,6 +1,7 @@
 """Model specs: one string names a model and its backend.
 
-    embedded            the shipped Gemma 3 270M (default)
+    embedded            the shipped Qwen2.5-Coder-1.5B-Instruct (default; tora/embedded_models.py)
+    embedded-tiny       the shipped Gemma 3 270M base: fast, for tests
     gguf:/path/x.gguf   any GGUF file through llama.cpp
     hf:/path/dir        a local Hugging Face model directory through transformers
     vllm:/path/dir      a local Hugging Face model directory through vLLM (vllm:embedded: the
@@ -24,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from tora import embedded_models
 from tora.backends.base import Backend
 from tora.backends.kinds import Kind, listing, plugins
 from tora.errors import ModelSpecError
@@ -31,12 +33,15 @@ from tora.errors import ModelSpecError
 DEFAULT_SPEC = "embedded"
 
 
-def _embedded(arg: str) -> Backend:
-    from tora.backends.embedded import load_embedded
+def _embedded(spec: str) -> Callable[[str], Backend]:
+    def factory(arg: str) -> Backend:
+        from tora.backends.embedded import load_embedded
 
-    if arg:
-        raise ModelSpecError("the spec 'embedded' takes no argument")
-    return load_embedded()
+        if arg:
+            raise ModelSpecError(f"the spec {spec!r} takes no argument")
+        return load_embedded(spec)
+
+    return factory
 
 
 def _gguf(arg: str) -> Backend:
@@ -70,7 +75,7 @@ def _openai(arg: str) -> Backend:
 
 
 BUILTIN: dict[str, Callable[[str], Backend]] = {
-    "embedded": _embedded,
+    **{spec: _embedded(spec) for spec in embedded_models.MODELS},
     "gguf": _gguf,
     "hf": _hf,
     "vllm": _vllm,
@@ -99,6 +104,6 @@ def load_backend(spec: str | None) -> Backend:
     factory = BUILTIN.get(kind) or (plugin.factory if plugin is not None else None)
     if factory is None:
         raise ModelSpecError(f"unknown model kind {kind!r} in {spec!r}; known kinds: {', '.join(known_kinds())}")
-    if kind != "embedded" and not arg:
+    if kind not in embedded_models.MODELS and not arg:
         raise ModelSpecError(f"model spec {spec!r} needs a path after '{kind}:'")
     return factory(arg)

@@ -1,8 +1,8 @@
 """Hugging Face model directories through vLLM, in process: the engine for batch work.
 
     vllm:/path/to/hf_dir[?OPTION=VALUE&...]   a local model directory
-    vllm:embedded[?...]                       the embedded Gemma 3 270M, converted once
-                                              to safetensors (tora models convert embedded)
+    vllm:embedded[?...]                       an embedded model (also vllm:embedded-tiny), converted
+                                              once to safetensors (tora models convert embedded)
 
 Options: enforce_eager (0/1: skip torch.compile, a much faster start-up and
 slower decoding), max_model_len, dtype, kv_cache_gb (the KV cache size, the
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from tora import embedded_models
 from tora.backends.base import Backend, Delta, Done, GenerationRequest, StopScanner, StreamEvent
 from tora.errors import BackendError, ModelSpecError, PromptError
 from tora.paths import home
@@ -104,7 +105,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {"max_model_len": 8192, "kv_cache_gb": 2.0}
 def parse_spec(arg: str) -> tuple[str, VllmOptions]:
     """`PATH?opt=v&...` -> (PATH, options); ModelSpecError names a bad option."""
     target, _, query = arg.partition("?")
-    given: dict[str, Any] = dict(EMBEDDED_DEFAULTS) if target == "embedded" else {}
+    given: dict[str, Any] = dict(EMBEDDED_DEFAULTS) if target in embedded_models.MODELS else {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
     except ValueError as exc:
@@ -143,12 +144,12 @@ def _isolate_environment() -> None:
 
 def resolve_model_dir(target: str) -> tuple[Path, str]:
     """The directory a spec's target names, and the model name to record."""
-    if target == "embedded":
+    if target in embedded_models.MODELS:
         from tora.backends.convert import convert, embedded_source
 
-        source = embedded_source()
-        out = convert(source, notify=lambda line: print(f"vllm:embedded: {line}", file=sys.stderr, flush=True))
-        return out, "gemma-3-270m (embedded, bf16 from Q4_K_M)"
+        source = embedded_source(target)
+        out = convert(source, notify=lambda line: print(f"vllm:{target}: {line}", file=sys.stderr, flush=True))
+        return out, embedded_models.get(target).label.replace("Q4_K_M)", "bf16 from Q4_K_M)")
     path = Path(target).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         raise ModelSpecError(

@@ -62,7 +62,7 @@ from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.loop import Loop, LoopSettings
 from tora.metrics import compute_metrics
 from tora.progress import BatchProgress
-from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
+from tora.prompts import PromptTemplate, default_prompt, load_prompt
 from tora.record import Problem, TrajectoryWriter, read_trajectories, repair_tail
 from tora.run_dir import (
     CONTAMINATION,
@@ -81,7 +81,6 @@ from tora.scheduler import Job, episode_factory, origin_for, sample_config
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions
 
-_MATH_SETS = {"math", "math500"}
 # Curate's own settings a resumed run must share with the run it continues (with those of every
 # batch verb, tora.run_settings): they decide what is sampled and what is kept.
 _FIXED = ("grader", "keep_tool_errors", "max_per_problem", "select_seed", "greedy_first")
@@ -149,7 +148,7 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
     chosen = {"samples": samples, "greedy_first": greedy_first, "grader": grader,
                 "keep_tool_errors": keep_tool_errors, "max_per_problem": cap, "select_seed": select_seed,
                 "stop_when_full": stop_when_full}
-    template = load_prompt(kw["prompt"] or ("tora-math" if problems_arg in _MATH_SETS else DEFAULT_PROMPT))
+    template = load_prompt(kw["prompt"] or default_prompt(kw["model"], problems_arg))
     settings = RunSettings.of("curate", kw["model"], config, loop.policy, template=template, dataset=problems_arg,
                               verb={name: chosen[name] for name in _FIXED})
     with locked(out, "curate"):

@@ -17,7 +17,23 @@ from rich.text import Text
 
 from tora import fences
 from tora.events import CodeBlockClosed, Event, ExecutionFinished, Finished, TextDelta, TurnStarted
-from tora.record.schema import Trajectory
+from tora.record.schema import TextStep, Trajectory
+
+
+def footer(t: Trajectory) -> str:
+    """Counts, wall time, and the model's speed: what a bigger model costs shows here.
+
+    A model call's time runs from the request to its last token, so it holds
+    the prompt's evaluation too; tok/s is generated tokens over that time.
+    """
+    s = t.stats
+    calls = [step for step in t.steps if isinstance(step, TextStep)]
+    model_s = sum(max(0.0, step.t_end - step.t_start) for step in calls)
+    line = f"{s.tool_calls} tool call(s), {s.completion_tokens} tokens, {s.wall_s:.1f}s"
+    if calls and model_s > 0:
+        line += (f" · {len(calls)} model call(s), {model_s / len(calls):.1f}s each, "
+                 f"{s.completion_tokens / model_s:.1f} tok/s")
+    return line
 
 
 class PlainPrinter:
@@ -37,6 +53,7 @@ class PlainPrinter:
         elif isinstance(event, Finished):
             answer = event.trajectory.result.final_answer
             write(f"\nanswer: {answer if answer is not None else '(none)'}  [{event.trajectory.result.finish}]\n")
+            write(f"{footer(event.trajectory)}\n")
         self.out.flush()
 
 
@@ -105,6 +122,5 @@ class RichPrinter:
             shown = f" (best guess: {r.final_answer}, by {r.extracted_by})" if r.final_answer else ""
             why = r.error or r.finish
             self.console.print(Text(f"No final answer: {why}{shown}", style="bold yellow"))
-        s = t.stats
-        self.console.print(Text(f"{s.tool_calls} tool call(s), {s.completion_tokens} tokens, {s.wall_s:.1f}s", style="dim"))
+        self.console.print(Text(footer(t), style="dim"))
 

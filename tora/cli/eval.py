@@ -48,7 +48,7 @@ from tora.grading import DEFAULT_GRADER, GRADERS
 from tora.loop import Loop, LoopSettings
 from tora.metrics import compute_metrics
 from tora.progress import BatchProgress
-from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
+from tora.prompts import PromptTemplate, default_prompt, load_prompt
 from tora.record import Problem, Trajectory, TrajectoryWriter
 from tora.run_dir import MANIFEST, METRICS, TRAJECTORIES, default_out, latest_out, locked, write_json
 from tora.run_settings import RunSettings
@@ -57,7 +57,6 @@ from tora.scheduler import Capacity, Graded, Job, episode_factory, origin_for, s
 if TYPE_CHECKING:
     from tora.distributed.driver import ClusterOptions, ClusterRun
 
-_MATH_SETS = {"math", "math500"}
 RESUME_ADVICE = "resume it with the settings it was run with, or pick another --out"
 
 
@@ -101,7 +100,7 @@ def _evaluate(dataset: str, problems: list[Problem], samples: int, grader: str, 
               kw: dict[str, Any]) -> int:
     """The run, under the folder's lock."""
     config, capacity = loop.config, loop.capacity
-    template = load_prompt(kw["prompt"] or ("tora-math" if dataset in _MATH_SETS else DEFAULT_PROMPT))
+    template = load_prompt(kw["prompt"] or default_prompt(kw["model"], dataset))
     settings = RunSettings.of("eval", kw["model"], config, loop.policy, template=template, dataset=dataset)
     traj_path = out / TRAJECTORIES
     previous = previous_run(out, settings, RESUME_ADVICE) if resume else None
@@ -243,7 +242,8 @@ def _report(m: dict[str, Any], console: Console, as_json: bool) -> None:
     table.add_column(justify="right")
     rows: list[tuple[str, str]] = [("accuracy", f"{_pct(m['accuracy'])}  ({m['correct']}/{m['trajectories']})")]
     if "maj_at_k" in m:
-        rows += [(f"maj@{m['samples']}", _pct(m["maj_at_k"])), (f"pass@{m['samples']}", _pct(m["pass_at_k"]))]
+        rows += [(f"pass@1 (mean of {m['samples']})", _pct(m["pass_at_1"])), (f"maj@{m['samples']}", _pct(m["maj_at_k"])),
+                 (f"pass@{m['samples']}", _pct(m["pass_at_k"]))]
     rows += [
         ("problems", str(m["problems"])),
         ("missing", str(m["missing"])),

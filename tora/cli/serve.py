@@ -24,7 +24,7 @@ from tora.backends.registry import load_backend
 from tora.cli.options import loop_options, loop_settings
 from tora.errors import UsageError
 from tora.paths import trajectories_dir
-from tora.prompts import DEFAULT_PROMPT, load_prompt
+from tora.prompts import default_prompt, load_prompt
 from tora.record import TrajectoryWriter
 
 
@@ -95,7 +95,7 @@ def serve(host: str, port: int, api_key: str | None, served_model_name: str, con
     config = settings.config
     if config.limits.max_tokens > max_tokens_limit:
         raise UsageError(f"--max-tokens {config.limits.max_tokens} is above --max-tokens-limit {max_tokens_limit}")
-    template = load_prompt(kw["prompt"] or DEFAULT_PROMPT)
+    template = load_prompt(kw["prompt"] or default_prompt(kw["model"]))
     sock = bind(host, port)
     backend = load_backend(kw["model"])
     backend.prepare(template.prefix)

@@ -21,7 +21,7 @@ from tora.data import problem_from_text
 from tora.engine import Episode, KernelSource, SolveConfig
 from tora.kernels import FreshKernels
 from tora.paths import trajectories_dir
-from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
+from tora.prompts import PromptTemplate, default_prompt, load_prompt
 from tora.record import Problem, Trajectory, TrajectoryWriter
 
 EXIT_BY_FINISH = {"answered": 0, "error": 1, "interrupted": 130}
@@ -61,7 +61,7 @@ def solve(problem: str | None, answer: str | None, as_json: bool, no_record: boo
     err = Console(stderr=True)
     with err.status("loading model…") if err.is_terminal and not as_json else contextlib.nullcontext():
         backend = load_backend(kw["model"])
-    template = load_prompt(kw["prompt"] or DEFAULT_PROMPT)
+    template = load_prompt(kw["prompt"] or default_prompt(kw["model"]))
     backend.prepare(template.prefix)
     writer = TrajectoryWriter(record_path) if record_path else None
     try:

@@ -43,7 +43,7 @@ from tora.engine import Episode, KernelSource, SolveConfig
 from tora.errors import ToraError, UsageError
 from tora.loop import Loop, LoopSettings
 from tora.paths import trajectories_dir
-from tora.prompts import DEFAULT_PROMPT, PromptTemplate, load_prompt
+from tora.prompts import PromptTemplate, default_prompt, load_prompt
 from tora.record import Trajectory, TrajectoryWriter
 from tora.scheduler import Job, origin_for
 
@@ -115,7 +115,7 @@ class ToraLM(LM):  # type: ignore[misc]  # lm_eval is untyped
 
     def _template(self, gen: dict[str, Any]) -> PromptTemplate:
         """The model argument `prompt`, else the task's `tora_prompt` generation kwarg, else the default."""
-        name = self.prompt or str(gen.get("tora_prompt") or DEFAULT_PROMPT)
+        name = self.prompt or str(gen.get("tora_prompt") or default_prompt(self.spec))
         if name not in self._templates:
             self._templates[name] = load_prompt(name)
             if not self._prepared:  # llama.cpp keeps one prefix's state: the first template's

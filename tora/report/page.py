@@ -154,7 +154,8 @@ def summary_html(records: Sequence[Trajectory], s: Summary) -> str:
                + stacked([("correct", correct, GREEN), ("wrong", n - correct - ungraded, RED),
                           ("ungraded", ungraded, GREY)]))
     if m.get("maj_at_k") is not None:
-        overall += f'<p>maj@{m["samples"]} {_pct(m["maj_at_k"])} · pass@{m["samples"]} {_pct(m["pass_at_k"])}</p>'
+        mean = f'pass@1 (mean of {m["samples"]}) {_pct(m["pass_at_1"])} · ' if m.get("pass_at_1") is not None else ""
+        overall += f'<p>{mean}maj@{m["samples"]} {_pct(m["maj_at_k"])} · pass@{m["samples"]} {_pct(m["pass_at_k"])}</p>'
     groups = "".join(_group_chart(m[key], f"accuracy by {key[3:]}") for key in ("by_type", "by_level") if key in m)
     hist = columns([(str(k), s.tool_calls[k]) for k in range(max(s.tool_calls, default=0) + 1)],
                    title="tool calls per trajectory")
