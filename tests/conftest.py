@@ -135,3 +135,36 @@ def assert_within(took: float, control: float, factor: float, *, fixed: float = 
     """`took` <= `factor` x the control measured in the same test + `fixed` (the design's own waits)."""
     bound = factor * control + fixed
     assert took <= bound, f"{what}: {took:.2f} s > {factor:g} x control {control:.2f} s + {fixed:g} s"
+
+
+def descendants(pid: int) -> list[Any]:
+    """Every process below `pid` (psutil.Process), to check none outlives a server."""
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def alive(procs: list[Any]) -> list[Any]:
+    """Those of `procs` still running (zombies count as gone)."""
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+# A cell that sends, signed as its own, output holding a lone surrogate (a JSON "\ud800" escape):
+# a trajectory used to be lost to it (tests of every output path use it).
+SURROGATE_CELL = (
+    "import json\n"
+    "_k = get_ipython().kernel\n"
+    "parts = [_k.session.pack(_k.session.msg_header('stream')), _k.session.pack(_k.get_parent()['header']),"
+    " b'{}', json.dumps({'name': 'stdout', 'text': 'a\\ud800b\\n'}).encode()]\n"
+    "_k.iopub_socket.send_multipart([b'stream', b'<IDS|MSG>', _k.session.sign(parts), *parts])\n"
+    "print(6 * 7)\n"
+)

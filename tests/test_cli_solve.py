@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import TORA, write_released
+from conftest import SURROGATE_CELL, TORA, write_released
 
 ANSWERED = "Compute.\n```python\nprint(6 * 7)\n```\n```output\n42\n```\nSo $\\boxed{42}$."
 
@@ -157,17 +157,7 @@ def test_repl_ctrl_c_interrupts_the_cell_and_keeps_the_session(tmp_path: Path, t
 
 
 def test_lone_surrogates_in_a_cells_output_reach_the_record_export_and_report(tmp_path: Path, tora_home: Path) -> None:
-    # The cell sends, signed as its own, output holding a lone surrogate (a
-    # JSON "\ud800" escape); the trajectory used to be lost to it.
-    cell = (
-        "import json\n"
-        "_k = get_ipython().kernel\n"
-        "parts = [_k.session.pack(_k.session.msg_header('stream')), _k.session.pack(_k.get_parent()['header']),"
-        " b'{}', json.dumps({'name': 'stdout', 'text': 'a\\ud800b\\n'}).encode()]\n"
-        "_k.iopub_socket.send_multipart([b'stream', b'<IDS|MSG>', _k.session.sign(parts), *parts])\n"
-        "print(6 * 7)\n"
-    )
-    completion = f"Compute.\n```python\n{cell}```\n```output\n42\n```\nSo $\\boxed{{42}}$."
+    completion = f"Compute.\n```python\n{SURROGATE_CELL}```\n```output\n42\n```\nSo $\\boxed{{42}}$."
     model = f"replay:{scripted(tmp_path, completion)}"
     for extra in ([], ["--json"]):
         proc = subprocess.run([*TORA, "solve", "--model", model, *extra, "What is 6*7?"], capture_output=True,

@@ -18,12 +18,11 @@ import httpx
 import psutil
 import pytest
 from click.testing import CliRunner
+from conftest import alive, descendants
 
 from tora.cli.main import cli
 from tora.errors import UsageError
 from tora.serve.process import SandboxServeProcess
-
-sandbox_fusion = pytest.importorskip("sandbox_fusion", reason="the tests call the service with SandboxFusion's client")
 
 KEY = "sandbox-key-0123456789"
 
@@ -53,20 +52,6 @@ class Nemo:
         assert set(body) == {"process_status", "stdout", "stderr", "new_session_created"}, body
         return body
 
-
-def descendants(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
-
-
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def stop_and_check(proc: SandboxServeProcess) -> None:

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
-from conftest import TORA, write_released
+from conftest import SURROGATE_CELL, TORA, alive, descendants, write_released
 
 from tora.serve.process import ServeProcess
 
@@ -31,15 +30,6 @@ KEY = "test-key-0123456789"
 SLEEPY_Q = "How long is a nap? (the recorded code sleeps)"
 TWICE_Q = "What is 2 + 3? (recorded twice)"
 SURROGATE_Q = "What does a cell print with a lone surrogate?"
-# The cell sends, signed as its own, output holding a lone surrogate (a JSON "\ud800" escape).
-SURROGATE_CELL = (
-    "import json\n"
-    "_k = get_ipython().kernel\n"
-    "parts = [_k.session.pack(_k.session.msg_header('stream')), _k.session.pack(_k.get_parent()['header']),"
-    " b'{}', json.dumps({'name': 'stdout', 'text': 'a\\ud800b\\n'}).encode()]\n"
-    "_k.iopub_socket.send_multipart([b'stream', b'<IDS|MSG>', _k.session.sign(parts), *parts])\n"
-    "print(6 * 7)\n"
-)
 
 
 def says(n: int, pause: float = 0.0) -> str:
@@ -59,20 +49,6 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
          "code": [f"Run it.\n```python\n{SURROGATE_CELL}```\n```output\n42\n```\nSo $\\boxed{{42}}$."]},
     ])
 
-
-def descendants(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
-
-
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def records(path: Path) -> list[dict[str, Any]]:
