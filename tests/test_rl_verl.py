@@ -131,7 +131,7 @@ def test_the_tora_loop_runs_in_verl_with_exact_tokens_and_mask() -> None:
     # The exact sequence: the prompt and response are what the server was last fed plus what it sampled.
     last_prompt, last_ids, _, params = server.calls[-1]
     assert out.prompt_ids + out.response_ids == last_prompt + last_ids
-    assert params == {"top_k": -1}, "verl's other sampling parameters reach its server"
+    assert params == {"top_k": -1, "logprobs": True}, "verl's other sampling parameters reach its server"
     # The mask: 1 on every id a server call sampled, 0 on the output blocks between them.
     n = len(out.prompt_ids)
     expect_mask = [0] * len(out.response_ids)

@@ -44,12 +44,13 @@ from tora.scheduler import Capacity, Graded, Job, Scheduler, episode_factory
 REWARD_KEY = "tora_reward"
 
 
-def tora_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
-    """The reward function to pass to GRPOTrainer: the reward tora's rollout computed (grader + rule)."""
+def tora_reward(completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+    """The reward function to pass to GRPOTrainer: the reward tora's rollout computed (grader + rule).
+    None where the grader gave no verdict: TRL leaves such a completion out of its group's baseline."""
     rewards = kwargs.get(REWARD_KEY)
     if rewards is None:
         raise UsageError("tora_reward needs the rollout_func to be tora.rl.trl.ToraRollout (no tora_reward field)")
-    return [float(r) for r in rewards]
+    return [None if r is None else float(r) for r in rewards]
 
 
 def question_of(prompt: Any) -> str:
