@@ -61,3 +61,12 @@ def test_solve_records_a_trajectory_from_an_hf_model(model_dir: Path) -> None:
     chat = json.loads(proc.stdout)
     assert chat["prompt"].startswith("<system>Integrate step-by-step reasoning") and chat["prompt"].endswith("<user>1+1?\n<assistant>")
     assert chat["generation"]["prompt_template"]["name"] == "chat"
+
+
+def test_records_exactly_the_sequence_the_model_read(model_dir: Path) -> None:
+    # The checks run in the subprocess (tests/token_checks.py); it prints what it saw.
+    proc = subprocess.run([*SCRIPT, "tokens", str(model_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert seen["token_path"] == "tokens" and seen["tokenizer"] and seen["model_id"]
+    assert seen["around_block"] and seen["block_text"] == "```output\n42\n```\n"

@@ -24,6 +24,18 @@ prompt and first steps, copied as they were, with its kernel state rebuilt
 by re-running the prefix's cells before the model continues. `tora correct`
 uses it to let a teacher continue a wrong trajectory; the budgets then bound
 what the continuation adds.
+
+Two paths (`Generation.token_path`). On a backend that takes token ids
+(`Backend.accepts_token_ids`: llama.cpp, transformers, vLLM in process) the
+episode carries the exact id sequence: the prompt tokenised once, then each
+call's sampled ids and each output block's ids, tokenised once when it is
+appended; every call is fed that sequence, so the model never reads a
+re-tokenisation of its own text, and the record holds it (`prompt_ids`,
+`token_ids`, `observation_ids`). Other backends take the text path, as
+before. A backend whose stream carries ids keeps whole tokens at a stop
+string (`Done.tail`, see `tora.record.schema` for how the text is cut). A
+continued trajectory (`Prefix`) takes the text path: its prefix was written
+by another model.
 """
 
 from __future__ import annotations
@@ -61,6 +73,7 @@ from tora.record.schema import (
     ExecutionStep,
     Finish,
     Generation,
+    ModelId,
     Problem,
     PromptRef,
     Result,
@@ -69,7 +82,9 @@ from tora.record.schema import (
     Sampling,
     Stats,
     Step,
+    Stop,
     TextStep,
+    TokenizerId,
     Trajectory,
 )
 from tora.render import CellLike, get_renderer, observation
@@ -188,6 +203,7 @@ class Episode:
         kernel: KernelLike | None = None,
         prefetch_kernel: bool = False,
         prefix: Prefix | None = None,
+        record_tokens: bool = True,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.problem = problem
@@ -233,6 +249,16 @@ class Episode:
         self._seq = itertools.count()
         self._kernel_info: dict[str, Any] = {}
         self.trajectory: Trajectory | None = None
+        # The token path: the exact sequence so far (prompt ids included), set in run().
+        # `record_tokens=False` takes the text path, logprobs off, on any backend
+        # (the control of benchmarks/bench_rollout.py).
+        self.record_tokens = record_tokens
+        self.tokens = (record_tokens and self.backend.accepts_token_ids and prefix is None
+                       and self._setup_error is None)
+        self.prompt_ids: list[int] | None = None
+        self._ids: list[int] = []
+        self._tokenizer_id: TokenizerId | None = None
+        self._model_id: ModelId | None = None
 
     @property
     def stops(self) -> list[str]:
@@ -258,6 +284,10 @@ class Episode:
         try:
             if self._setup_error is not None:
                 raise self._setup_error
+            await self._identify()
+            if self.tokens:
+                self.prompt_ids = self.backend.encode_prompt(self.prompt)
+                self._ids = list(self.prompt_ids)
             await self._rebuild_state()
             turn = 0
             while True:
@@ -266,7 +296,13 @@ class Episode:
                     break
                 yield self._event(TurnStarted, turn=turn)
                 step = TextStep(content="", t_start=self._elapsed())
+                if self.tokens:  # a call that samples nothing still has its (empty) ids
+                    step.token_ids, step.logprobs = [], []
                 self.steps.append(step)
+                # What the loop decides on: the step's text as the text path
+                # has it (cut at each stop string; a closing fence kept).
+                # `step.content` also holds the tails of whole tokens past a cut.
+                view = ""
                 done: Done | None = None
                 out_of_tokens = False
                 # One turn is one model call, or several when the model closes a
@@ -281,7 +317,10 @@ class Episode:
                     async for event in self._generate(completion + step.content, budget):
                         if isinstance(event, Delta):
                             step.content += event.text
-                            yield self._event(TextDelta, text=event.text)
+                            view += event.text
+                            _add_tokens(step, event)
+                            if event.text:
+                                yield self._event(TextDelta, text=event.text)
                         else:
                             done = event
                     assert done is not None  # checked_stream guarantees it
@@ -289,26 +328,37 @@ class Episode:
                     step.completion_tokens += done.completion_tokens
                     self.stats.prompt_tokens += done.prompt_tokens
                     self.stats.completion_tokens += done.completion_tokens
+                    step.stop = Stop(kind=done.stop, string=done.stop_string)
+                    # The whole last token, when the backend gives tokens: the
+                    # ids are what was sampled, so the text is too.
+                    if done.tail:
+                        step.content += done.tail
+                        yield self._event(TextDelta, text=done.tail)
                     if done.stop_string != fences.CLOSE_FENCE:
                         break
                     # The closing fence is the model's text: keep it, as it saw it.
-                    step.content += fences.CLOSE_FENCE
-                    yield self._event(TextDelta, text=fences.CLOSE_FENCE)
-                    if fences.code_to_run(step.content, False) is not None:
+                    view += fences.CLOSE_FENCE
+                    if not done.tail:
+                        step.content += fences.CLOSE_FENCE
+                        yield self._event(TextDelta, text=fences.CLOSE_FENCE)
+                    if fences.code_to_run(view, False) is not None:
                         break
                 assert done is not None
                 step.t_end = self._elapsed()
                 step.finish_reason = done.finish_reason
                 completion += step.content
+                if self.tokens:
+                    self._ids += step.token_ids or []
 
-                code = fences.code_to_run(step.content, done.stop_string == fences.OUTPUT_FENCE)
+                opened = done.stop_string == fences.OUTPUT_FENCE
+                code = fences.code_to_run(view, opened)
                 if code is None:
                     if out_of_tokens or done.finish_reason == "length":
                         finish = "max_tokens"  # cut off: not a final answer, whatever it says
-                    elif fences.in_open_block(step.content):
+                    elif fences.in_open_block(view):
                         finish = "no_answer"
                     else:
-                        finish = "answered" if fences.final_boxed(step.content) is not None else "no_answer"
+                        finish = "answered" if fences.final_boxed(view) is not None else "no_answer"
                     break
                 if self.stats.tool_calls - self._base_calls >= limits.max_tool_calls:
                     finish = "max_tool_calls"
@@ -316,7 +366,11 @@ class Episode:
                 self.stats.tool_calls += 1
                 self.steps.append(CodeStep(content=code))
                 yield self._event(CodeBlockClosed, code=code, index=self.stats.tool_calls)
-                exec_step = await self._execute(code, after=completion)
+                # The model's "```output" is in its text when its whole token was kept.
+                exec_step = await self._execute(code, after=completion, opened=opened and bool(done.tail))
+                if self.tokens:
+                    exec_step.observation_ids = self.backend.tokenize(exec_step.observation)
+                    self._ids += exec_step.observation_ids
                 self.steps.append(exec_step)
                 completion += exec_step.observation
                 yield self._event(ExecutionFinished, step=exec_step, index=self.stats.tool_calls)
@@ -336,6 +390,10 @@ class Episode:
 
     async def _generate(self, completion: str, budget: int) -> AsyncGenerator[StreamEvent, None]:
         sampling = self.config.sampling
+        step = self.steps[-1]
+        ids = None
+        if self.tokens and isinstance(step, TextStep):
+            ids = (*self._ids, *(step.token_ids or ()))  # the ids sampled so far in this turn too
         request = GenerationRequest(
             prompt=self.prompt + completion,
             stop=self.stops,
@@ -343,12 +401,24 @@ class Episode:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=sampling.seed,
+            prompt_ids=ids,
+            logprobs=self.record_tokens,
         )
         # aclosing: a cancelled episode must stop the model *now*, not
         # whenever the garbage collector finalises the stream.
         async with contextlib.aclosing(checked_stream(self.backend, request)) as stream:
             async for event in stream:
                 yield event
+
+    async def _identify(self) -> None:
+        """The tokenizer's and the model's identity, once per backend (hashing
+        weights takes a while the first time: off the event loop)."""
+        backend = self.backend
+
+        def both() -> tuple[TokenizerId | None, ModelId | None]:
+            return backend.tokenizer_identity(), backend.model_identity()
+
+        self._tokenizer_id, self._model_id = await asyncio.to_thread(both)
 
     async def _rebuild_state(self) -> None:
         """Re-run a prefix's cells so the kernel holds what the context says it does."""
@@ -369,7 +439,7 @@ class Episode:
             self._kernel_task = asyncio.ensure_future(self.kernels.acquire())
         return await self._kernel_task, False
 
-    async def _execute(self, code: str, after: str) -> ExecutionStep:
+    async def _execute(self, code: str, after: str, opened: bool = False) -> ExecutionStep:
         timeout = self.config.limits.timeout_s
         kernel, alone = await self._kernel()
         try:
@@ -392,7 +462,7 @@ class Episode:
             duration_s=cell.duration_s,
             render_policy=self.config.render.policy,
             rendered=rendered,
-            observation=observation(rendered, after),
+            observation=observation(rendered, after, opened=opened),
         )
 
     async def _release_kernel(self) -> None:
@@ -440,6 +510,9 @@ class Episode:
                 ),
                 max_tool_calls=cfg.limits.max_tool_calls,
                 run_on=cfg.render.run_on,
+                token_path="tokens" if self.tokens else "text",
+                tokenizer=self._tokenizer_id,
+                model_id=self._model_id,
             ),
             runtime=Runtime(
                 executor="ipykernel",
@@ -450,6 +523,7 @@ class Episode:
                 tora_version=__version__,
             ),
             prompt=self.prompt,
+            prompt_ids=self.prompt_ids,
             steps=list(self.steps),
             result=Result(final_answer=answer, extracted_by=rule, finish=finish, error=error),
             stats=self.stats.model_copy(),
@@ -457,6 +531,21 @@ class Episode:
         trajectory.content_hash = trajectory.compute_content_hash()
         self.trajectory = trajectory
         return trajectory
+
+
+def _add_tokens(step: TextStep, delta: Delta) -> None:
+    """Record a Delta's sampled ids and logprobs in its text step. Logprobs are
+    kept only while every id has one: a list that skips some would misalign."""
+    if not delta.token_ids:
+        return
+    if step.token_ids is None:
+        step.token_ids = []
+        step.logprobs = [] if delta.logprobs is not None else None
+    elif delta.logprobs is None:
+        step.logprobs = None
+    step.token_ids += delta.token_ids
+    if step.logprobs is not None and delta.logprobs is not None:
+        step.logprobs += delta.logprobs
 
 
 def _prefix_stats(steps: list[Step]) -> Stats:

@@ -104,7 +104,14 @@ def get_renderer(name: str) -> Callable[[CellLike, float | None], str]:
         raise UsageError(f"unknown render policy {name!r}; choose one of: {', '.join(RENDERERS)}") from None
 
 
-def observation(rendered: str, after: str) -> str:
-    """The exact text appended to the context: an ```output block on its own line."""
+def observation(rendered: str, after: str, *, opened: bool = False) -> str:
+    """The exact text appended to the context: an ```output block on its own line.
+
+    `opened`: the model's own text already opened the block (on the token
+    path its sampled "```output" is kept, see `tora.record.schema`): the
+    observation is the rest of the block, from the next line.
+    """
     lead = "" if not after or after.endswith("\n") else "\n"
+    if opened:
+        return f"{lead}{rendered}\n```\n"
     return f"{lead}```output\n{rendered}\n```\n"

@@ -67,6 +67,8 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...] | None = None
     # Alternatives to return beside each sampled token's logprob (0: none).
     top_logprobs: int = 0
+    # False: the caller records no logprobs, and a backend may skip computing them.
+    logprobs: bool = True
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,12 @@ CPU engines (llama.cpp, transformers) generate synchronously. Running them in
 a worker thread keeps the event loop free for every other trajectory's
 kernel; a `threading.Event` lets a cancelled consumer stop the engine at the
 next token instead of letting it run to max_tokens.
+
+A producer yields one `Sampled` per token: its text (already decoded, so the
+texts of a call concatenate to the decode of its ids), its id and logprob.
+The stop scanner cuts the text; the ids are passed on as they come, and at a
+stop the text of the sampled tokens past the cut becomes `Done.tail` (see
+`tora.backends.base`).
 """
 
 from __future__ import annotations
@@ -11,11 +17,21 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator
+from dataclasses import dataclass
 
 from tora.backends.base import Delta, Done, FinishReason, StopScanner, StreamEvent
 
-# A producer yields (text piece, token count) and returns how it ended.
-Producer = Callable[[threading.Event], Generator[tuple[str, int], None, None]]
+
+@dataclass(frozen=True)
+class Sampled:
+    text: str
+    token_id: int
+    logprob: float | None = None
+    top: dict[int, float] | None = None
+
+
+# A producer yields what it samples, token by token, until it ends or is cancelled.
+Producer = Callable[[threading.Event], Generator[Sampled, None, None]]
 
 _END = object()
 
@@ -27,7 +43,7 @@ async def stream_in_thread(
     prompt_tokens: int = 0,
     natural_finish: Callable[[], FinishReason],
 ) -> AsyncGenerator[StreamEvent, None]:
-    """Stream a producer's pieces, cut at the first stop string.
+    """Stream a producer's tokens, cut at the first stop string.
 
     `natural_finish` is asked, after the producer ran out, whether it stopped
     on the model's end of text ("eos") or on the token limit ("length").
@@ -37,15 +53,20 @@ async def stream_in_thread(
     cancel = threading.Event()
     scanner = StopScanner(stops)
     counted = [0]
+    texts = {"all": "", "emitted": ""}
 
     def work() -> None:
         pieces = produce(cancel)
         try:
-            for piece, n_tokens in pieces:
-                counted[0] += n_tokens
-                out = scanner.feed(piece)
-                if out:
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+            for piece in pieces:
+                counted[0] += 1
+                texts["all"] += piece.text
+                out = scanner.feed(piece.text)
+                texts["emitted"] += out
+                top = None if piece.top is None else (piece.top,)
+                logprobs = None if piece.logprob is None else (piece.logprob,)
+                delta = Delta(out, (piece.token_id,), logprobs, top)
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
                 if scanner.matched is not None or cancel.is_set():
                     break
             # Close the engine's generator here, in this thread, while we still
@@ -55,7 +76,8 @@ async def stream_in_thread(
             pieces.close()
             rest = scanner.flush()
             if rest:
-                loop.call_soon_threadsafe(queue.put_nowait, rest)
+                texts["emitted"] += rest
+                loop.call_soon_threadsafe(queue.put_nowait, Delta(rest))
         except BaseException as exc:  # surfaced in the consumer
             loop.call_soon_threadsafe(queue.put_nowait, exc)
         finally:
@@ -69,11 +91,12 @@ async def stream_in_thread(
                 break
             if isinstance(item, BaseException):
                 raise item
-            assert isinstance(item, str)
-            yield Delta(item)
+            assert isinstance(item, Delta)
+            yield item
         await worker
         if scanner.matched is not None:
-            yield Done("stop", scanner.matched, prompt_tokens, counted[0])
+            tail = texts["all"][len(texts["emitted"]) :]
+            yield Done("stop", scanner.matched, prompt_tokens, counted[0], tail)
         else:
             yield Done(natural_finish(), None, prompt_tokens, counted[0])
     finally:

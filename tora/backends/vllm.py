@@ -22,12 +22,22 @@ stop strings go to vLLM (it stops generating there) and through the same
 cancelled stream aborts its request; `aclose` shuts the engine core process
 down. vLLM is imported only here, with its caches pointed into `$TORA_HOME`
 and the hub offline: a model is always a local path.
+
+It takes token ids (`accepts_token_ids`): each request's prompt is the
+loop's exact id sequence (vLLM's `TokensPrompt`), and each sampled id comes
+with its logprob (`SamplingParams(logprobs=k)`). The engine reports
+`processed_logprobs`: those of the distribution it sampled from, at the
+request's temperature (after top-p truncation, which tora's other backends
+leave out: the same when top_p is 1). vLLM cuts its text at a stop string;
+the whole last token's text comes back in `Done.tail`, decoded from its ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import sys
 import uuid
@@ -40,6 +50,8 @@ from urllib.parse import parse_qsl
 from tora.backends.base import Backend, Delta, Done, GenerationRequest, StopScanner, StreamEvent
 from tora.errors import BackendError, ModelSpecError, PromptError
 from tora.paths import home
+from tora.record import identity
+from tora.record.schema import ModelId, TokenizerId
 
 
 def _flag(value: str) -> bool:
@@ -158,6 +170,7 @@ def load_vllm(arg: str) -> VllmBackend:
 
 class VllmBackend(Backend):
     name = "vllm"
+    accepts_token_ids = True
 
     def __init__(self, path: Path, options: VllmOptions | None = None) -> None:
         options = options or VllmOptions()
@@ -187,6 +200,8 @@ class VllmBackend(Backend):
             # generation_config.json (top_k, ...) must not change it silently.
             generation_config="vllm",
             disable_log_stats=True,
+            # The logprobs an RL trainer recomputes: at the sampling temperature.
+            logprobs_mode="processed_logprobs",
             **extra,
         )
         try:
@@ -199,6 +214,8 @@ class VllmBackend(Backend):
         self.max_model_len: int = self._engine.model_config.max_model_len
         self._tokenizer: Any = self._engine.tokenizer
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last: list[int] | None = None  # the last request's prompt_token_ids and output ids, as vLLM reported them
+        self._tokenizer_id: TokenizerId | None = None
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         if not getattr(self._tokenizer, "chat_template", None):
@@ -206,11 +223,35 @@ class VllmBackend(Backend):
         text: str = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text
 
-    def tokenize(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str) -> list[int]:
         # A chat template already wrote the BOS token: do not add a second one.
         bos = getattr(self._tokenizer, "bos_token", None)
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
         return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        text: str = self._tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text
+
+    def evaluated_ids(self) -> list[int] | None:
+        return None if self._last is None else list(self._last)
+
+    def tokenizer_identity(self) -> TokenizerId | None:
+        if self._tokenizer_id is None:
+            vocab = sorted(self._tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+            template = getattr(self._tokenizer, "chat_template", None)
+            self._tokenizer_id = TokenizerId(
+                name=self.path.name,
+                vocab_sha256=hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest(),
+                chat_template_sha256=identity.sha256_text(template) if isinstance(template, str) else None)
+        return self._tokenizer_id
+
+    def model_identity(self) -> ModelId | None:
+        return identity.hf_identity(self.path)
 
     def _check_loop(self) -> None:
         # The engine's output handler is a task on the loop of the first request.
@@ -227,7 +268,7 @@ class VllmBackend(Backend):
         if self._engine is None:
             raise BackendError("the vLLM engine was shut down")
         self._check_loop()
-        ids = self.tokenize(request.prompt)
+        ids = list(request.prompt_ids) if request.prompt_ids is not None else self.encode_prompt(request.prompt)
         budget = min(request.max_tokens, self.max_model_len - len(ids))
         if budget <= 0:
             yield Done("length", None, len(ids), 0)
@@ -239,33 +280,44 @@ class VllmBackend(Backend):
             seed=request.seed,
             stop=[s for s in request.stop if s] or None,
             output_kind=RequestOutputKind.DELTA,
+            logprobs=request.top_logprobs if request.logprobs else None,  # 0: the sampled token's own
         )
         (engine_input,) = await self._engine.renderer.render_cmpl_async([{"prompt_token_ids": ids}])
         scanner = StopScanner(request.stop)
-        produced = 0
+        sampled: list[int] = []
+        emitted = ""
+        read: list[int] | None = None
         finish: str | None = None
         stop_reason: object = None
         # aclosing: leaving early (our own stop, a closed or cancelled stream)
         # makes vLLM's generator abort the request, freeing its batch slot now.
         async with contextlib.aclosing(self._engine.generate(engine_input, params, uuid.uuid4().hex)) as outputs:
             async for output in outputs:
+                if read is None and output.prompt_token_ids is not None:
+                    read = list(output.prompt_token_ids)
                 piece = output.outputs[0]
-                produced += len(piece.token_ids)
+                new = tuple(int(i) for i in piece.token_ids)
+                sampled += new
                 text = scanner.feed(piece.text)
-                if text:
-                    yield Delta(text)
+                emitted += text
+                if text or new:
+                    yield Delta(text, new, _logprobs(new, piece.logprobs), _top(new, piece.logprobs, request.top_logprobs))
                 if scanner.matched is not None:
                     break
                 if piece.finish_reason is not None:
                     finish, stop_reason = piece.finish_reason, piece.stop_reason
+        self._last = None if read is None else read + sampled
+        produced = len(sampled)
         if scanner.matched is not None:
-            yield Done("stop", scanner.matched, len(ids), produced)
+            yield Done("stop", scanner.matched, len(ids), produced, self.detokenize(sampled)[len(emitted) :])
             return
         rest = scanner.flush()
         if rest:
+            emitted += rest
             yield Delta(rest)
         if finish == "stop" and isinstance(stop_reason, str) and stop_reason in request.stop:
-            yield Done("stop", stop_reason, len(ids), produced)
+            # vLLM cut its text at the stop string; the ids hold the whole token.
+            yield Done("stop", stop_reason, len(ids), produced, self.detokenize(sampled)[len(emitted) :])
         elif finish == "stop":  # the end-of-text token
             yield Done("eos", None, len(ids), produced)
         elif finish == "length":
@@ -288,3 +340,17 @@ class VllmBackend(Backend):
                 await handler
         # Blocking (it waits for the engine core process to exit): not on the loop.
         await asyncio.to_thread(engine.shutdown)
+
+
+def _logprobs(ids: tuple[int, ...], given: Any) -> tuple[float, ...] | None:
+    """The sampled ids' own logprobs from vLLM's per-token {id: Logprob} maps (None if it gave none)."""
+    if not given or len(given) != len(ids):
+        return None
+    return tuple(float(step[i].logprob) for i, step in zip(ids, given, strict=True))
+
+
+def _top(ids: tuple[int, ...], given: Any, k: int) -> tuple[dict[int, float], ...] | None:
+    if k <= 0 or not given or len(given) != len(ids):
+        return None
+    return tuple({int(i): float(lp.logprob) for i, lp in step.items() if lp.rank is not None and lp.rank <= k}
+                 for step in given)

@@ -38,12 +38,52 @@ def _rows(fmt: str, records: Sequence[Trajectory], source: Source, opts: dict[st
         if stats.inconsistent:
             tally.notes.append(f"{len(stats.inconsistent)} corrections whose prefix_lines do not match their "
                                f"parent (first: {stats.inconsistent[0]})")
+    elif fmt == "rl":
+        yield from _rl_rows(records, opts, tally)
     else:
         build: Callable[[Trajectory], dict[str, Any]] = (
             functools.partial(tora_row, spans=True) if fmt == "tora" and opts["output_spans"] else ROWS[fmt]
         )
         for t in records:
             yield build(t)
+
+
+def _rl_rows(records: Sequence[Trajectory], opts: dict[str, Any], tally: Tally) -> Iterator[dict[str, Any]]:
+    from tora.export.rl import RewardRule, retokenize, rl_row
+
+    rule = RewardRule.parse(opts["reward"])
+    tokenizer, name = None, None
+    if opts["retokenize"] is not None:
+        tokenizer, name = _tokenizer(opts["retokenize"]), opts["retokenize"].name
+    no_tokens: list[str] = []
+    ungraded: list[str] = []
+    for t in records:
+        row = rl_row(t, rule)
+        if row is None and tokenizer is not None:
+            row = rl_row(retokenize(t, tokenizer), rule, retokenized_with=name)
+        if row is None:
+            no_tokens.append(t.id)
+        elif row.reward is None:
+            ungraded.append(t.id)
+        else:
+            yield row.model_dump()
+    if no_tokens:
+        tally.notes.append(f"{len(no_tokens)} records without tokens left out (text path, replay or before schema "
+                           f"1.2; first: {no_tokens[0]}); --retokenize TOKENIZER_DIR re-tokenises them, marked in the row")
+    if ungraded:
+        tally.notes.append(f"{len(ungraded)} ungraded records left out: no reward (first: {ungraded[0]}; "
+                           "run tora grade first)")
+
+
+def _tokenizer(folder: Path) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ModuleNotFoundError as exc:
+        raise UsageError("--retokenize needs transformers: pip install 'tora-tir[hf]'") from exc
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise UsageError(f"--retokenize {folder}: not a tokenizer folder ({type(exc).__name__}: {exc})") from exc
 
 
 def _say(tally: Tally, written: int, what: str, where: str) -> None:
@@ -79,6 +119,13 @@ def _say(tally: Tally, written: int, what: str, where: str) -> None:
               help="preference: at most this many (chosen, rejected) pairs per problem.")
 @click.option("--parents", type=click.Path(dir_okay=False, exists=True, path_type=Path), multiple=True,
               help="correction: another records file holding the parents (a run folder's other file is read anyway).")
+@click.option("--reward", default=None, metavar="NAME=VALUE,...",
+              help="rl: the reward rule, over correct=1,wrong=0; terms added when they apply: no_answer, "
+                   "tool_error (per failed cell), truncated (e.g. no_answer=-0.5,tool_error=-0.1).")
+@click.option("--retokenize", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              metavar="TOKENIZER_DIR",
+              help="rl: tokenise records that carry no tokens with this tokenizer (marked in the row) "
+                   "instead of leaving them out.")
 @click.option("--skip-invalid", is_flag=True,
               help="Skip lines that are not valid records (a run killed mid-write leaves a torn last line).")
 def export(source: Path, fmt: str, out: Path | None, only_correct: bool, finishes: tuple[str, ...],
@@ -90,6 +137,10 @@ def export(source: Path, fmt: str, out: Path | None, only_correct: bool, finishe
     pairs = opts["rows_fmt"] if fmt == "parquet" else fmt
     if pairs in ("preference", "correction") and only_correct:
         raise UsageError(f"--only-correct leaves no wrong trajectory for --format {pairs}")
+    if pairs == "rl":
+        from tora.export.rl import RewardRule
+
+        RewardRule.parse(opts["reward"])  # a bad rule fails before anything is read
     src = resolve(source)
     if src.run_dir is not None:
         click.echo(f"reading {src.path}", err=True)

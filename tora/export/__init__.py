@@ -7,6 +7,7 @@ Every format is a pure function of `Trajectory` records (see
 |---|---|---|
 | tora, trl, openai, sharegpt | trajectory (JSONL) | `formats` |
 | preference, correction | pair of trajectories (JSONL) | `pairs` |
+| rl | trajectory with tokens: ids, loss mask, logprobs, reward (JSONL) | `rl` |
 | ipynb | trajectory (a notebook file in a folder) | `notebook` |
 | parquet | the rows of one JSONL format (`trl` by default) | `writers` |
 
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 from tora.export.view import failed
 from tora.record import Trajectory
 
-ROW_FORMATS = ("tora", "trl", "openai", "sharegpt", "preference", "correction")  # JSONL
+ROW_FORMATS = ("tora", "trl", "openai", "sharegpt", "preference", "correction", "rl")  # JSONL
 FILE_FORMATS = ("ipynb", "parquet")  # need --out
-FORMATS = ("tora", "trl", "openai", "sharegpt", "ipynb", "parquet", "preference", "correction")
+FORMATS = ("tora", "trl", "openai", "sharegpt", "ipynb", "parquet", "preference", "correction", "rl")
 
 
 @dataclass(frozen=True)

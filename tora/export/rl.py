@@ -67,7 +67,7 @@ class RewardRule(BaseModel):
         value = self.correct if t.result.correct else self.wrong
         if t.result.final_answer is None:
             value += self.no_answer
-        value += self.tool_error * t.stats.exec_errors
+        value += self.tool_error * sum(isinstance(s, ExecutionStep) and s.status != "ok" for s in t.steps)
         if t.result.finish == "max_tokens":
             value += self.truncated
         return value
@@ -92,8 +92,10 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
 
-def rl_row(t: Trajectory, rule: RewardRule | None = None, *, retokenized: bool = False) -> RLRow | None:
-    """The rollout of `t`, or None when the record carries no tokens."""
+def rl_row(t: Trajectory, rule: RewardRule | None = None, *, retokenized_with: str | None = None) -> RLRow | None:
+    """The rollout of `t`, or None when the record carries no tokens.
+
+    `retokenized_with`: `t` is a `retokenize`d copy, made with this tokenizer (marked in `meta`)."""
     rule = rule or RewardRule()
     if t.prompt_ids is None:
         return None
@@ -132,7 +134,8 @@ def rl_row(t: Trajectory, rule: RewardRule | None = None, *, retokenized: bool =
         "tool_calls": t.stats.tool_calls,
         "exec_errors": t.stats.exec_errors,
         "reward_rule": rule.model_dump(),
-        "tokens": "retokenized" if retokenized else "recorded",
+        "tokens": "retokenized" if retokenized_with else "recorded",
+        "retokenized_with": retokenized_with,
         "backend": gen.backend,
         "model": gen.model,
         "tokenizer": gen.tokenizer.model_dump() if gen.tokenizer else None,

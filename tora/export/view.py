@@ -79,7 +79,13 @@ class Turn:
 
 
 def cut_block(text: str, code: str) -> str:
-    """`text` without the block whose content is `code` (the last such block: the one the engine ran)."""
+    """`text` without the block whose content is `code` (the last such block: the one the engine ran).
+
+    An ```output line the model wrote last (kept on the token path, where the
+    observation holds the rest of that block) goes with it: it is the call's."""
+    at = text.rfind(fences.OUTPUT_FENCE)
+    if at >= 0 and (at == 0 or text[at - 1] == "\n") and not text[at + len(fences.OUTPUT_FENCE) :].strip():
+        text = text[:at]
     for block in reversed(fences.blocks(text)):
         if block.is_code and block.content == code:
             tail = text[block.end :]

@@ -3,8 +3,8 @@
 A file name says nothing (two GGUF quantisations share one), so a model is
 named by the sha256 of its bytes: the GGUF file, or for a Hugging Face
 directory its safetensors index (or single safetensors file) and tokenizer
-files. Hashing a model costs a second or more per GB, so each file's hash is
-computed once and kept in `$TORA_HOME/cache/file-sha256.json`, keyed by path,
+files. Hashing a model costs a second or more per GB, so each file's hash (and a
+GGUF vocabulary's) is computed once and kept in `$TORA_HOME/cache/file-sha256.json`, keyed by path,
 size and mtime: a file that changes gets a new hash.
 """
 
@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tora.paths import home
@@ -30,36 +30,47 @@ def _cache_path() -> Path:
     return home() / "cache" / "file-sha256.json"
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 of `path`'s bytes, cached by (absolute path, size, mtime)."""
+def _read(cache: Path) -> dict[str, str]:
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def cached_by_file(path: Path, label: str, compute: Callable[[], str]) -> str:
+    """`compute()`, a digest of what `path` holds, computed once per version of
+    the file: kept under (label, absolute path, size, mtime)."""
     path = Path(path).absolute()
     st = path.stat()
-    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    key = f"{label}:{path}:{st.st_size}:{st.st_mtime_ns}"
     cache = _cache_path()
     with _LOCK:
-        try:
-            known: dict[str, str] = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if key in known:
+        if key in (known := _read(cache)):
             return known[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
+    value = compute()
     with _LOCK:
-        try:
-            known = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            known = {}
-        known = {k: v for k, v in known.items() if not k.startswith(f"{path}:")}  # older versions of the file
+        stale = f"{label}:{path}:"  # older versions of the file
+        known = {k: v for k, v in _read(cache).items() if not k.startswith(stale)}
         known[key] = value
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_name(f"{cache.name}.{os.getpid()}.{threading.get_ident()}.partial")
         partial.write_text(json.dumps(known, indent=0, sort_keys=True))
         os.replace(partial, cache)
     return value
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of `path`'s bytes, cached by (absolute path, size, mtime)."""
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        with Path(path).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return cached_by_file(path, "sha256", digest)
 
 
 def _combined(files: Iterable[Path]) -> tuple[str, list[str]]:
@@ -79,9 +90,9 @@ def hf_identity(directory: Path) -> ModelId:
     """The safetensors index (or the single safetensors file) and the tokenizer files of `directory`."""
     directory = Path(directory)
     present = [directory / name for name in HF_FILES if (directory / name).is_file()]
-    kind = "safetensors" if any(p.name.startswith("model.safetensors") for p in present) else "other"
+    weights = any(p.name.startswith("model.safetensors") for p in present)
     sha, names = _combined(present)
-    return ModelId(kind=kind, sha256=sha, files=names)
+    return ModelId(kind="safetensors" if weights else "other", sha256=sha, files=names)
 
 
 def sha256_text(text: str) -> str:
