@@ -96,7 +96,7 @@ class TokenServerBackend(Backend):
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         ids = list(request.prompt_ids) if request.prompt_ids is not None else self.encode_prompt(request.prompt)
         params = {**self.extra, "temperature": request.temperature, "top_p": request.top_p,
-                  "max_tokens": request.max_tokens, "logprobs": True}
+                  "max_tokens": request.max_tokens, "logprobs": request.logprobs}
         if request.stop:
             params["stop"] = list(request.stop)
         out = await self.server.generate(self.request_id, prompt_ids=ids, sampling_params=params)
