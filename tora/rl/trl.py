@@ -39,7 +39,7 @@ from tora.grading import DEFAULT_GRADER
 from tora.kernels import KernelPool, SandboxPolicy
 from tora.prompts import PromptTemplate, load_prompt
 from tora.record import Problem
-from tora.scheduler import Capacity, Graded, Job, Scheduler, episode_factory
+from tora.scheduler import Capacity, Graded, Job, LiveKernels, Scheduler, episode_factory
 
 REWARD_KEY = "tora_reward"
 
@@ -98,6 +98,7 @@ class ToraRollout:
         self._stack: contextlib.AsyncExitStack | None = None
         self._scheduler: Scheduler | None = None
         self._backend: TransformersBackend | None = None
+        self._kernels: LiveKernels | None = None  # the scheduler's count, kept after close()
 
     def dataset_rows(self) -> list[dict[str, str]]:
         """One row per problem, `{"prompt": question}`: the train dataset for GRPOTrainer."""
@@ -170,6 +171,7 @@ class ToraRollout:
             self._stack.push_async_callback(pool.close)
             make = episode_factory(self._backend, self.template, f"live:{self._backend.model}", self.run_id)
             self._scheduler = Scheduler(make, pool, grader=self.grader, capacity=self.capacity)
+            self._kernels = self._scheduler.kernels
             self._stack.push_async_callback(self._scheduler.aclose)
         return self._scheduler
 
@@ -178,11 +180,12 @@ class ToraRollout:
     @property
     def kernels_live(self) -> int:
         """Kernels handed out and not yet given back (0 between calls)."""
-        return self._scheduler.kernels.live if self._scheduler else 0
+        return self._kernels.live if self._kernels else 0
 
     @property
     def kernels_peak(self) -> int:
-        return self._scheduler.kernels.peak if self._scheduler else 0
+        """The most kernels out at once, over every call so far."""
+        return self._kernels.peak if self._kernels else 0
 
     def close(self) -> None:
         """Stop the kernel pool and the grading workers."""
