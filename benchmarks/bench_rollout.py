@@ -1,6 +1,9 @@
 """Rollouts for RL: rollouts/s, and what recording exact tokens costs against the text path.
 
-    .venv/bin/python benchmarks/bench_rollout.py [--problems N] [--rounds R] [--max-tokens M]
+    .venv/bin/python benchmarks/bench_rollout.py [--problems N] [--rounds R] [--max-tokens M] [--threads T]
+
+(`--threads 1` on a machine shared with other jobs: llama.cpp's threads wait
+on each other at every step, which oversubscribed cores turn into seconds.)
 
 Side by side in one run, alternating the order each round:
 
@@ -12,7 +15,8 @@ Side by side in one run, alternating the order each round:
   both paths, so the wall times compare like for like (the script checks that
   the completions match and says so if they do not). Also the cost of one
   logprob computation against one decode step, which no machine load blurs.
-- replay: the embedded model's token-path records played back (the replay
+- replay: the embedded model's token-path records played back, each
+  `--replay-repeat` times (the replay
   backend has no tokens, so both paths are the text path: the overhead there
   is that of the loop's bookkeeping alone), with 4 trajectories in flight.
 
@@ -37,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from tora.backends.base import Backend
-from tora.backends.registry import load_backend
+from tora.backends.embedded import embedded_model_path
+from tora.backends.llamacpp import LlamaCppBackend
 from tora.backends.replay import ReplayBackend
 from tora.data import load_problems
 from tora.engine import Episode, Limits, SolveConfig
@@ -122,9 +127,12 @@ def report(label: str, sides: dict[str, Side], n: int) -> None:
     text, tokens = sides["text"], sides["tokens"]
     same = [a.completion() == b.completion() for a, b in zip(text.records, tokens.records, strict=True)]
     print(f"\n{label}: {n} rollouts x {len(text.walls)} rounds per path (medians)")
-    print(f"  {'path':<8} {'wall s':>8} {'rollouts/s':>11} {'ms/token':>9}")
+    print(f"  {'path':<8} {'wall s':>8} {'rollouts/s':>11} {'ms/token':>9}   every round's wall s")
     for name, side in sides.items():
-        print(f"  {name:<8} {side.wall:8.2f} {n / side.wall:11.2f} {side.per_token_ms():9.2f}")
+        rounds = " ".join(f"{w:.2f}" for w in side.walls)
+        print(f"  {name:<8} {side.wall:8.2f} {n / side.wall:11.2f} {side.per_token_ms():9.2f}   {rounds}")
+    pairs = [b / a - 1 for a, b in zip(text.walls, tokens.walls, strict=True)]
+    print("  per round, tokens against text: " + " ".join(f"{d:+.1%}" for d in pairs))
     overhead = tokens.wall / text.wall - 1
     print(f"  token recording overhead: {overhead:+.1%} of wall time (goal <= +3%); per token "
           f"{tokens.per_token_ms() / text.per_token_ms() - 1:+.1%}; "
@@ -149,12 +157,14 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--replay-repeat", type=int, default=16, help="replay: play each record this many times")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: every core)")
     args = parser.parse_args()
     problems = load_problems("gsm8k", limit=args.problems)
     config = SolveConfig(limits=Limits(max_tool_calls=2, max_tokens=args.max_tokens, timeout_s=10))
-    backend = load_backend("embedded")
+    backend = LlamaCppBackend(embedded_model_path(), n_threads=args.threads)
     lp_ms, step_ms = logprob_cost(backend)
-    print(f"llama.cpp: one logprob (softmax over {backend._n_vocab} logits) {lp_ms:.3f} ms; "  # type: ignore[attr-defined]
+    print(f"llama.cpp: one logprob (softmax over {backend._n_vocab} logits) {lp_ms:.3f} ms; "
           f"one decode step {step_ms:.2f} ms: {lp_ms / step_ms:.1%} of decoding")
     backend.prepare(TEMPLATE.prefix)  # as tora eval does: the few-shot prefix's KV state cached
     model = asyncio.run(compare(backend, problems, config, args.rounds, in_flight=1))
@@ -164,8 +174,9 @@ def main() -> None:
         with TrajectoryWriter(recorded) as writer:
             for t in model["tokens"].records:
                 writer.append_sync(t)
-        replay = asyncio.run(compare(ReplayBackend(recorded), problems, config, args.rounds, in_flight=4))
-    report("replay", replay, len(problems))
+        replayed = problems * args.replay_repeat
+        replay = asyncio.run(compare(ReplayBackend(recorded), replayed, config, args.rounds, in_flight=4))
+    report("replay", replay, len(replayed))
     trl_comparison(args)
     sys.stdout.flush()
 

@@ -19,7 +19,7 @@ from tora.engine import Episode, Limits, SolveConfig
 from tora.events import Finished
 from tora.kernels import FreshKernels, SandboxPolicy
 from tora.prompts import load_prompt
-from tora.record import CodeStep, ExecutionStep, Problem, Trajectory
+from tora.record import SCHEMA_VERSION, CodeStep, ExecutionStep, Problem, Trajectory
 
 WRONG = ("Let me set up.\n```python\ny = 3\nprint(y)\n```\n```output\n3\n```\n"
          "Now double it.\n```python\nprint(y + y)\n```\n```output\n6\n```\nSo $\\boxed{6}$.")
@@ -92,7 +92,7 @@ async def test_an_episode_continues_from_a_prefix_with_its_kernel_state_rebuilt(
     assert cell.status == "error" and "NameError" in cell.rendered
     # The record round-trips with the new field.
     again = Trajectory.model_validate_json(t.model_dump_json())
-    assert again.prefix_lines == 9 and again.schema_version == "1.1"
+    assert again.prefix_lines == 9 and again.schema_version == SCHEMA_VERSION
 
 
 # -- the verb ------------------------------------------------------------------------------

@@ -133,3 +133,20 @@ def test_the_published_json_schema_matches_the_model() -> None:
     assert SCHEMA_FILE.read_text() == json_schema_text()
     schema = json.loads(SCHEMA_FILE.read_text())
     assert "prompt_ids" in schema["properties"] and "token_ids" in schema["$defs"]["TextStep"]["properties"]
+
+
+def test_records_validate_against_the_published_json_schema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from tora.record.schema import SCHEMA_FILE
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    t = make()
+    t.prompt_ids = [2, 3]
+    step = t.steps[0]
+    assert isinstance(step, TextStep)
+    step.token_ids, step.logprobs = [4, 5], [-0.1, -0.2]
+    jsonschema.validate(json.loads(t.model_dump_json()), schema)
+    bad = json.loads(t.model_dump_json())
+    bad["steps"][0]["token_ids"] = ["four"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)

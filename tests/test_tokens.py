@@ -10,6 +10,7 @@ in test_vllm_backend.py.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ from tora.backends.registry import load_backend
 from tora.backends.replay import ReplayBackend
 from tora.engine import Episode, Limits, SolveConfig
 from tora.events import Finished
+from tora.export.rl import rl_row
 from tora.kernels import FreshKernels, SandboxPolicy
 from tora.prompts import load_prompt
 from tora.record import Problem, Trajectory
-from tora.record.schema import TextStep
+from tora.record.schema import ExecutionStep, TextStep
 
 NATALIA = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
            "How many clips did Natalia sell altogether in April and May?")
@@ -72,6 +74,16 @@ async def test_llamacpp_records_exactly_the_sequence_it_evaluated_around_a_real_
     assert ident.tokenizer is not None and len(ident.tokenizer.vocab_sha256) == 64
     again = Trajectory.model_validate_json(t.model_dump_json())
     assert again.token_sequence() == seq
+    # The rl row's mask: its 0-runs decode to exactly the output blocks, its 1-runs to the model's text.
+    row = rl_row(t)
+    assert row is not None and row.prompt_ids == t.prompt_ids and row.response_logprobs is not None
+    runs = [(mask, [i for i, _ in group]) for mask, group in
+            itertools.groupby(zip(row.response_ids, row.response_mask, strict=True), key=lambda p: p[1])]
+    assert [backend.detokenize(ids) for mask, ids in runs if mask == 0] == [
+        s.observation for s in t.steps if isinstance(s, ExecutionStep)]
+    assert "".join(backend.detokenize(ids) for mask, ids in runs if mask == 1) == "".join(
+        s.content for s in t.steps if isinstance(s, TextStep))
+    assert all(lp == 0.0 for lp, m in zip(row.response_logprobs, row.response_mask, strict=True) if m == 0)
 
 
 @pytest.mark.model

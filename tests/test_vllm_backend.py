@@ -25,6 +25,7 @@ import psutil
 import pytest
 import pytest_asyncio
 from conftest import TORA, collect, new_tora_home
+from token_checks import check_token_invariant
 
 from tora import fences
 from tora.backends.base import Delta, Done, GenerationRequest, checked_stream
@@ -197,6 +198,40 @@ async def test_an_episode_records_a_trajectory_with_the_real_model(engine: Engin
         writer.append_sync(t)
     (back,) = read_trajectories(tmp_path / "t.jsonl")
     assert back.content_hash == t.content_hash == t.compute_content_hash()
+    # The token path: the record's ids are exactly vLLM's prompt_token_ids of the last
+    # request and what it sampled, around a real output block, and decode to the text.
+    check_token_invariant(t, engine.backend)
+    assert t.generation.model_id is not None and t.generation.model_id.kind == "safetensors"
+    assert [s.type for s in t.steps].index("execution") < len(t.steps) - 1
+
+
+@on_the_engine_loop
+async def test_a_stop_string_inside_a_token_keeps_the_whole_token(engine: Engine) -> None:
+    backend = engine.backend
+
+    async def run(stop: list[str]) -> tuple[str, list[int], Done]:
+        ids: list[int] = []
+        text, done = "", None
+        async for event in checked_stream(backend, GenerationRequest(CODE_PROMPT, stop=stop, max_tokens=32)):
+            if isinstance(event, Delta):
+                text += event.text
+                ids += event.token_ids
+                assert event.logprobs is not None and len(event.logprobs) == len(event.token_ids)
+            else:
+                done = event
+        assert done is not None
+        return text, ids, done
+
+    # A stop string that is the first character of a longer token the model writes anyway.
+    free, ids, _ = await run([])
+    pieces = [backend.detokenize(ids[: k + 1])[len(backend.detokenize(ids[:k])) :] for k in range(len(ids))]
+    assert "".join(pieces) == free
+    at = next(k for k, p in enumerate(pieces) if len(p) >= 2 and p[0] not in "".join(pieces[:k]))
+    stop = pieces[at][0]
+    text, cut_ids, done = await run([stop])
+    assert (done.stop, done.stop_string) == ("stop_string", stop)
+    assert cut_ids == ids[: at + 1] and text == "".join(pieces[:at]) and done.tail == pieces[at]
+    assert backend.detokenize(cut_ids) == text + done.tail
 
 
 @on_the_engine_loop

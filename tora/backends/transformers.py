@@ -94,6 +94,7 @@ class TransformersBackend(Backend):
         self._fed: list[int] = []  # the ids the model's forward passes read in the last call
         self._identity_lock = threading.Lock()
         self._tokenizer_id: TokenizerId | None = None
+        self._model_id: ModelId | None = None
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -132,7 +133,12 @@ class TransformersBackend(Backend):
             return self._tokenizer_id
 
     def model_identity(self) -> ModelId | None:
-        return identity.hf_identity(self.path) if self.path is not None else None
+        if self.path is None:
+            return None  # a live model's weights change: no hash says which they were
+        with self._identity_lock:
+            if self._model_id is None:
+                self._model_id = identity.hf_identity(self.path)
+            return self._model_id
 
     # -- generation ---------------------------------------------------------------
 

@@ -214,8 +214,9 @@ class VllmBackend(Backend):
         self.max_model_len: int = self._engine.model_config.max_model_len
         self._tokenizer: Any = self._engine.tokenizer
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last: list[int] | None = None  # the last request's prompt_token_ids and output ids, as vLLM reported them
+        self._last: list[int] | None = None  # from the last request's prompt_token_ids and output ids
         self._tokenizer_id: TokenizerId | None = None
+        self._model_id: ModelId | None = None
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         if not getattr(self._tokenizer, "chat_template", None):
@@ -251,7 +252,9 @@ class VllmBackend(Backend):
         return self._tokenizer_id
 
     def model_identity(self) -> ModelId | None:
-        return identity.hf_identity(self.path)
+        if self._model_id is None:
+            self._model_id = identity.hf_identity(self.path)
+        return self._model_id
 
     def _check_loop(self) -> None:
         # The engine's output handler is a task on the loop of the first request.
@@ -306,7 +309,9 @@ class VllmBackend(Backend):
                     break
                 if piece.finish_reason is not None:
                     finish, stop_reason = piece.finish_reason, piece.stop_reason
-        self._last = None if read is None else read + sampled
+        # What the engine evaluated: the prompt it reports reading, and every sampled
+        # token but the last (never fed back), as the other backends see it.
+        self._last = None if read is None else read + sampled[:-1]
         produced = len(sampled)
         if scanner.matched is not None:
             yield Done("stop", scanner.matched, len(ids), produced, self.detokenize(sampled)[len(emitted) :])

@@ -26,16 +26,17 @@ tokenised once when it was appended). The token invariant:
     detokenize(text step's token_ids) == text step's content
 
 A stop string can end inside a token (the token "```output\n" holds the stop
-"```output"). The sampled ids are what they are, so on the token path a text
-step keeps the *whole* token that completed the stop: its `content` ends with
-the stop string and whatever else that token held, and the observation starts
-after it (e.g. content "...```output\n", observation "2\n```\n"). The text
-invariant above therefore still holds, and the stop string the model wrote is
-trained on (mask 1) while the output block's tokens are not (mask 0). On the
-text path (text-only backends, and the records before 1.2) a stop string other
-than the closing fence is cut from `content`, and the observation starts with
-its own ```output line, as before. A model's EOS id, when it samples one, is
-the last id of its text step; it has no text.
+"```output"). The sampled ids are what they are, so a text step keeps the
+*whole* token that completed the stop: its `content` ends with the stop string
+and whatever else that token held, and the observation starts after it (e.g.
+content "...```output\n", observation "2\n```\n"). The text invariant above
+therefore still holds, and the stop string the model wrote is trained on
+(mask 1) while the output block's tokens are not (mask 0). This holds
+wherever the backend streams token ids, on either path; from a backend without
+ids (replay, an OpenAI chat server; every record before 1.2) a stop string
+other than the closing fence is cut from `content`, and the observation starts
+with its own ```output line, as before. A model's EOS id, when it samples one,
+is the last id of its text step; it has no text.
 
 Absent is null: `prompt_ids`, `token_ids`, `logprobs` and `observation_ids`
 are null where the backend gave none (text path, replay, older records).
