@@ -36,7 +36,7 @@ from tora.engine import Limits, RenderSettings, SamplingParams, SolveConfig
 from tora.errors import UsageError
 from tora.export.rl import RewardRule, RLRow, rl_row
 from tora.grading import DEFAULT_GRADER
-from tora.kernels import KernelPool, SandboxPolicy
+from tora.kernels import KernelPool, SandboxPolicy, sandbox_policy
 from tora.prompts import PromptTemplate, load_prompt
 from tora.record import Problem
 from tora.scheduler import Capacity, Graded, Job, LiveKernels, Scheduler, episode_factory
@@ -88,7 +88,7 @@ class ToraRollout:
         self.reward = reward or RewardRule()
         self.limits = limits or Limits()
         self.render = render or RenderSettings()
-        self.policy = policy or SandboxPolicy(timeout_s=self.limits.timeout_s)
+        self.policy = policy or sandbox_policy(timeout_s=self.limits.timeout_s)  # TORA_SANDBOX_* apply
         self.capacity = capacity or Capacity(in_flight=8, kernels=8, graders=1)
         self.run_id = run_id
         self.calls = 0

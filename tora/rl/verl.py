@@ -40,7 +40,7 @@ from tora.engine import Limits, SamplingParams, SolveConfig
 from tora.errors import UsageError
 from tora.export.rl import RewardRule, rl_row
 from tora.grading import DEFAULT_GRADER
-from tora.kernels import KernelPool, SandboxPolicy
+from tora.kernels import KernelPool, sandbox_policy
 from tora.prompts import load_prompt
 from tora.record import Problem
 from tora.rl.server_backend import TokenServerBackend
@@ -62,7 +62,7 @@ async def worker_kernels(limit: int, timeout_s: float) -> LiveKernels:
     """This event loop's kernel source, started on first use and shared by its agent loops."""
     key = id(asyncio.get_running_loop())
     if key not in _KERNELS:
-        pool = KernelPool(SandboxPolicy(timeout_s=timeout_s), size=min(limit, 4))
+        pool = KernelPool(sandbox_policy(timeout_s=timeout_s), size=min(limit, 4))  # TORA_SANDBOX_* apply
         _KERNELS[key] = _Kernels(pool, LiveKernels(pool, limit))
         await pool.start()
     return _KERNELS[key].live
