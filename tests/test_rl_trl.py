@@ -16,9 +16,8 @@ trained on, and the test checks:
   difference per token, nats); and, as the control that this check can fail, after
   step 2's update the same tokens' logprobs have moved by more than LOGPROB_TOL.
 
-About 2 CPU-minutes (15 minutes of wall time on this 2-core machine at load
-average 20), plus the conversion (~100 s), which it shares with the other tests
-that convert.
+About 4 minutes on this 2-core machine at load average 5 (13-15 at load 20),
+plus the conversion (~100 s), which it shares with the other tests that convert.
 """
 
 from __future__ import annotations
