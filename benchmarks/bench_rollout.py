@@ -22,9 +22,10 @@ Side by side in one run, alternating the order each round:
 
 Goal: the token path costs <= 3 % of wall time.
 
-`trl_comparison` below is the hook for the TRL half of the benchmark (TRL's
-tool-calling GRPO path against tora's rollout_func, issue 16 section 5); it
-prints nothing until that is added.
+Then the TRL half (issue 16 section 5): `bench_rl_trl.py` in its own process,
+TRL's tool-calling GRPO path against tora's rollout_func on the same prompts
+and model (wall time per step, the fraction of masked tokens that were tool
+output).
 """
 
 from __future__ import annotations
@@ -140,7 +141,15 @@ def report(label: str, sides: dict[str, Side], n: int) -> None:
 
 def trl_comparison(args: argparse.Namespace) -> None:
     """TRL's tool-calling GRPO path against tora's rollout_func on the same prompts and model:
-    wall time per step and the fraction of masked tokens that were tool output. (To be added.)"""
+    wall time per step and the fraction of masked tokens that were tool output. It is
+    `bench_rl_trl.py`, run in a process of its own (torch and llama.cpp do not share one)."""
+    import subprocess
+
+    script = Path(__file__).with_name("bench_rl_trl.py")
+    print("\nTRL's tool-calling GRPO vs tora's rollout_func (benchmarks/bench_rl_trl.py):", flush=True)
+    proc = subprocess.run([sys.executable, str(script), "--problems", str(args.problems)], check=False)
+    if proc.returncode != 0:
+        print(f"  bench_rl_trl.py failed (exit {proc.returncode})")
 
 
 def main() -> None:
