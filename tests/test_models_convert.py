@@ -68,13 +68,13 @@ def test_the_converted_tokenizer_and_weights_agree_with_the_gguf(embedded_hf: Pa
         "<start_of_turn>user\nhi<end_of_turn>\n",
     ]
     for text in texts:
-        assert tokenizer.encode(text) == llama.tokenize(text), text
+        assert tokenizer.encode(text) == llama.encode_prompt(text), text  # BOS, special tokens parsed
     model = AutoModelForCausalLM.from_pretrained(embedded_hf, dtype=torch.bfloat16)
     for prompt in ["The capital of France is", "1, 2, 3, 4, 5,", "def fibonacci(n):\n"]:
         inputs = tokenizer(prompt, return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         ours = tokenizer.decode(out[0][inputs["input_ids"].shape[1]:])
-        theirs = llama._llm.create_completion(llama.tokenize(prompt), max_tokens=6, temperature=0)
+        theirs = llama._llm.create_completion(llama.encode_prompt(prompt), max_tokens=6, temperature=0)
         assert ours == theirs["choices"][0]["text"], prompt
 
 

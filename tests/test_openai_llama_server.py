@@ -312,7 +312,7 @@ async def test_completions_logprobs_from_the_real_server_are_the_models(server: 
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(str(embedded_model_path()), n_ctx=256, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(str(embedded_model_path("embedded-tiny")), n_ctx=256, logits_all=True, verbose=False)
     llm.eval(llm.tokenize(request.prompt.encode(), add_bos=True))
     want = []
     for _ in range(request.max_tokens):

@@ -46,7 +46,7 @@ async def solve(backend: Any, problem: Problem, **limits: Any) -> Trajectory:
 
 @pytest.mark.model
 async def test_llamacpp_records_exactly_the_sequence_it_evaluated_around_a_real_output_block() -> None:
-    backend = load_backend("embedded")
+    backend = load_backend("embedded-tiny")
     assert isinstance(backend, LlamaCppBackend)
     evaluated = []  # how many tokens each llama.cpp eval read: the prefix cache must keep working
     real_eval = backend._llm.eval
@@ -88,7 +88,7 @@ async def test_llamacpp_records_exactly_the_sequence_it_evaluated_around_a_real_
 
 @pytest.mark.model
 async def test_a_stop_string_inside_a_token_keeps_the_whole_token() -> None:
-    backend = load_backend("embedded")
+    backend = load_backend("embedded-tiny")
     ids: list[int] = []
     logprobs: list[float] = []
     text, done = "", None

@@ -414,6 +414,9 @@ class Episode:
         """The tokenizer's and the model's identity, once per backend (hashing
         weights takes a while the first time: off the event loop)."""
         backend = self.backend
+        kind = type(backend)
+        if kind.tokenizer_identity is Backend.tokenizer_identity and kind.model_identity is Backend.model_identity:
+            return  # a backend with no identity to compute (replay, text-only servers): no thread hop
 
         def both() -> tuple[TokenizerId | None, ModelId | None]:
             return backend.tokenizer_identity(), backend.model_identity()
