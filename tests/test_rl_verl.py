@@ -35,17 +35,17 @@ NATALIA = ("Natalia sold clips to 48 of her friends in April, and then she sold 
 
 
 def converted() -> Path:
-    """The embedded model as safetensors. verl pins a transformers without GGUF
+    """The tiny embedded model (Gemma 3 270M) as safetensors. verl pins a transformers without GGUF
     dequantisation, so a conversion not yet made is made by the main venv's tora."""
     from tora.backends.convert import convert, embedded_source
 
     try:
-        return convert(embedded_source())
+        return convert(embedded_source("embedded-tiny"))
     except BackendError:
         main = ROOT / ".venv" / "bin" / "python"
         if not main.exists():
             pytest.skip("the model is not converted and .venv (with the hf extra) is not there to convert it")
-        proc = subprocess.run([str(main), "-m", "tora.cli.main", "models", "convert", "embedded"],
+        proc = subprocess.run([str(main), "-m", "tora.cli.main", "models", "convert", "embedded-tiny"],
                               capture_output=True, text=True, env=os.environ.copy(), timeout=900)
         assert proc.returncode == 0, proc.stderr
         return Path(proc.stdout.strip())
