@@ -66,7 +66,7 @@ class ClusterOptions:
     def describe(self, run: ClusterRun) -> dict[str, Any]:
         """The manifest's `engine` entry of a session."""
         return {"name": "ray", "address": self.address, "session": run.session,
-                "workers": [{"name": w.name, "node": w.node, "host": w.host} for w in run.workers],
+                "workers": [{"name": w.name, "node": w.node, "host": w.host} for w in sorted(run.workers, key=lambda w: w.name)],
                 "worker_cpus": self.worker_cpus, "worker_gpus": self.worker_gpus}
 
 
