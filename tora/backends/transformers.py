@@ -27,9 +27,10 @@ from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 from typing import Any
 
-from tora.backends.base import Backend, Done, FinishReason, GenerationRequest, StreamEvent
+from tora.backends.base import Done, FinishReason, GenerationRequest, StreamEvent
+from tora.backends.hf_tokens import HFTokenizerBackend
 from tora.backends.threaded import Sampled, stream_in_thread
-from tora.errors import BackendError, ModelSpecError, PromptError
+from tora.errors import BackendError, ModelSpecError
 from tora.record import identity
 from tora.record.schema import ModelId, TokenizerId
 
@@ -47,7 +48,7 @@ def _import_torch() -> Any:
     return torch
 
 
-class TransformersBackend(Backend):
+class TransformersBackend(HFTokenizerBackend):
     name = "transformers"
     accepts_token_ids = True
 
@@ -95,28 +96,6 @@ class TransformersBackend(Backend):
         self._identity_lock = threading.Lock()
         self._tokenizer_id: TokenizerId | None = None
         self._model_id: ModelId | None = None
-
-    def format_chat(self, messages: list[dict[str, str]]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise PromptError(f"{self.model} has no chat template; use a completion prompt (e.g. --prompt tora-gsm8k)")
-        text: str = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text
-
-    # -- tokens -----------------------------------------------------------------
-
-    def encode_prompt(self, text: str) -> list[int]:
-        # A chat template already wrote the BOS token: do not add a second one.
-        bos = getattr(self.tokenizer, "bos_token", None)
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
-        return ids
-
-    def tokenize(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-        return ids
-
-    def detokenize(self, ids: list[int]) -> str:
-        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text
 
     def evaluated_ids(self) -> list[int] | None:
         return list(self._fed)

@@ -48,8 +48,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from tora import embedded_models
-from tora.backends.base import Backend, Delta, Done, GenerationRequest, StopScanner, StreamEvent
-from tora.errors import BackendError, ModelSpecError, PromptError
+from tora.backends.base import Delta, Done, GenerationRequest, StopScanner, StreamEvent
+from tora.backends.hf_tokens import HFTokenizerBackend
+from tora.errors import BackendError, ModelSpecError
 from tora.paths import home
 from tora.record import identity
 from tora.record.schema import ModelId, TokenizerId
@@ -169,7 +170,7 @@ def load_vllm(arg: str) -> VllmBackend:
     return backend
 
 
-class VllmBackend(Backend):
+class VllmBackend(HFTokenizerBackend):
     name = "vllm"
     accepts_token_ids = True
 
@@ -213,39 +214,19 @@ class VllmBackend(Backend):
         self.model = path.name
         self.options = options
         self.max_model_len: int = self._engine.model_config.max_model_len
-        self._tokenizer: Any = self._engine.tokenizer
+        self.tokenizer: Any = self._engine.tokenizer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last: list[int] | None = None  # from the last request's prompt_token_ids and output ids
         self._tokenizer_id: TokenizerId | None = None
         self._model_id: ModelId | None = None
-
-    def format_chat(self, messages: list[dict[str, str]]) -> str:
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise PromptError(f"{self.model} has no chat template; use a completion prompt (e.g. --prompt tora-gsm8k)")
-        text: str = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text
-
-    def encode_prompt(self, text: str) -> list[int]:
-        # A chat template already wrote the BOS token: do not add a second one.
-        bos = getattr(self._tokenizer, "bos_token", None)
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
-        return ids
-
-    def tokenize(self, text: str) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-        return ids
-
-    def detokenize(self, ids: list[int]) -> str:
-        text: str = self._tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text
 
     def evaluated_ids(self) -> list[int] | None:
         return None if self._last is None else list(self._last)
 
     def tokenizer_identity(self) -> TokenizerId | None:
         if self._tokenizer_id is None:
-            vocab = sorted(self._tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-            template = getattr(self._tokenizer, "chat_template", None)
+            vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+            template = getattr(self.tokenizer, "chat_template", None)
             self._tokenizer_id = TokenizerId(
                 name=self.path.name,
                 vocab_sha256=hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest(),

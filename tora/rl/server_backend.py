@@ -20,9 +20,10 @@ import threading
 from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any, Protocol
 
-from tora.backends.base import Backend, Done, FinishReason, GenerationRequest, StreamEvent
+from tora.backends.base import Done, FinishReason, GenerationRequest, StreamEvent
+from tora.backends.hf_tokens import HFTokenizerBackend
 from tora.backends.threaded import Sampled, stream_in_thread
-from tora.errors import BackendError, PromptError
+from tora.errors import BackendError
 
 
 class TokenServer(Protocol):
@@ -58,7 +59,7 @@ def token_pieces(detokenize: Any, ids: Sequence[int], window: int = 8) -> list[s
     return pieces
 
 
-class TokenServerBackend(Backend):
+class TokenServerBackend(HFTokenizerBackend):
     name = "verl-server"
     accepts_token_ids = True
 
@@ -70,25 +71,6 @@ class TokenServerBackend(Backend):
         self.model = model
         self.extra = dict(extra or {})  # further sampling parameters the trainer set (top_k, ...)
         self._last: list[int] | None = None
-
-    def format_chat(self, messages: list[dict[str, str]]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise PromptError(f"{self.model} has no chat template; use a completion prompt (e.g. --prompt tora-gsm8k)")
-        text: str = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text
-
-    def encode_prompt(self, text: str) -> list[int]:
-        bos = getattr(self.tokenizer, "bos_token", None)
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
-        return ids
-
-    def tokenize(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-        return ids
-
-    def detokenize(self, ids: list[int]) -> str:
-        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=True)
-        return text
 
     def evaluated_ids(self) -> list[int] | None:
         return None if self._last is None else list(self._last)
