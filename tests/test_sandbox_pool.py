@@ -66,6 +66,21 @@ async def test_pool_kernel_first_output_is_complete() -> None:
         await asyncio.gather(*(pool.release(k) for k in kernels))
 
 
+async def test_an_interrupt_reaches_a_pool_kernel_and_its_children() -> None:
+    """A pool kernel is its namespace's init (pid 1), where ipykernel's killpg(pgid) would be
+    kill(-1): every process but the kernel, which then sat out its deadline and was killed."""
+    async with KernelPool(SandboxPolicy(timeout_s=10, interrupt_grace_s=1), size=1) as pool:
+        k = await pool.acquire()
+        try:
+            r = await k.execute("import os, subprocess, time\nprint(os.getpid())\n"
+                                "child = subprocess.Popen(['sleep', '100'])\ntime.sleep(100)", timeout=1)
+            assert r.status == "timeout" and not r.restarted, r
+            r = await k.execute("print(child.wait(5))")
+            assert r.status == "ok" and r.stdout == f"{-signal.SIGINT}\n" and not r.restarted, r
+        finally:
+            await pool.release(k)
+
+
 async def test_pool_close_leaves_no_processes() -> None:
     before = live_descendants()
     pool = KernelPool(SandboxPolicy(), size=2)

@@ -366,7 +366,10 @@ def test_hostile_cells_in_concurrent_sessions_are_contained(server: SandboxServe
     for name, r in answers.items():
         assert r.status_code == 200, (name, r.text)
         body = r.json()
-        assert body["process_status"] in ("error", "timeout"), (name, body)
+        # A pool kernel is its namespace's init: the SIGKILLs it sends reach nothing but its own
+        # processes, and it ignores its own; every other cell ends in an error or a timeout.
+        ends = ("completed",) if name == "kill everything" else ("error", "timeout")
+        assert body["process_status"] in ends, (name, body)
         assert len(body["stdout"]) <= 1000 + len("<output cut>")
         # Each hostile session still works afterwards (in a replaced kernel where it had to be).
         assert nemo.run(sessions[name], "print(6 * 7)")["stdout"] == "42\n", name

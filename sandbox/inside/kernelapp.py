@@ -5,6 +5,8 @@ Importing this imports ipykernel: only the zygote does, after ``block_debugger``
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import Any, ClassVar
 
@@ -139,3 +141,16 @@ class Kernel(IPythonKernel):  # type: ignore[misc]
         shell: Any = getattr(self, "shell")  # noqa: B009
         shell.parent = self
         shell.kernel = self
+
+    def _send_interrupt_children(self) -> None:
+        """SIGINT to the kernel and the processes of its group, as ipykernel means to.
+
+        ipykernel calls ``killpg(pgid)`` when the kernel leads its group, which
+        for a pool kernel (its namespace's init, pid 1) is ``kill(-1)``: every
+        process but the kernel itself. ``kill(0)`` reaches the whole group, the
+        kernel included (Python's SIGINT handler is what lets it reach pid 1).
+        """
+        if os.getpgid(0) == os.getpid():
+            os.kill(0, signal.SIGINT)
+        else:
+            os.kill(os.getpid(), signal.SIGINT)

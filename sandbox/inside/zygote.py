@@ -1,15 +1,15 @@
 """The zygote: one pre-imported process in one bwrap sandbox that forks every kernel.
 
-For each kernel it clones I straight into new user, mount, pid, ipc, uts and
-network namespaces (I is pid 1 of the new pid namespace); where that is
-refused, it forks a child C that unshares them and forks I. I brings up
+For each kernel it clones K straight into new user, mount, pid, ipc, uts and
+network namespaces (K is pid 1 of the new pid namespace); where that is
+refused, it forks a child C that unshares them and forks K. K brings up
 loopback, says hello to the runtime over a unix socket (which tells the
-runtime I's host pid so it can put it in the kernel's cgroups and watch it),
+runtime K's host pid so it can put it in the kernel's cgroups and watch it),
 switches to the kernel's own host uid (mapped by the zygote), mounts the
 kernel's own view (run dir, bounded /tmp, work dir and /dev; the other
-kernels' dirs and /proc hidden), then forks K, the kernel, which confines
-itself (no capabilities, rlimits, seccomp), and waits for it. Killing I tears
-down the whole pid namespace. Stdlib only, plus what ``Warm`` imports.
+kernels' dirs and /proc hidden), confines itself (no capabilities, rlimits,
+seccomp) and becomes the kernel. It is its namespace's init, so killing it
+tears down the whole pid namespace. Stdlib only, plus what ``Warm`` imports.
 """
 
 from __future__ import annotations
@@ -36,23 +36,13 @@ def hello(kid: str) -> None:
             os._exit(3)
 
 
-def init_loop(child: int) -> None:
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            os._exit(0)
-        if pid == child:
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-
-
 def spawn_kernel(
     kid: str, config: dict[str, Any], warm: Any, entered: bool, host_uid: int | None, gate: int | None
 ) -> None:
     """Runs in the zygote's fresh child; never returns.
 
     ``entered``: the child was cloned straight into its namespaces and is
-    already I; otherwise it is C, which enters them and forks I.
+    already K; otherwise it is C, which enters them and forks K.
     ``host_uid``: the kernel's own host uid; once ``gate`` reads end of file,
     the zygote has mapped the kernel's user to it (cloned child), or C maps
     it itself (see ``_enter_namespaces``).
@@ -78,7 +68,8 @@ def spawn_kernel(
             enter_namespaces(uid, gid, host_uid or uid, host_uid or gid, net)
             if os.fork() != 0:
                 os._exit(0)
-        # I: pid 1 of the kernel's namespace.
+            os.setsid()  # K leads a session of its own, as a cloned K does
+        # K: pid 1 of the kernel's namespace, capable there until it confines itself.
         if net:
             loopback_up()
         hello(kid)
@@ -95,11 +86,7 @@ def spawn_kernel(
         mount_kernel_view({**config["view"], "kid": kid})
         # The kernel must not be able to talk to the runtime's control socket.
         mount("tmpfs", "/sandbox/ctl", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
-        child = os.fork()
-        if child != 0:
-            init_loop(child)
-        # K: the kernel.
-        os.setsid()
+        # Now the kernel itself, still pid 1 (see the module's docstring).
         confine(config, warm.seccomp)
         if "numpy.random" in sys.modules:
             sys.modules["numpy.random"].seed()
@@ -117,7 +104,7 @@ def spawn_kernel(
 
 def zygote(config: dict[str, Any]) -> None:
     warm = Warm(config.get("preimport", []), config.get("seccomp"))
-    # Children are reaped automatically (I, or C which exits right after its fork).
+    # Children are reaped automatically (K, or C which exits right after its fork).
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     use_clone = True
     sys.stdout.write("ready\n")
