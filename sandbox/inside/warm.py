@@ -120,7 +120,8 @@ class Warm:
             app.finish_shell(shell)
             # Only text reaches the model (``harden`` sets the same): built here, the
             # formatters' table is shared by every kernel instead of built in each (~4 ms).
-            shell.display_formatter.active_types = ["text/plain"]
+            formatter: Any = shell.display_formatter
+            formatter.active_types = ["text/plain"]
             return app
         except Exception as exc:  # build everything in each kernel instead
             sys.stderr.write(f"building the kernel before the fork failed ({exc!r}); building it per kernel\n")
