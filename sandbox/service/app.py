@@ -131,6 +131,11 @@ async def fetch(kernel: Kernel, paths: list[str], ran: CellResult) -> tuple[dict
     return fetched(await kernel.execute(fetch_cell(paths)), paths)
 
 
+def sandbox_failed(answer: type[fusion.RunCodeResponse | fusion.RunJupyterResponse], message: str) -> JSONResponse:
+    """SandboxFusion's answer when the sandbox, not the code, failed (its status ``SandboxError``, HTTP 200)."""
+    return JSONResponse(answer(status=fusion.RunStatus.SandboxError, message=message).model_dump(mode="json"))
+
+
 def create_app(service: Service, *, api_key: str | None, max_body_bytes: int) -> ASGIApp:
     app = FastAPI(title="tora sandbox serve", docs_url=None, redoc_url=None, openapi_url=None)
     limits = service.limits
@@ -182,16 +187,14 @@ def create_app(service: Service, *, api_key: str | None, max_body_bytes: int) ->
                 noted = memory_note(kernel, req.memory_limit_MB)
                 failed = await prepare(kernel, req.files, req.stdin)
                 if failed is not None:
-                    resp = fusion.RunCodeResponse(status=fusion.RunStatus.SandboxError, message=failed)
-                    return JSONResponse(resp.model_dump(mode="json"))
+                    return sandbox_failed(fusion.RunCodeResponse, failed)
                 result = await kernel.execute(fusion.as_script(req.code), timeout=req.run_timeout)
                 files, note = await fetch(kernel, req.fetch_files, result)
                 note = "; ".join(n for n in (noted, note) if n)
         except (Busy, NoSuchSession):
             raise
         except SandboxError as exc:
-            resp = fusion.RunCodeResponse(status=fusion.RunStatus.SandboxError, message=f"the sandbox failed: {exc}")
-            return JSONResponse(resp.model_dump(mode="json"))
+            return sandbox_failed(fusion.RunCodeResponse, f"the sandbox failed: {exc}")
         run = fusion.run_result(result)
         resp = fusion.RunCodeResponse(status=fusion.status_of(run), message=note, run_result=run, files=files)
         return JSONResponse(resp.model_dump(mode="json"))
@@ -214,8 +217,7 @@ def create_app(service: Service, *, api_key: str | None, max_body_bytes: int) ->
                 noted = memory_note(kernel, req.memory_limit_MB)
                 failed = await prepare(kernel, req.files, None)
                 if failed is not None:
-                    resp = fusion.RunJupyterResponse(status=fusion.RunStatus.SandboxError, message=failed)
-                    return JSONResponse(resp.model_dump(mode="json"))
+                    return sandbox_failed(fusion.RunJupyterResponse, failed)
                 result: CellResult | None = None
                 for code in req.cells:
                     left = req.total_timeout - (time.monotonic() - started)
@@ -239,8 +241,7 @@ def create_app(service: Service, *, api_key: str | None, max_body_bytes: int) ->
         except (Busy, NoSuchSession):
             raise
         except SandboxError as exc:
-            resp = fusion.RunJupyterResponse(status=fusion.RunStatus.SandboxError, message=f"the sandbox failed: {exc}")
-            return JSONResponse(resp.model_dump(mode="json"))
+            return sandbox_failed(fusion.RunJupyterResponse, f"the sandbox failed: {exc}")
         driver = fusion.CommandRunResult(status=stopped or fusion.CommandRunStatus.Finished,
                                          execution_time=time.monotonic() - started,
                                          return_code=None if stopped else 0)

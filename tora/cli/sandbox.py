@@ -16,6 +16,7 @@ from rich.text import Text
 from sandbox import CellResult, KernelPool, SandboxPolicy
 from sandbox.tiers import check
 from tora.cli.options import sandbox_options
+from tora.cli.serve import listen, listen_options
 from tora.errors import UsageError
 from tora.kernels import sandbox_policy
 
@@ -127,12 +128,7 @@ async def _run(
 
 @sandbox.command("serve")
 @sandbox_options
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; anything but loopback needs --api-key.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              help="Port to listen on (0: a free one, printed at start).")
-@click.option("--api-key", envvar="TORA_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on every route but /health (env TORA_API_KEY).")
+@listen_options(8080, "every route but /health")
 @click.option("--concurrency", "-c", type=click.IntRange(1), default=8, show_default=True,
               help="Stateless requests (/run_code, /run_jupyter, /execute without a session) running at once, "
                    "each in a fresh kernel.")
@@ -161,18 +157,14 @@ def serve_cmd(host: str, port: int, api_key: str | None, concurrency: int, max_q
     """
     from sandbox.service.app import create_app
     from sandbox.service.sessions import Service, ServiceLimits
-    from tora.cli.serve import bind, is_loopback
     from tora.serve.server import run_until_stopped
 
-    api_key = api_key or None
-    if not is_loopback(host) and api_key is None:
-        raise UsageError(f"--host {host} is not a loopback address: set --api-key (or TORA_API_KEY) to serve on it")
+    sock, api_key = listen(host, port, api_key)
     policy = sandbox_policy(timeout_s=kw["timeout_s"], isolation=kw["isolation"], memory_mb=kw["memory_mb"])
     limits = ServiceLimits(max_sessions=max_sessions, session_ttl_s=session_ttl, concurrency=concurrency,
                            max_queued=max_queued, max_timeout_s=max_timeout)
     pool = KernelPool(policy, size=pool_size or min(concurrency, 8))
     service = Service(pool, limits)
-    sock = bind(host, port)
 
     async def main() -> None:
         try:

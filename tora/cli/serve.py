@@ -15,8 +15,9 @@ import asyncio
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -26,6 +27,8 @@ from tora.errors import UsageError
 from tora.paths import trajectories_dir
 from tora.prompts import default_prompt, load_prompt
 from tora.record import TrajectoryWriter
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def default_record_path() -> Path:
@@ -54,14 +57,35 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def listen_options(port: int, key_guards: str) -> Callable[[F], F]:
+    """--host, --port and --api-key, as both servers (`serve`, `sandbox serve`) take them."""
+
+    def decorate(command: F) -> F:
+        for option in reversed((
+            click.option("--host", default="127.0.0.1", show_default=True,
+                         help="Address to listen on; anything but loopback needs --api-key."),
+            click.option("--port", type=click.IntRange(0, 65535), default=port, show_default=True,
+                         help="Port to listen on (0: a free one, printed at start)."),
+            click.option("--api-key", envvar="TORA_API_KEY", default=None,
+                         help=f"Require 'Authorization: Bearer KEY' on {key_guards} (env TORA_API_KEY)."),
+        )):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def listen(host: str, port: int, api_key: str | None) -> tuple[socket.socket, str | None]:
+    """The bound socket and the key to require; no key on a host beyond loopback is a usage error."""
+    api_key = api_key or None
+    if not is_loopback(host) and api_key is None:
+        raise UsageError(f"--host {host} is not a loopback address: set --api-key (or TORA_API_KEY) to serve on it")
+    return bind(host, port), api_key
+
+
 @click.command("serve")
 @loop_options
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; anything but loopback needs --api-key.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="Port to listen on (0: a free one, printed at start).")
-@click.option("--api-key", envvar="TORA_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on /v1/* (env TORA_API_KEY).")
+@listen_options(8000, "/v1/*")
 @click.option("--served-model-name", default="tora", show_default=True,
               help="The model id clients send (the --model spec is accepted too).")
 @click.option("--concurrency", "-c", type=click.IntRange(1), default=4, show_default=True,
@@ -88,15 +112,12 @@ def serve(host: str, port: int, api_key: str | None, served_model_name: str, con
     from tora.serve.runner import Runner
     from tora.serve.server import serve_forever
 
-    api_key = api_key or None
-    if not is_loopback(host) and api_key is None:
-        raise UsageError(f"--host {host} is not a loopback address: set --api-key (or TORA_API_KEY) to serve on it")
     settings = loop_settings({**kw, "concurrency": concurrency, "kernels": kernels, "graders": 1})
     config = settings.config
     if config.limits.max_tokens > max_tokens_limit:
         raise UsageError(f"--max-tokens {config.limits.max_tokens} is above --max-tokens-limit {max_tokens_limit}")
     template = load_prompt(kw["prompt"] or default_prompt(kw["model"]))
-    sock = bind(host, port)
+    sock, api_key = listen(host, port, api_key)
     backend = load_backend(kw["model"])
     backend.prepare(template.prefix)
     record_path = None if no_record else (record_to or default_record_path())
