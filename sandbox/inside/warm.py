@@ -122,6 +122,13 @@ class Warm:
             # formatters' table is shared by every kernel instead of built in each (~4 ms).
             formatter: Any = shell.display_formatter
             formatter.active_types = ["text/plain"]
+            # One silent cell through the shell, here: IPython's execution path (input
+            # transformers, AST passes, compiler caches) is then built and its bytecode
+            # specialised once, in memory every kernel shares, rather than in each kernel
+            # on its first cell (~5 ms of CPU per kernel, measured side by side). It
+            # leaves no name, no history and no output.
+            warmed: Any = shell
+            warmed.run_cell("x = [i * 2 for i in range(3)]\ndel x", store_history=False, silent=True)
             return app
         except Exception as exc:  # build everything in each kernel instead
             sys.stderr.write(f"building the kernel before the fork failed ({exc!r}); building it per kernel\n")
