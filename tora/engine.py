@@ -21,9 +21,14 @@ contract (`checked_stream`); a failure becomes `finish="error"` with a typed
 
 An episode can also start part-way (`Prefix`): from another trajectory's
 prompt and first steps, copied as they were, with its kernel state rebuilt
-by re-running the prefix's cells before the model continues. `tora correct`
-uses it to let a teacher continue a wrong trajectory; the budgets then bound
-what the continuation adds.
+before the model continues: a fork of a kernel that holds the prefix's state
+where the run shares one (`tora.prefix_kernels`), else by re-running the
+prefix's cells; the record says which (`kernel_state`). `tora correct` uses
+it to let a teacher continue a wrong trajectory, `tora curate
+--branch-after-cell` to let K samples continue one generated prefix; the
+budgets then bound what the continuation adds. An episode handed a `Brancher`
+offers its kernel and steps to it right after its first cell (the samples
+that share its prefix fork that kernel).
 
 Two paths (`Generation.token_path`). On a backend that takes token ids
 (`Backend.accepts_token_ids`: llama.cpp, transformers, vLLM in process) the
@@ -65,6 +70,7 @@ from tora.events import (
     TurnStarted,
 )
 from tora.grading.extract import extract_answer
+from tora.prefix_kernels import recorded_cells, rerun
 from tora.prompts import PromptTemplate
 from tora.record.schema import (
     CodeStep,
@@ -73,6 +79,7 @@ from tora.record.schema import (
     ExecutionStep,
     Finish,
     Generation,
+    KernelState,
     ModelId,
     Problem,
     PromptRef,
@@ -80,6 +87,7 @@ from tora.record.schema import (
     RunOn,
     Runtime,
     Sampling,
+    SharedPrefix,
     Stats,
     Step,
     Stop,
@@ -166,6 +174,10 @@ class Prefix:
     lines: int  # how many lines of the parent's completion the prefix keeps
     prompt: str
     steps: tuple[Step, ...]
+    # Set where the prefix is one the samples of a problem share (`tora curate
+    # --branch-after-cell`): the sample that generated it. The record then has
+    # `shared_prefix`, not `parent` and `prefix_lines`.
+    shared_from: int | None = None
 
     @property
     def completion(self) -> str:
@@ -174,6 +186,21 @@ class Prefix:
     @property
     def cells(self) -> list[str]:
         return [s.content for s in self.steps if isinstance(s, CodeStep)]
+
+
+class PrefixStates(Protocol):
+    """Kernels already holding a prefix's state (tora.prefix_kernels.PrefixKernels fits)."""
+
+    async def kernel(self, prefix: Prefix, kernels: Any) -> tuple[Any, KernelState] | None: ...
+
+
+class Brancher(Protocol):
+    """Takes an episode's kernel and steps right after its first cell, for the samples that
+    continue from there (tora.branching fits); `ended` is called once the episode is over."""
+
+    async def branch(self, episode: Episode, kernel: Any) -> SharedPrefix | None: ...
+
+    async def ended(self, episode: Episode) -> None: ...
 
 
 def extract_final(completion: str) -> tuple[str | None, str | None]:
@@ -204,6 +231,8 @@ class Episode:
         prefetch_kernel: bool = False,
         prefix: Prefix | None = None,
         record_tokens: bool = True,
+        prefix_states: PrefixStates | None = None,
+        brancher: Brancher | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.problem = problem
@@ -228,6 +257,11 @@ class Episode:
         self._setup_error: Exception | None = None
         self.backend = backend
         self.prefix = prefix
+        self.prefix_states = prefix_states
+        self.brancher = brancher
+        self.kernel_state: KernelState | None = None
+        self.shared_prefix = (SharedPrefix(sample_index=prefix.shared_from, steps=len(prefix.steps))
+                              if prefix is not None and prefix.shared_from is not None else None)
         if prefix is not None:
             self.prompt = prefix.prompt  # the parent's context, whatever template made it
         else:
@@ -373,6 +407,8 @@ class Episode:
                     self._ids += exec_step.observation_ids
                 self.steps.append(exec_step)
                 completion += exec_step.observation
+                if self.brancher is not None and self.stats.tool_calls == 1 and self._kernel_task is not None:
+                    self.shared_prefix = await self.brancher.branch(self, self._kernel_task.result())
                 yield self._event(ExecutionFinished, step=exec_step, index=self.stats.tool_calls)
                 turn += 1
         except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
@@ -381,7 +417,11 @@ class Episode:
         except Exception as exc:
             finish, error = "error", _error_info(exc)
         finally:
-            await self._release_kernel()
+            try:
+                if self.brancher is not None:
+                    await asyncio.shield(self.brancher.ended(self))
+            finally:
+                await self._release_kernel()
         trajectory = self._finalize(finish, error)
         if trajectory.result.final_answer is not None and finish == "answered":
             yield self._event(FinalAnswer, answer=trajectory.result.final_answer,
@@ -424,13 +464,31 @@ class Episode:
         self._tokenizer_id, self._model_id = await asyncio.to_thread(both)
 
     async def _rebuild_state(self) -> None:
-        """Re-run a prefix's cells so the kernel holds what the context says it does."""
+        """Give the kernel the state the prefix's context says it holds: a fork of a kernel that
+        holds it where the run has one, else the prefix's cells re-run here."""
         if self.prefix is None or not self.prefix.cells or self.config.render.fresh_namespace:
             return
-        kernel, _ = await self._kernel()
-        self._kernel_info = dict(kernel.info)
-        for code in self.prefix.cells:
-            await kernel.execute(code, timeout=self.config.limits.timeout_s)
+        states, prefix = self.prefix_states, self.prefix
+        if states is not None and self._given_kernel is None:
+            async def prefixed() -> Any:
+                got = await states.kernel(prefix, self.kernels)
+                if got is None:
+                    return None
+                kernel, self.kernel_state = got
+                return kernel
+
+            # As the episode's kernel task: a kernel made while the episode is cancelled is released.
+            self._kernel_task = asyncio.ensure_future(prefixed())
+            made = await self._kernel_task
+            if made is None:
+                self._kernel_task = None
+        else:
+            made = None
+        if made is None:
+            made, _ = await self._kernel()
+            cells = recorded_cells(prefix.steps, self.config.limits.timeout_s)
+            self.kernel_state = KernelState(method="replay", cells=len(cells), diverged=await rerun(made, cells))
+        self._kernel_info = dict(made.info)
 
     async def _kernel(self) -> tuple[KernelLike, bool]:
         """The kernel for the next cell, and whether it is this cell's alone."""
@@ -476,7 +534,7 @@ class Episode:
         if not task.done():
             task.cancel()
             await asyncio.wait([task])
-        if task.cancelled() or task.exception() is not None:
+        if task.cancelled() or task.exception() is not None or task.result() is None:
             return
         await asyncio.shield(self.kernels.release(task.result()))
 
@@ -496,8 +554,10 @@ class Episode:
             problem=self.problem,
             sample_index=self.sample_index,
             origin=self.origin,  # type: ignore[arg-type]
-            parent=self.prefix.parent if self.prefix else None,
-            prefix_lines=self.prefix.lines if self.prefix else None,
+            parent=self.prefix.parent if self.prefix and self.shared_prefix is None else None,
+            prefix_lines=self.prefix.lines if self.prefix and self.shared_prefix is None else None,
+            shared_prefix=self.shared_prefix,
+            kernel_state=self.kernel_state,
             generation=Generation(
                 backend=self.backend.name,
                 model=self.backend.model,

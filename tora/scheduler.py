@@ -33,9 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tora.backends.base import Backend
 from tora.engine import Episode, KernelLike, KernelSource, Prefix, SolveConfig
@@ -46,6 +46,8 @@ from tora.grading.items import ItemGrade, grade_trajectories, with_grade
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory
 from tora.record.schema import ErrorInfo
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,15 +122,21 @@ class LiveKernels:
         self.peak = 0
 
     async def acquire(self) -> KernelLike:
+        kernel: KernelLike = await self.take(self.source.acquire)
+        return kernel
+
+    async def take(self, make: Callable[[], Awaitable[T]]) -> T:
+        """What `make` returns (a kernel made another way: a fork of a shared prefix's kernel,
+        `tora.prefix_kernels`), counted as one of the live kernels; its slot is taken first."""
         await self._slots.acquire()
         try:
-            kernel: KernelLike = await self.source.acquire()
+            made = await make()
         except BaseException:
             self._slots.release()
             raise
         self.live += 1
         self.peak = max(self.peak, self.live)
-        return kernel
+        return made
 
     async def release(self, kernel: KernelLike) -> None:
         try:
