@@ -276,9 +276,11 @@ class Episode:
             self._setup_error = exc
         self.steps: list[Step] = list(prefix.steps) if prefix else []
         self.stats = _prefix_stats(self.steps)
-        # The budgets bound what this episode generates, not what a prefix brought.
-        self._base_tokens = self.stats.completion_tokens
-        self._base_calls = self.stats.tool_calls
+        # The budgets bound what this episode generates, not what a prefix brought; a prefix the
+        # samples of a problem share is part of each sample, and counts.
+        shared = prefix is not None and prefix.shared_from is not None
+        self._base_tokens = 0 if shared else self.stats.completion_tokens
+        self._base_calls = 0 if shared else self.stats.tool_calls
         self._t0 = time.monotonic()
         self._seq = itertools.count()
         self._kernel_info: dict[str, Any] = {}
@@ -407,7 +409,7 @@ class Episode:
                     self._ids += exec_step.observation_ids
                 self.steps.append(exec_step)
                 completion += exec_step.observation
-                if self.brancher is not None and self.stats.tool_calls == 1 and self._kernel_task is not None:
+                if self.brancher is not None and self.shared_prefix is None and self._kernel_task is not None:
                     self.shared_prefix = await self.brancher.branch(self, self._kernel_task.result())
                 yield self._event(ExecutionFinished, step=exec_step, index=self.stats.tool_calls)
                 turn += 1

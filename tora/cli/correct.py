@@ -38,7 +38,6 @@ from typing import Any
 import click
 from rich.console import Console
 
-from sandbox import KernelPool
 from tora import fences
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
@@ -51,7 +50,7 @@ from tora.engine import Episode, KernelSource, RenderSettings, SolveConfig
 from tora.errors import DataError, UsageError
 from tora.evaluate import load_finished
 from tora.grading import GRADERS
-from tora.loop import Loop, LoopSettings
+from tora.loop import Loop, LoopSettings, kernel_pool
 from tora.prefix_kernels import PrefixKernels
 from tora.progress import BatchProgress
 from tora.prompts import PLACEHOLDER, PromptTemplate
@@ -252,13 +251,14 @@ class Correction:
     async def run(self, run_dir: Path, backend: Backend, spec: str, run_id: str, loop: LoopSettings, grader: str,
                   err: Console) -> None:
         templates = {pid: template_of(p) for pid, p in self.parents.items()}
-        stems: list[PrefixKernels] = []  # the run's, once its pool is started
+        pool = kernel_pool(loop.policy, loop.capacity)
+        stems = PrefixKernels(pool)
 
         def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
             assert job.prefix is not None
             return Episode(job.problem, backend=backend, template=templates[job.prefix.parent], kernels=kernels,
                            config=job.config, spec=spec, sample_index=job.sample_index, origin=job.origin,
-                           run_id=run_id, prefix=job.prefix, prefix_states=stems[0] if stems else None)
+                           run_id=run_id, prefix=job.prefix, prefix_states=stems)
 
         work = self.work
         with TrajectoryWriter(run_dir / CORRECTIONS) as records, TrajectoryWriter(run_dir / CURATED) as curated:
@@ -268,11 +268,10 @@ class Correction:
                                hits=sum(t.result.correct is True for t in loaded), rate_unit=" traj/s",
                                score_label="correct", counters=("kept", "exec errors")) as progress:
                 progress.add(kept=self.ledger.kept_count())
-                async with Loop(make_episode, loop.policy, loop.capacity, grader=grader, backend=backend) as running:
-                    shared = PrefixKernels(running.kernels) if isinstance(running.kernels, KernelPool) else None
-                    stems.extend([shared] if shared is not None else [])
+                async with Loop(make_episode, loop.policy, loop.capacity, grader=grader, backend=backend,
+                                kernels=pool) as running:
                     try:
-                        async with contextlib.aclosing(running.scheduler.run(self.jobs(shared), wanted=self._wanted)) \
+                        async with contextlib.aclosing(running.scheduler.run(self.jobs(stems), wanted=self._wanted)) \
                                 as results:
                             async for result in results:
                                 t = result.trajectory
@@ -283,11 +282,9 @@ class Correction:
                                 if kept is not None:
                                     progress.complete()
                                     progress.add(kept=kept)
-                                    if shared is not None:
-                                        await shared.drop(attempt[0])
+                                    await stems.drop(attempt[0])
                     finally:
-                        if shared is not None:
-                            await shared.aclose()
+                        await stems.aclose()
 
     def _wanted(self, job: Job) -> bool:
         return job.prefix is None or self.work.open(job.prefix.parent)
