@@ -138,7 +138,7 @@ class _Stem:
                 kernel, state = self.copies[count]
                 if self.expected[count] == 0:  # the last one awaited here: the copy itself
                     del self.copies[count]
-                    return await kernels.take(_ready(kernel)), state
+                    return await self._hand_over(kernel, kernels), state
                 return await self._fork(kernel, state, count, kernels)
             if self.head is not None and self.at > count:
                 # Unplanned (not announced before the stem moved on): a kernel of its own.
@@ -147,11 +147,19 @@ class _Stem:
             assert self.head is not None
             if not any(n > 0 for c, n in self.expected.items() if c >= count):
                 head, self.head = self.head, None
-                return await kernels.take(_ready(head)), self._state(count)
+                return await self._hand_over(head, kernels), self._state(count)
             return await self._fork(self.head, self._state(count), count, kernels)
 
     def _state(self, count: int) -> KernelState:
         return self.state.model_copy(update={"cells": count, "diverged": [i for i in self.state.diverged if i < count]})
+
+    async def _hand_over(self, kernel: Kernel, kernels: CountedKernels) -> Kernel:
+        """The stem's own kernel, now the continuation's (counted once a slot is free)."""
+        try:
+            return await kernels.take(_ready(kernel))
+        except BaseException:
+            await asyncio.shield(self.pool.release(kernel))
+            raise
 
     async def _fork(self, source: Kernel, state: KernelState, count: int,
                     kernels: CountedKernels) -> tuple[Kernel, KernelState]:

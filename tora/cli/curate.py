@@ -384,8 +384,8 @@ class Curation:
 
                 async with (Loop(make_episode, loop.policy, loop.capacity, grader=grader, backend=backend,
                                  kernels=pool) as running,
-                            contextlib.aclosing(running.scheduler.run(feed, wanted=wanted)) as results,
-                            contextlib.aclosing(stems)):
+                            contextlib.aclosing(stems),  # after the trajectories, before the pool
+                            contextlib.aclosing(running.scheduler.run(feed, wanted=wanted)) as results):
                     async for result in results:
                         t = result.trajectory
                         progress.score(result.correct, **{"exec errors": t.stats.exec_errors})
