@@ -122,6 +122,8 @@ class _Stem:
         self.at = 0  # cells the head has run
         self.state = KernelState(method="replay")  # how the head got its state
         self.copies: dict[int, tuple[Kernel, KernelState]] = {}
+        self.reading: Counter[Kernel] = Counter()  # forks under way, by source kernel
+        self.changed = asyncio.Condition()
 
     def seed(self, head: Kernel, at: int, state: KernelState) -> None:
         self.head, self.at, self.state = head, at, state
@@ -131,24 +133,43 @@ class _Stem:
         return self.head is None and not self.copies and not +self.expected
 
     async def kernel(self, count: int, kernels: CountedKernels) -> tuple[Kernel, KernelState]:
+        source: Kernel | None = None
         async with self.lock:
             if self.expected[count] > 0:
                 self.expected[count] -= 1
             if count in self.copies:
-                kernel, state = self.copies[count]
+                source, state = self.copies[count]
                 if self.expected[count] == 0:  # the last one awaited here: the copy itself
                     del self.copies[count]
-                    return await self._hand_over(kernel, kernels), state
-                return await self._fork(kernel, state, count, kernels)
-            if self.head is not None and self.at > count:
-                # Unplanned (not announced before the stem moved on): a kernel of its own.
-                return await self._fresh(count, kernels, "the shared prefix's kernel had run past this prefix")
-            await self._advance(count)
-            assert self.head is not None
-            if not any(n > 0 for c, n in self.expected.items() if c >= count):
-                head, self.head = self.head, None
-                return await self._hand_over(head, kernels), self._state(count)
-            return await self._fork(self.head, self._state(count), count, kernels)
+                    await self._quiet(source)
+                    return await self._hand_over(source, kernels), state
+            elif self.head is None or self.at <= count:
+                await self._advance(count)
+                assert self.head is not None
+                source, state = self.head, self._state(count)
+                if not any(n > 0 for c, n in self.expected.items() if c >= count):
+                    self.head = None  # nothing else wants it: the head itself
+                    await self._quiet(source)
+                    return await self._hand_over(source, kernels), state
+            if source is not None:
+                self.reading[source] += 1
+        if source is None:
+            # Unplanned (not announced before the stem moved on): a kernel of its own.
+            return await self._fresh(count, kernels, "the shared prefix's kernel had run past this prefix")
+        # Outside the lock: forks of one source at one point run side by side (their snapshots
+        # queue on the source kernel, their restores run in parallel); moving the source on, or
+        # handing it over, waits for them (`_quiet`).
+        try:
+            return await self._fork(source, state, count, kernels)
+        finally:
+            async with self.changed:
+                self.reading[source] -= 1
+                self.changed.notify_all()
+
+    async def _quiet(self, kernel: Kernel) -> None:
+        """Wait until no fork of `kernel` is under way."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.reading[kernel] == 0)
 
     def _state(self, count: int) -> KernelState:
         return self.state.model_copy(update={"cells": count, "diverged": [i for i in self.state.diverged if i < count]})
@@ -174,6 +195,8 @@ class _Stem:
     async def _advance(self, count: int) -> None:
         if self.head is None:
             self.head, self.at, self.state = await self.pool.acquire(), 0, KernelState(method="replay")
+        if self.at < count:
+            await self._quiet(self.head)
         if self.at < count and self.at > 0 and self.expected[self.at] > 0:
             copy, forked = await self.pool.fork(self.head, self.cells[: self.at])
             self.copies[self.at] = (copy, forked_state(self.state, forked, self.at))
