@@ -92,6 +92,15 @@ def test_samples_share_the_leaders_prefix_and_continue_in_forks_of_its_kernel(tm
     assert shown_x(again[1]) == shown_x(again[2]) != first_output(leader)
     kept = [r["id"] for r in records(out / "curated.jsonl")]
     assert len(kept) == len(set(kept)) == 4
+    # Once more: nothing left to run, nothing added.
+    before = (out / "trajectories.jsonl").read_bytes(), (out / "curated.jsonl").read_bytes()
+    assert run(args).returncode == 0
+    assert ((out / "trajectories.jsonl").read_bytes(), (out / "curated.jsonl").read_bytes()) == before
+    # The flag decides what is sampled: a run cannot change it on resume, nor shard it over Ray.
+    other = run([a for a in args if a not in ("--branch-after-cell", "1")] + ["--branch-after-cell", "2"])
+    assert other.returncode == 2 and "--branch-after-cell 1, not 2" in other.stderr, other.stderr
+    ray = run([*args[:-2], "--out", str(tmp_path / "ray"), "--engine", "ray"])
+    assert ray.returncode == 2 and "--branch-after-cell" in ray.stderr and len(ray.stderr.strip().splitlines()) == 1
 
 
 def test_a_prefix_that_left_a_thread_running_is_replayed_per_follower_with_the_reason(tmp_path: Path) -> None:
