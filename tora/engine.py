@@ -27,8 +27,8 @@ prefix's cells; the record says which (`kernel_state`). `tora correct` uses
 it to let a teacher continue a wrong trajectory, `tora curate
 --branch-after-cell` to let K samples continue one generated prefix; the
 budgets then bound what the continuation adds. An episode handed a `Brancher`
-offers its kernel and steps to it right after its first cell (the samples
-that share its prefix fork that kernel).
+offers it its kernel and steps after each cell until it takes them (the
+samples that share its prefix fork that kernel).
 
 Two paths (`Generation.token_path`). On a backend that takes token ids
 (`Backend.accepts_token_ids`: llama.cpp, transformers, vLLM in process) the
@@ -195,8 +195,9 @@ class PrefixStates(Protocol):
 
 
 class Brancher(Protocol):
-    """Takes an episode's kernel and steps right after its first cell, for the samples that
-    continue from there (tora.branching fits); `ended` is called once the episode is over."""
+    """Offered an episode's kernel and steps after each of its cells, takes them (the shared prefix
+    it returns) for the samples that continue from there (tora.branching fits: after the N-th
+    cell); `ended` is called once the episode is over."""
 
     async def branch(self, episode: Episode, kernel: Any) -> SharedPrefix | None: ...
 
