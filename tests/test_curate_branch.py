@@ -8,8 +8,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import write_released
 from test_correct import records, run
+from test_tokens import NATALIA
+from token_checks import check_token_invariant
+
+from tora.backends.registry import load_backend
+from tora.branching import Branches
+from tora.engine import Episode, Limits, SolveConfig
+from tora.events import Finished
+from tora.kernels import KernelPool, SandboxPolicy
+from tora.prefix_kernels import PrefixKernels
+from tora.prompts import load_prompt
+from tora.record import Problem, Trajectory
+from tora.scheduler import Job, LiveKernels
 
 # The leader draws x and shows it; each follower's recording is its continuation: it shows the x
 # its kernel holds. With a fork that is the leader's x, the one the shared prefix shows.
@@ -111,3 +124,35 @@ def test_a_prefix_that_left_a_thread_running_is_replayed_per_follower_with_the_r
         assert state["method"] == "replay" and "sleeper" in state["reason"] and state["diverged"] == [0], state
         assert p[k]["steps"][:3] == p[0]["steps"][:3]
         assert shown_x(p[k]) != first_output(p[0])  # what the record warns of
+
+
+@pytest.mark.model
+async def test_on_the_token_path_a_sample_goes_on_from_the_shared_prefixs_exact_ids() -> None:
+    backend = load_backend("embedded-tiny")
+    problem = Problem(id="natalia", text=NATALIA)
+    config = SolveConfig(limits=Limits(max_tool_calls=2, max_tokens=400, timeout_s=10))
+    async with KernelPool(SandboxPolicy(timeout_s=10), size=2) as pool:
+        stems = PrefixKernels(pool)
+        branches = Branches(1, stems)
+        kernels = LiveKernels(pool, 4)
+
+        async def solve(job: Job) -> Trajectory:
+            episode = Episode(job.problem, backend=backend, template=load_prompt("tora-gsm8k"), kernels=kernels,
+                              config=job.config, sample_index=job.sample_index, prefix=job.prefix,
+                              prefix_states=stems, brancher=branches)
+            events = [e async for e in episode.run()]
+            assert isinstance(events[-1], Finished)
+            return events[-1].trajectory
+
+        assert branches.plan(problem.id, [0, 1], [], 10) == {0: None, 1: None}
+        leader = await solve(Job(problem, 0, config))
+        assert leader.shared_prefix is not None, leader.completion()  # the model ran a cell
+        follower = await solve(await branches.follow(Job(problem, 1, config)))
+        await stems.aclose()
+    n = leader.shared_prefix.steps
+    assert follower.shared_prefix == leader.shared_prefix and follower.steps[:n] == leader.steps[:n]
+    assert follower.kernel_state is not None and follower.kernel_state.method == "fork"
+    # The follower was fed the leader's prompt ids and the prefix's ids, then its own: exactly what
+    # llama.cpp evaluated for it.
+    assert follower.prompt_ids == leader.prompt_ids
+    check_token_invariant(follower, backend)

@@ -39,12 +39,14 @@ def shared_prefix_of(t: Trajectory) -> Prefix:
     """The prefix a record shares with its problem's other samples (its first `shared_prefix.steps`)."""
     assert t.shared_prefix is not None
     steps = tuple(s.model_copy(deep=True) for s in t.steps[: t.shared_prefix.steps])
-    return _prefix(t.id, t.prompt, steps, t.shared_prefix.sample_index)
+    return _prefix(t.id, t.prompt, t.prompt_ids, steps, t.shared_prefix.sample_index)
 
 
-def _prefix(key: str, prompt: str, steps: tuple[Step, ...], sample_index: int) -> Prefix:
+def _prefix(key: str, prompt: str, prompt_ids: list[int] | None, steps: tuple[Step, ...],
+            sample_index: int) -> Prefix:
     lines = "".join(s.context_text() for s in steps).count("\n")
-    return Prefix(parent=key, lines=lines, prompt=prompt, steps=steps, shared_from=sample_index)
+    return Prefix(parent=key, lines=lines, prompt=prompt, steps=steps, shared_from=sample_index,
+                  prompt_ids=None if prompt_ids is None else tuple(prompt_ids))
 
 
 @dataclasses.dataclass
@@ -106,7 +108,8 @@ class Branches:
                 or episode.prefix is not None or calls != self.after_cell):
             return None
         steps = tuple(s.model_copy(deep=True) for s in episode.steps)
-        prefix = _prefix(episode.id, episode.prompt, steps, episode.sample_index)
+        prefix = _prefix(episode.id, episode.prompt, episode.prompt_ids if episode.tokens else None, steps,
+                         episode.sample_index)
         cells = recorded_cells(steps, episode.config.limits.timeout_s)
         # One fork now, the stem the followers fork in turn: the leader waits only for this one.
         try:

@@ -39,8 +39,9 @@ re-tokenisation of its own text, and the record holds it (`prompt_ids`,
 `token_ids`, `observation_ids`). Other backends take the text path, as
 before. A backend whose stream carries ids keeps whole tokens at a stop
 string (`Done.tail`, see `tora.record.schema` for how the text is cut). A
-continued trajectory (`Prefix`) takes the text path: its prefix was written
-by another model.
+teacher's continuation (`Prefix`) takes the text path: its prefix was written
+by another model. A sample that continues a shared prefix with its ids (the
+same run's model wrote it) goes on from that exact sequence.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ from tora.record.schema import (
     TextStep,
     TokenizerId,
     Trajectory,
+    token_sequence,
 )
 from tora.render import CellLike, get_renderer, observation
 
@@ -178,6 +180,16 @@ class Prefix:
     # --branch-after-cell`): the sample that generated it. The record then has
     # `shared_prefix`, not `parent` and `prefix_lines`.
     shared_from: int | None = None
+    # The prompt's ids as the sample that generated a shared prefix read them (token path): with
+    # the prefix steps' ids, where the continuation starts on the token path too.
+    prompt_ids: tuple[int, ...] | None = None
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """The exact id sequence of a shared prefix (prompt and steps), None where it has none."""
+        if self.shared_from is None:
+            return None  # another model's words: re-tokenised text is all a continuation has
+        return token_sequence(self.prompt_ids, self.steps)
 
     @property
     def completion(self) -> str:
@@ -290,8 +302,8 @@ class Episode:
         # `record_tokens=False` takes the text path, logprobs off, on any backend
         # (the control of benchmarks/bench_rollout.py).
         self.record_tokens = record_tokens
-        self.tokens = (record_tokens and self.backend.accepts_token_ids and prefix is None
-                       and self._setup_error is None)
+        self.tokens = (record_tokens and self.backend.accepts_token_ids
+                       and (prefix is None or prefix.token_ids is not None) and self._setup_error is None)
         self.prompt_ids: list[int] | None = None
         self._ids: list[int] = []
         self._tokenizer_id: TokenizerId | None = None
@@ -322,7 +334,10 @@ class Episode:
             if self._setup_error is not None:
                 raise self._setup_error
             await self._identify()
-            if self.tokens:
+            if self.tokens and self.prefix is not None:  # a shared prefix: the ids its sample read
+                self.prompt_ids = list(self.prefix.prompt_ids or ())
+                self._ids = self.prefix.token_ids or []
+            elif self.tokens:
                 self.prompt_ids = self.backend.encode_prompt(self.prompt)
                 self._ids = list(self.prompt_ids)
             await self._rebuild_state()

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -308,24 +309,29 @@ class Trajectory(_Record):
     def token_sequence(self) -> list[int] | None:
         """prompt_ids + every step's ids in order: the exact sequence the model
         was fed (see the token invariant); None when the record has no tokens."""
-        if self.prompt_ids is None:
-            return None
-        ids = list(self.prompt_ids)
-        for step in self.steps:
-            if isinstance(step, TextStep):
-                if step.token_ids is None:
-                    return None
-                ids += step.token_ids
-            elif isinstance(step, ExecutionStep):
-                if step.observation_ids is None:
-                    return None
-                ids += step.observation_ids
-        return ids
+        return token_sequence(self.prompt_ids, self.steps)
 
     def compute_content_hash(self) -> str:
         """Dedupe key: the normalised problem text and the rendered steps."""
         payload = json.dumps([" ".join(self.problem.text.split()), self.completion()])
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def token_sequence(prompt_ids: Sequence[int] | None, steps: Sequence[Step]) -> list[int] | None:
+    """`prompt_ids` + the ids of each of `steps` in order; None where any is missing."""
+    if prompt_ids is None:
+        return None
+    ids = list(prompt_ids)
+    for step in steps:
+        if isinstance(step, TextStep):
+            if step.token_ids is None:
+                return None
+            ids += step.token_ids
+        elif isinstance(step, ExecutionStep):
+            if step.observation_ids is None:
+                return None
+            ids += step.observation_ids
+    return ids
 
 
 def check_version(raw: dict[str, Any]) -> None:
