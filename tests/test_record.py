@@ -120,7 +120,7 @@ def test_token_fields_round_trip_and_make_the_sequence() -> None:
     t.generation.tokenizer = TokenizerId(name="tok", vocab_sha256="a" * 64)
     t.generation.model_id = ModelId(kind="gguf", sha256="b" * 64, files=["m.gguf"])
     again = Trajectory.model_validate_json(t.model_dump_json())
-    assert again == t and again.schema_version == "1.2"
+    assert again == t and again.schema_version == "1.3"
     assert again.token_sequence() == [2, 10, 11, 20, 21, 30, 31, 32, 40, 1]
     steps[2].observation_ids = None  # one segment absent: no sequence, never a partial one
     assert t.token_sequence() is None

@@ -21,9 +21,14 @@ contract (`checked_stream`); a failure becomes `finish="error"` with a typed
 
 An episode can also start part-way (`Prefix`): from another trajectory's
 prompt and first steps, copied as they were, with its kernel state rebuilt
-by re-running the prefix's cells before the model continues. `tora correct`
-uses it to let a teacher continue a wrong trajectory; the budgets then bound
-what the continuation adds.
+before the model continues: a fork of a kernel that holds the prefix's state
+where the run shares one (`tora.prefix_kernels`), else by re-running the
+prefix's cells; the record says which (`kernel_state`). `tora correct` uses
+it to let a teacher continue a wrong trajectory, `tora curate
+--branch-after-cell` to let K samples continue one generated prefix; the
+budgets then bound what the continuation adds. An episode handed a `Brancher`
+offers it its kernel and steps after each cell until it takes them (the
+samples that share its prefix fork that kernel).
 
 Two paths (`Generation.token_path`). On a backend that takes token ids
 (`Backend.accepts_token_ids`: llama.cpp, transformers, vLLM in process) the
@@ -34,8 +39,9 @@ re-tokenisation of its own text, and the record holds it (`prompt_ids`,
 `token_ids`, `observation_ids`). Other backends take the text path, as
 before. A backend whose stream carries ids keeps whole tokens at a stop
 string (`Done.tail`, see `tora.record.schema` for how the text is cut). A
-continued trajectory (`Prefix`) takes the text path: its prefix was written
-by another model.
+teacher's continuation (`Prefix`) takes the text path: its prefix was written
+by another model. A sample that continues a shared prefix with its ids (the
+same run's model wrote it) goes on from that exact sequence.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from tora.events import (
     TurnStarted,
 )
 from tora.grading.extract import extract_answer
+from tora.prefix_kernels import recorded_cells, rerun
 from tora.prompts import PromptTemplate
 from tora.record.schema import (
     CodeStep,
@@ -73,6 +80,7 @@ from tora.record.schema import (
     ExecutionStep,
     Finish,
     Generation,
+    KernelState,
     ModelId,
     Problem,
     PromptRef,
@@ -80,12 +88,14 @@ from tora.record.schema import (
     RunOn,
     Runtime,
     Sampling,
+    SharedPrefix,
     Stats,
     Step,
     Stop,
     TextStep,
     TokenizerId,
     Trajectory,
+    token_sequence,
 )
 from tora.render import CellLike, get_renderer, observation
 
@@ -166,6 +176,20 @@ class Prefix:
     lines: int  # how many lines of the parent's completion the prefix keeps
     prompt: str
     steps: tuple[Step, ...]
+    # Set where the prefix is one the samples of a problem share (`tora curate
+    # --branch-after-cell`): the sample that generated it. The record then has
+    # `shared_prefix`, not `parent` and `prefix_lines`.
+    shared_from: int | None = None
+    # The prompt's ids as the sample that generated a shared prefix read them (token path): with
+    # the prefix steps' ids, where the continuation starts on the token path too.
+    prompt_ids: tuple[int, ...] | None = None
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """The exact id sequence of a shared prefix (prompt and steps), None where it has none."""
+        if self.shared_from is None:
+            return None  # another model's words: re-tokenised text is all a continuation has
+        return token_sequence(self.prompt_ids, self.steps)
 
     @property
     def completion(self) -> str:
@@ -174,6 +198,22 @@ class Prefix:
     @property
     def cells(self) -> list[str]:
         return [s.content for s in self.steps if isinstance(s, CodeStep)]
+
+
+class PrefixStates(Protocol):
+    """Kernels already holding a prefix's state (tora.prefix_kernels.PrefixKernels fits)."""
+
+    async def kernel(self, prefix: Prefix, kernels: Any) -> tuple[Any, KernelState] | None: ...
+
+
+class Brancher(Protocol):
+    """Offered an episode's kernel and steps after each of its cells, takes them (the shared prefix
+    it returns) for the samples that continue from there (tora.branching fits: after the N-th
+    cell); `ended` is called once the episode is over."""
+
+    async def branch(self, episode: Episode, kernel: Any) -> SharedPrefix | None: ...
+
+    async def ended(self, episode: Episode) -> None: ...
 
 
 def extract_final(completion: str) -> tuple[str | None, str | None]:
@@ -204,6 +244,8 @@ class Episode:
         prefetch_kernel: bool = False,
         prefix: Prefix | None = None,
         record_tokens: bool = True,
+        prefix_states: PrefixStates | None = None,
+        brancher: Brancher | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.problem = problem
@@ -228,6 +270,11 @@ class Episode:
         self._setup_error: Exception | None = None
         self.backend = backend
         self.prefix = prefix
+        self.prefix_states = prefix_states
+        self.brancher = brancher
+        self.kernel_state: KernelState | None = None
+        self.shared_prefix = (SharedPrefix(sample_index=prefix.shared_from, steps=len(prefix.steps))
+                              if prefix is not None and prefix.shared_from is not None else None)
         if prefix is not None:
             self.prompt = prefix.prompt  # the parent's context, whatever template made it
         else:
@@ -242,9 +289,11 @@ class Episode:
             self._setup_error = exc
         self.steps: list[Step] = list(prefix.steps) if prefix else []
         self.stats = _prefix_stats(self.steps)
-        # The budgets bound what this episode generates, not what a prefix brought.
-        self._base_tokens = self.stats.completion_tokens
-        self._base_calls = self.stats.tool_calls
+        # The budgets bound what this episode generates, not what a prefix brought; a prefix the
+        # samples of a problem share is part of each sample, and counts.
+        shared = prefix is not None and prefix.shared_from is not None
+        self._base_tokens = 0 if shared else self.stats.completion_tokens
+        self._base_calls = 0 if shared else self.stats.tool_calls
         self._t0 = time.monotonic()
         self._seq = itertools.count()
         self._kernel_info: dict[str, Any] = {}
@@ -253,8 +302,8 @@ class Episode:
         # `record_tokens=False` takes the text path, logprobs off, on any backend
         # (the control of benchmarks/bench_rollout.py).
         self.record_tokens = record_tokens
-        self.tokens = (record_tokens and self.backend.accepts_token_ids and prefix is None
-                       and self._setup_error is None)
+        self.tokens = (record_tokens and self.backend.accepts_token_ids
+                       and (prefix is None or prefix.token_ids is not None) and self._setup_error is None)
         self.prompt_ids: list[int] | None = None
         self._ids: list[int] = []
         self._tokenizer_id: TokenizerId | None = None
@@ -285,7 +334,10 @@ class Episode:
             if self._setup_error is not None:
                 raise self._setup_error
             await self._identify()
-            if self.tokens:
+            if self.tokens and self.prefix is not None:  # a shared prefix: the ids its sample read
+                self.prompt_ids = list(self.prefix.prompt_ids or ())
+                self._ids = self.prefix.token_ids or []
+            elif self.tokens:
                 self.prompt_ids = self.backend.encode_prompt(self.prompt)
                 self._ids = list(self.prompt_ids)
             await self._rebuild_state()
@@ -373,6 +425,8 @@ class Episode:
                     self._ids += exec_step.observation_ids
                 self.steps.append(exec_step)
                 completion += exec_step.observation
+                if self.brancher is not None and self.shared_prefix is None and self._kernel_task is not None:
+                    self.shared_prefix = await self.brancher.branch(self, self._kernel_task.result())
                 yield self._event(ExecutionFinished, step=exec_step, index=self.stats.tool_calls)
                 turn += 1
         except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
@@ -381,7 +435,11 @@ class Episode:
         except Exception as exc:
             finish, error = "error", _error_info(exc)
         finally:
-            await self._release_kernel()
+            try:
+                if self.brancher is not None:
+                    await asyncio.shield(self.brancher.ended(self))
+            finally:
+                await self._release_kernel()
         trajectory = self._finalize(finish, error)
         if trajectory.result.final_answer is not None and finish == "answered":
             yield self._event(FinalAnswer, answer=trajectory.result.final_answer,
@@ -424,13 +482,31 @@ class Episode:
         self._tokenizer_id, self._model_id = await asyncio.to_thread(both)
 
     async def _rebuild_state(self) -> None:
-        """Re-run a prefix's cells so the kernel holds what the context says it does."""
+        """Give the kernel the state the prefix's context says it holds: a fork of a kernel that
+        holds it where the run has one, else the prefix's cells re-run here."""
         if self.prefix is None or not self.prefix.cells or self.config.render.fresh_namespace:
             return
-        kernel, _ = await self._kernel()
-        self._kernel_info = dict(kernel.info)
-        for code in self.prefix.cells:
-            await kernel.execute(code, timeout=self.config.limits.timeout_s)
+        states, prefix = self.prefix_states, self.prefix
+        if states is not None and self._given_kernel is None:
+            async def prefixed() -> Any:
+                got = await states.kernel(prefix, self.kernels)
+                if got is None:
+                    return None
+                kernel, self.kernel_state = got
+                return kernel
+
+            # As the episode's kernel task: a kernel made while the episode is cancelled is released.
+            self._kernel_task = asyncio.ensure_future(prefixed())
+            made = await self._kernel_task
+            if made is None:
+                self._kernel_task = None
+        else:
+            made = None
+        if made is None:
+            made, _ = await self._kernel()
+            cells = recorded_cells(prefix.steps, self.config.limits.timeout_s)
+            self.kernel_state = KernelState(method="replay", cells=len(cells), diverged=await rerun(made, cells))
+        self._kernel_info = dict(made.info)
 
     async def _kernel(self) -> tuple[KernelLike, bool]:
         """The kernel for the next cell, and whether it is this cell's alone."""
@@ -476,7 +552,7 @@ class Episode:
         if not task.done():
             task.cancel()
             await asyncio.wait([task])
-        if task.cancelled() or task.exception() is not None:
+        if task.cancelled() or task.exception() is not None or task.result() is None:
             return
         await asyncio.shield(self.kernels.release(task.result()))
 
@@ -496,8 +572,10 @@ class Episode:
             problem=self.problem,
             sample_index=self.sample_index,
             origin=self.origin,  # type: ignore[arg-type]
-            parent=self.prefix.parent if self.prefix else None,
-            prefix_lines=self.prefix.lines if self.prefix else None,
+            parent=self.prefix.parent if self.prefix and self.shared_prefix is None else None,
+            prefix_lines=self.prefix.lines if self.prefix and self.shared_prefix is None else None,
+            shared_prefix=self.shared_prefix,
+            kernel_state=self.kernel_state,
             generation=Generation(
                 backend=self.backend.name,
                 model=self.backend.model,

@@ -59,6 +59,11 @@ class LoopSettings:
         return cls(config, policy, capacity)
 
 
+def kernel_pool(policy: SandboxPolicy, capacity: Capacity) -> KernelPool:
+    """The pool a loop runs on (made first by a caller that also forks its kernels: tora.prefix_kernels)."""
+    return KernelPool(policy, size=min(capacity.kernels, POOL_MAX))
+
+
 class ManagedKernels(KernelSource[K], Protocol[K]):
     """A kernel source the loop starts and closes (sandbox.KernelPool fits)."""
 
@@ -74,8 +79,7 @@ class Loop:
     def __init__(self, make_episode: EpisodeFactory, policy: SandboxPolicy, capacity: Capacity, *,
                  grader: str | None, backend: Backend | None = None,
                  kernels: ManagedKernels[Any] | None = None) -> None:
-        self.kernels: ManagedKernels[Any] = (kernels if kernels is not None
-                                             else KernelPool(policy, size=min(capacity.kernels, POOL_MAX)))
+        self.kernels: ManagedKernels[Any] = kernels if kernels is not None else kernel_pool(policy, capacity)
         self.scheduler = Scheduler(make_episode, self.kernels, grader=grader, capacity=capacity)
         self.backend = backend  # closed with the loop; None: the caller keeps its model
 

@@ -33,12 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tora.backends.base import Backend
-from tora.engine import Episode, KernelLike, KernelSource, Prefix, SolveConfig
+from tora.engine import Brancher, Episode, KernelLike, KernelSource, Prefix, PrefixStates, SolveConfig
 from tora.errors import GraderError
 from tora.events import Event, Finished
 from tora.grading import DEFAULT_TIMEOUT
@@ -46,6 +46,8 @@ from tora.grading.items import ItemGrade, grade_trajectories, with_grade
 from tora.prompts import PromptTemplate
 from tora.record import Problem, Trajectory
 from tora.record.schema import ErrorInfo
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,10 @@ class Job:
     sample_index: int = 0
     config: SolveConfig | None = None  # None: the scheduler's default
     origin: str = "greedy"
-    prefix: Prefix | None = None  # continue another trajectory (tora correct)
+    prefix: Prefix | None = None  # continue another trajectory (tora correct, curate's branches)
+    # A job that starts from another's prefix (tora.branching): awaited for the job to run, before
+    # it takes a slot, so a job waiting on another holds no slot and no kernel.
+    resolve: Callable[[Job], Awaitable[Job]] | None = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -120,15 +125,21 @@ class LiveKernels:
         self.peak = 0
 
     async def acquire(self) -> KernelLike:
+        kernel: KernelLike = await self.take(self.source.acquire)
+        return kernel
+
+    async def take(self, make: Callable[[], Awaitable[T]]) -> T:
+        """What `make` returns (a kernel made another way: a fork of a shared prefix's kernel,
+        `tora.prefix_kernels`), counted as one of the live kernels; its slot is taken first."""
         await self._slots.acquire()
         try:
-            kernel: KernelLike = await self.source.acquire()
+            made = await make()
         except BaseException:
             self._slots.release()
             raise
         self.live += 1
         self.peak = max(self.peak, self.live)
-        return kernel
+        return made
 
     async def release(self, kernel: KernelLike) -> None:
         try:
@@ -202,13 +213,15 @@ def _grader_failed(trajectory: Trajectory, exc: GraderError) -> Graded:
 EpisodeFactory = Callable[[Job, KernelSource[Any]], Episode]
 
 
-def episode_factory(backend: Backend, template: PromptTemplate, spec: str, run_id: str) -> EpisodeFactory:
-    """Episodes for jobs, all with one backend, template and run id."""
+def episode_factory(backend: Backend, template: PromptTemplate, spec: str, run_id: str, *,
+                    prefix_states: PrefixStates | None = None, brancher: Brancher | None = None) -> EpisodeFactory:
+    """Episodes for jobs, all with one backend, template and run id (and, where the run shares
+    prefixes, its prefix kernels and branch points)."""
 
     def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
         return Episode(job.problem, backend=backend, template=template, kernels=kernels, config=job.config,
                        spec=spec, sample_index=job.sample_index, origin=job.origin, run_id=run_id,
-                       prefix=job.prefix)
+                       prefix=job.prefix, prefix_states=prefix_states, brancher=brancher)
 
     return make_episode
 
@@ -247,6 +260,8 @@ class Scheduler:
 
     async def _trajectory(self, job: Job, on_event: Callable[[Event], None] | None,
                           wanted: Callable[[Job], bool] | None) -> Graded | None:
+        if job.resolve is not None:
+            job = await job.resolve(job)
         async with self._slots:
             if wanted is not None and not wanted(job):
                 self.stats.skipped += 1

@@ -4,8 +4,12 @@ For each wrong trajectory of RUN_DIR (graded `correct: false`, not an
 infrastructure failure), for its line prefixes (`--prefixes all`, or N of
 them drawn with `--prefix-seed`; see `tora.correction` for where a prefix may
 end), the teacher continues it through the same runtime: a new episode
-starts from the parent's exact prompt and first steps, its kernel rebuilt by
-re-running the prefix's cells, the rendering as the parent recorded it.
+starts from the parent's exact prompt and first steps, the rendering as the
+parent recorded it, and a kernel holding the prefix's state: the parent's
+cells run once per wrong trajectory in a shared kernel, forked for each of its
+continuations (`tora.prefix_kernels`; each record's `kernel_state` says how its
+kernel was made and which prefix cells came out differently from the parent's
+record).
 
 RUN_DIR receives corrections.jsonl (every continuation, graded, appended and
 fsynced: the record of this verb's work, keyed by parent and prefix length)
@@ -46,7 +50,8 @@ from tora.engine import Episode, KernelSource, RenderSettings, SolveConfig
 from tora.errors import DataError, UsageError
 from tora.evaluate import load_finished
 from tora.grading import GRADERS
-from tora.loop import Loop, LoopSettings
+from tora.loop import Loop, LoopSettings, kernel_pool
+from tora.prefix_kernels import PrefixKernels
 from tora.progress import BatchProgress
 from tora.prompts import PLACEHOLDER, PromptTemplate
 from tora.record import Trajectory, TrajectoryWriter, read_trajectories, repair_tail
@@ -234,21 +239,26 @@ class Correction:
         self.ledger.load(records, kept, seen=curated)
         self.loaded = len({_attempt(t) for t in records})
 
-    def jobs(self) -> Iterator[Job]:
+    def jobs(self, stems: PrefixKernels | None = None) -> Iterator[Job]:
         for pid, parent in self.parents.items():
             config = SolveConfig(sampling=self.config.sampling, limits=self.config.limits, render=render_of(parent))
-            for _, n in self.work.pending(pid):
-                yield Job(parent.problem, parent.sample_index, config, "teacher_corrected", prefix_of(parent, n))
+            prefixes = [prefix_of(parent, n) for _, n in self.work.pending(pid)]
+            if stems is not None:  # the parent's cells run once; its continuations fork that kernel
+                stems.expect(pid, parent.steps, config.limits.timeout_s, [len(p.cells) for p in prefixes])
+            for prefix in prefixes:
+                yield Job(parent.problem, parent.sample_index, config, "teacher_corrected", prefix)
 
     async def run(self, run_dir: Path, backend: Backend, spec: str, run_id: str, loop: LoopSettings, grader: str,
                   err: Console) -> None:
         templates = {pid: template_of(p) for pid, p in self.parents.items()}
+        pool = kernel_pool(loop.policy, loop.capacity)
+        stems = PrefixKernels(pool)
 
         def make_episode(job: Job, kernels: KernelSource[Any]) -> Episode:
             assert job.prefix is not None
             return Episode(job.problem, backend=backend, template=templates[job.prefix.parent], kernels=kernels,
                            config=job.config, spec=spec, sample_index=job.sample_index, origin=job.origin,
-                           run_id=run_id, prefix=job.prefix)
+                           run_id=run_id, prefix=job.prefix, prefix_states=stems)
 
         work = self.work
         with TrajectoryWriter(run_dir / CORRECTIONS) as records, TrajectoryWriter(run_dir / CURATED) as curated:
@@ -258,16 +268,23 @@ class Correction:
                                hits=sum(t.result.correct is True for t in loaded), rate_unit=" traj/s",
                                score_label="correct", counters=("kept", "exec errors")) as progress:
                 progress.add(kept=self.ledger.kept_count())
-                async with (Loop(make_episode, loop.policy, loop.capacity, grader=grader, backend=backend) as running,
-                            contextlib.aclosing(running.scheduler.run(self.jobs(), wanted=self._wanted)) as results):
-                    async for result in results:
-                        t = result.trajectory
-                        attempt = _attempt(t)
-                        progress.score(result.correct, **{"exec errors": tool_errors(t, self.prefix_steps[attempt])})
-                        kept = await work.record(t, attempt, records, curated)
-                        if kept is not None:
-                            progress.complete()
-                            progress.add(kept=kept)
+                async with Loop(make_episode, loop.policy, loop.capacity, grader=grader, backend=backend,
+                                kernels=pool) as running:
+                    try:
+                        async with contextlib.aclosing(running.scheduler.run(self.jobs(stems), wanted=self._wanted)) \
+                                as results:
+                            async for result in results:
+                                t = result.trajectory
+                                attempt = _attempt(t)
+                                progress.score(result.correct,
+                                               **{"exec errors": tool_errors(t, self.prefix_steps[attempt])})
+                                kept = await work.record(t, attempt, records, curated)
+                                if kept is not None:
+                                    progress.complete()
+                                    progress.add(kept=kept)
+                                    await stems.drop(attempt[0])
+                    finally:
+                        await stems.aclose()
 
     def _wanted(self, job: Job) -> bool:
         return job.prefix is None or self.work.open(job.prefix.parent)

@@ -5,7 +5,10 @@ kept are those that answered correctly with every cell running cleanly
 (`--keep-tool-errors` drops the second condition), without duplicates (same
 `content_hash`), at most M per problem (`--max-per-problem`) chosen by a
 seeded rank (`--select-seed`). `--stop-when-full` stops sampling a problem
-once M are kept: its jobs not yet started are withdrawn.
+once M are kept: its jobs not yet started are withdrawn. `--branch-after-cell
+N` lets the K samples of a problem share one generated prefix, up to and
+including its N-th cell's output, and continue from a fork of its kernel
+(`tora.branching`).
 
 RUN_DIR holds manifest.json, trajectories.jsonl (every trajectory, appended
 and fsynced as it is graded), curated.jsonl (the kept ones), contamination.jsonl
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +40,7 @@ from rich.console import Console
 
 from tora.backends.base import Backend
 from tora.backends.registry import load_backend
+from tora.branching import Branches
 from tora.cli.batch import (
     backend_ref,
     base_manifest,
@@ -55,12 +60,13 @@ from tora.contamination import DEFAULT_N, DEFAULT_THRESHOLD, NgramIndex, Overlap
 from tora.curation import KeepRule, Ledger, Work
 from tora.data import DATASETS, dataset_path, load_problems
 from tora.distributed.shards import has_shards, merge_shards
-from tora.engine import SamplingParams, SolveConfig
+from tora.engine import Prefix, SamplingParams, SolveConfig
 from tora.errors import DataError, UsageError
 from tora.evaluate import Pair, load_finished, regrade
 from tora.grading import DEFAULT_GRADER, GRADERS
-from tora.loop import Loop, LoopSettings
+from tora.loop import Loop, LoopSettings, kernel_pool
 from tora.metrics import compute_metrics
+from tora.prefix_kernels import PrefixKernels
 from tora.progress import BatchProgress
 from tora.prompts import PromptTemplate, default_prompt, load_prompt
 from tora.record import Problem, TrajectoryWriter, read_trajectories, repair_tail
@@ -83,7 +89,7 @@ if TYPE_CHECKING:
 
 # Curate's own settings a resumed run must share with the run it continues (with those of every
 # batch verb, tora.run_settings): they decide what is sampled and what is kept.
-_FIXED = ("grader", "keep_tool_errors", "max_per_problem", "select_seed", "greedy_first")
+_FIXED = ("grader", "keep_tool_errors", "max_per_problem", "select_seed", "greedy_first", "branch_after_cell")
 
 
 def _sets(value: str | None) -> list[str] | None:
@@ -103,6 +109,9 @@ def _sets(value: str | None) -> list[str] | None:
               help="Seed of the rank that picks which M are kept.")
 @click.option("--stop-when-full", is_flag=True, help="Stop sampling a problem once M are kept (needs -M).")
 @click.option("--keep-tool-errors", is_flag=True, help="Also keep correct trajectories in which a cell failed.")
+@click.option("--branch-after-cell", type=click.IntRange(1), default=None,
+              help="The K samples of a problem share one generated prefix up to and including its N-th cell's "
+                   "output, then continue independently, each in a fork of that prefix's kernel.")
 @click.option("--retry-errors", is_flag=True,
               help="Run again the samples whose record is an infrastructure failure (backend, kernel, sandbox, internal).")
 @click.option("--grader", type=click.Choice(GRADERS), default=DEFAULT_GRADER, show_default=True)
@@ -124,7 +133,8 @@ def _sets(value: str | None) -> list[str] | None:
 @click.option("--answer-field", default=None, help="JSONL files: the field holding the reference answer.")
 @click.option("--id-field", default=None, help="JSONL files: the field holding a unique problem id.")
 def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: bool, cap: int | None,
-           select_seed: int, stop_when_full: bool, keep_tool_errors: bool, retry_errors: bool, grader: str,
+           select_seed: int, stop_when_full: bool, keep_tool_errors: bool, branch_after_cell: int | None,
+           retry_errors: bool, grader: str,
            eval_sets: str | None, ngram: int, threshold: float, allow_contaminated: bool, out: Path,
            question_field: str | None, answer_field: str | None, id_field: str | None, as_json: bool,
            **kw: Any) -> int:
@@ -135,6 +145,8 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
     loop = loop_settings(kw)
     config = loop.config
     cluster = cluster_from(kw)
+    if branch_after_cell is not None and cluster is not None:
+        raise UsageError("--branch-after-cell runs on one machine: a prefix's kernel is forked where it lives")
     err = Console(stderr=True)
     problems = load_problems(problems_arg, question_field=question_field, answer_field=answer_field,
                              id_field=id_field, limit=limit)
@@ -147,7 +159,7 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
                          "against references (see --answer-field)")
     chosen = {"samples": samples, "greedy_first": greedy_first, "grader": grader,
                 "keep_tool_errors": keep_tool_errors, "max_per_problem": cap, "select_seed": select_seed,
-                "stop_when_full": stop_when_full}
+                "stop_when_full": stop_when_full, "branch_after_cell": branch_after_cell}
     template = load_prompt(kw["prompt"] or default_prompt(kw["model"], problems_arg))
     settings = RunSettings.of("curate", kw["model"], config, loop.policy, template=template, dataset=problems_arg,
                               verb={name: chosen[name] for name in _FIXED})
@@ -168,7 +180,7 @@ def curate(problems_arg: str, limit: int | None, samples: int, greedy_first: boo
             raise UsageError(f"nothing to curate: every problem overlaps an evaluation set (see {out / CONTAMINATION}); "
                              "--allow-contaminated keeps them")
         state = Curation(problems, samples, KeepRule(keep_tool_errors), cap, select_seed, stop_when_full,
-                         retry_errors, greedy_first)
+                         retry_errors, greedy_first, branch_after_cell)
         state.load(out)
         contamination = {"n": ngram, "threshold": threshold, "checked_against": checked, "flagged": len(flagged),
                          "excluded": len(excluded)}
@@ -292,11 +304,13 @@ class Curation:
     """One curation run's work: problems x samples, grouped by problem, and the feed of jobs still to run."""
 
     def __init__(self, problems: list[Problem], samples: int, rule: KeepRule, cap: int | None, seed: int,
-                 stop_when_full: bool, retry_errors: bool, greedy_first: bool) -> None:
+                 stop_when_full: bool, retry_errors: bool, greedy_first: bool,
+                 branch_after_cell: int | None = None) -> None:
         self.problems = problems
         self.samples = samples
         self.rule = rule
         self.greedy_first = greedy_first
+        self.branch_after_cell = branch_after_cell
         ledger = Ledger(key=lambda t: (t.problem.id, t.sample_index), group=lambda t: t.problem.id,
                         eligible=rule.keeps, cap=cap, seed=seed)
         self.work = Work(ledger, {p.id: [(p.id, k) for k in range(samples)] for p in problems},
@@ -319,7 +333,7 @@ class Curation:
         """The same run read back from its files (after the workers of a cluster wrote them):
         what this session added counts as new, final problems as closed."""
         fresh = Curation(self.problems, self.samples, self.rule, self.ledger.cap, self.ledger.seed,
-                         self.work.stop_when_full, self.work.retry_errors, self.greedy_first)
+                         self.work.stop_when_full, self.work.retry_errors, self.greedy_first, self.branch_after_cell)
         fresh.load(out)
         before = {t.id for t in self.work.latest()}
         fresh.work.new = [t for t in fresh.work.latest() if t.id not in before]
@@ -329,13 +343,21 @@ class Curation:
         fresh.retry = self.retry
         return fresh
 
-    def jobs(self, config: SolveConfig, backend: Backend) -> Iterator[Job]:
-        """Problem-major, drawn lazily: a problem that became final is passed over."""
+    def jobs(self, config: SolveConfig, backend: Backend, branches: Branches | None = None) -> Iterator[Job]:
+        """Problem-major, drawn lazily: a problem that became final is passed over. With `branches`,
+        a problem's samples start from one shared prefix where they can (`tora.branching`)."""
         greedy = SolveConfig(sampling=SamplingParams(), limits=config.limits, render=config.render)
         for p in self.problems:
+            plan: dict[int, Prefix | None] = {}
+            if branches is not None:
+                pending = [k for _, k in self.work.pending(p.id)]
+                plan = branches.plan(p.id, pending, self.ledger.done(p.id).values(), config.limits.timeout_s)
             for _, k in self.work.pending(p.id):
                 cfg = greedy if self.greedy_first and k == 0 else sample_config(config, k, self.samples)
-                yield Job(p, k, cfg, origin_for(backend, cfg))
+                job = Job(p, k, cfg, origin_for(backend, cfg), prefix=plan.get(k))
+                if branches is not None and k in plan and plan[k] is None and not branches.is_leader(p.id, k):
+                    job = dataclasses.replace(job, resolve=branches.follow)
+                yield job
 
     async def run(self, out: Path, backend: Backend, template: PromptTemplate, loop: LoopSettings, spec: str,
                   grader: str, run_id: str, err: Console) -> None:
@@ -347,11 +369,23 @@ class Curation:
                                hits=sum(t.result.correct is True for t in loaded), rate_unit=" traj/s",
                                counters=("kept", "exec errors")) as progress:
                 progress.add(kept=self.ledger.kept_count(), **{"exec errors": sum(t.stats.exec_errors for t in loaded)})
-                make_episode = episode_factory(backend, template, spec, run_id)
-                feed = self.jobs(loop.config, backend)
-                async with (Loop(make_episode, loop.policy, loop.capacity, grader=grader, backend=backend) as running,
-                            contextlib.aclosing(running.scheduler.run(feed, wanted=lambda j: work.open(j.problem.id)))
-                            as results):
+                pool = kernel_pool(loop.policy, loop.capacity)
+                stems = PrefixKernels(pool)
+                branches = Branches(self.branch_after_cell, stems) if self.branch_after_cell else None
+                make_episode = episode_factory(backend, template, spec, run_id, prefix_states=stems, brancher=branches)
+                feed = self.jobs(loop.config, backend, branches)
+
+                def wanted(job: Job) -> bool:
+                    if work.open(job.problem.id):
+                        return True
+                    if branches is not None:
+                        branches.withdrawn(job)
+                    return False
+
+                async with (Loop(make_episode, loop.policy, loop.capacity, grader=grader, backend=backend,
+                                 kernels=pool) as running,
+                            contextlib.aclosing(stems),  # after the trajectories, before the pool
+                            contextlib.aclosing(running.scheduler.run(feed, wanted=wanted)) as results):
                     async for result in results:
                         t = result.trajectory
                         progress.score(result.correct, **{"exec errors": t.stats.exec_errors})

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -61,7 +62,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # 1.2: token ids and logprobs (see above), the stop that fired per text step,
 # the tokenizer's and the model's identity; 1.0 and 1.1 records read with
 # those fields null.
-SCHEMA_VERSION = "1.2"
+# 1.3: `kernel_state` (how the kernel of a trajectory that starts from a prefix
+# got the prefix's state: a fork of a kernel holding it, or its cells re-run,
+# and which cells came out differently) and `shared_prefix` (the samples of a
+# problem that branch from one generated prefix, `tora curate
+# --branch-after-cell`); both optional, null in every earlier record.
+SCHEMA_VERSION = "1.3"
 
 Finish = Literal["answered", "no_answer", "max_tool_calls", "max_tokens", "error", "interrupted"]
 ExecStatus = Literal["ok", "error", "timeout", "died"]
@@ -247,6 +253,31 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+class KernelState(_Record):
+    """1.3: how the kernel of a trajectory that starts from a prefix came to hold the prefix's state.
+
+    Absent (null) where the trajectory's kernel ran every cell of its record itself.
+    """
+
+    # "fork": a copy (a snapshot of its names, RNG state, cwd and files) of a kernel that held the
+    # prefix's state; "replay": the prefix's cells re-run in order in this trajectory's kernel.
+    method: Literal["fork", "replay"]
+    cells: int = 0  # the prefix's cells the state holds
+    reason: str = ""  # why a replay where a fork was tried or possible
+    # Indexes (among the prefix's cells) of cells whose outcome, where they ran to make this state,
+    # differs from the recorded output: randomness, time, files. Empty for a fork of the kernel
+    # that produced the record.
+    diverged: list[int] = Field(default_factory=list)
+    snapshot_bytes: int = 0  # of the fork's snapshot
+
+
+class SharedPrefix(_Record):
+    """1.3: the first steps this trajectory shares, verbatim, with the other samples of its problem."""
+
+    sample_index: int  # the sample whose generation made the prefix
+    steps: int  # how many of `steps` are the shared prefix
+
+
 class Trajectory(_Record):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     schema_version: str = SCHEMA_VERSION
@@ -257,6 +288,8 @@ class Trajectory(_Record):
     origin: Literal["greedy", "sampled", "teacher_corrected", "interactive", "replayed"] = "greedy"
     parent: str | None = None  # the trajectory this one continues (teacher_corrected)
     prefix_lines: int | None = None  # lines of the parent's completion kept before the continuation
+    shared_prefix: SharedPrefix | None = None  # 1.3: branched from a prefix shared by the problem's samples
+    kernel_state: KernelState | None = None  # 1.3: how its kernel got its prefix's state
     generation: Generation
     runtime: Runtime
     prompt: str
@@ -276,24 +309,29 @@ class Trajectory(_Record):
     def token_sequence(self) -> list[int] | None:
         """prompt_ids + every step's ids in order: the exact sequence the model
         was fed (see the token invariant); None when the record has no tokens."""
-        if self.prompt_ids is None:
-            return None
-        ids = list(self.prompt_ids)
-        for step in self.steps:
-            if isinstance(step, TextStep):
-                if step.token_ids is None:
-                    return None
-                ids += step.token_ids
-            elif isinstance(step, ExecutionStep):
-                if step.observation_ids is None:
-                    return None
-                ids += step.observation_ids
-        return ids
+        return token_sequence(self.prompt_ids, self.steps)
 
     def compute_content_hash(self) -> str:
         """Dedupe key: the normalised problem text and the rendered steps."""
         payload = json.dumps([" ".join(self.problem.text.split()), self.completion()])
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def token_sequence(prompt_ids: Sequence[int] | None, steps: Sequence[Step]) -> list[int] | None:
+    """`prompt_ids` + the ids of each of `steps` in order; None where any is missing."""
+    if prompt_ids is None:
+        return None
+    ids = list(prompt_ids)
+    for step in steps:
+        if isinstance(step, TextStep):
+            if step.token_ids is None:
+                return None
+            ids += step.token_ids
+        elif isinstance(step, ExecutionStep):
+            if step.observation_ids is None:
+                return None
+            ids += step.observation_ids
+    return ids
 
 
 def check_version(raw: dict[str, Any]) -> None:

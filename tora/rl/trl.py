@@ -17,6 +17,15 @@ so every rollout samples from the weights being trained, and is fed token ids, n
 re-tokenised text. Ids, mask and logprobs come from `tora.export.rl.rl_row`, the one place
 the mask is built: 0 exactly on the tokens of the ```output blocks tora appended.
 
+`branch_after_cell=N` makes each group (the prompt's `num_generations`
+repeats) a tree of depth one, as `tora curate --branch-after-cell` does: the
+group's first generation runs as usual, the others continue from its steps
+up to its N-th cell's output, on the token path from the exact ids it read,
+each in a fork of its kernel (`tora.branching`). Each generation's completion
+then starts with the shared prefix's tokens, which the trainer trains on with
+that generation's advantage; a leader that ends before its N-th cell shares
+nothing.
+
 Sampling follows the trainer's own settings (temperature, top_p, max_completion_length)
 so that the logprobs recorded at rollout are those TRL recomputes: TRL scales logits by
 its temperature before the log-softmax, and so does the backend.
@@ -32,11 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from tora.backends.transformers import TransformersBackend
+from tora.branching import Branches
 from tora.engine import Limits, RenderSettings, SamplingParams, SolveConfig
 from tora.errors import UsageError
 from tora.export.rl import RewardRule, RLRow, rl_row
 from tora.grading import DEFAULT_GRADER
 from tora.kernels import KernelPool, SandboxPolicy, sandbox_policy
+from tora.prefix_kernels import PrefixKernels
 from tora.prompts import PromptTemplate, load_prompt
 from tora.record import Problem
 from tora.scheduler import Capacity, Graded, Job, LiveKernels, Scheduler, episode_factory
@@ -79,6 +90,7 @@ class ToraRollout:
         policy: SandboxPolicy | None = None,
         capacity: Capacity | None = None,
         run_id: str = "trl",
+        branch_after_cell: int | None = None,
     ) -> None:
         self.problems: dict[str, Problem] = {}
         for problem in problems:
@@ -91,6 +103,7 @@ class ToraRollout:
         self.policy = policy or sandbox_policy(timeout_s=self.limits.timeout_s)  # TORA_SANDBOX_* apply
         self.capacity = capacity or Capacity(in_flight=8, kernels=8, graders=1)
         self.run_id = run_id
+        self.branch_after_cell = branch_after_cell
         self.calls = 0
         self.last: list[Graded] = []  # the last call's trajectories, in the trainer's order
         self.rows: list[RLRow] = []  # and their rows
@@ -99,6 +112,8 @@ class ToraRollout:
         self._scheduler: Scheduler | None = None
         self._backend: TransformersBackend | None = None
         self._kernels: LiveKernels | None = None  # the scheduler's count, kept after close()
+        self._stems: PrefixKernels | None = None
+        self._branches: Branches | None = None
 
     def dataset_rows(self) -> list[dict[str, str]]:
         """One row per problem, `{"prompt": question}`: the train dataset for GRPOTrainer."""
@@ -155,9 +170,26 @@ class ToraRollout:
     async def _rollout(self, model: Any, tokenizer: Any, jobs: list[Job]) -> list[Graded]:
         scheduler = await self._started(model, tokenizer)
         done: dict[tuple[str, int], Graded] = {}
-        async for result in scheduler.run(jobs):
-            done[result.pair] = result
+        try:
+            async for result in scheduler.run(self._grouped(jobs)):
+                done[result.pair] = result
+        finally:
+            if self._stems is not None:
+                await self._stems.aclose()  # no kernel of this rollout outlives it
         return [done[job.key] for job in jobs]
+
+    def _grouped(self, jobs: list[Job]) -> list[Job]:
+        """With branching, each problem's first job leads and the others follow it (`tora.branching`)."""
+        branches = self._branches
+        if branches is None:
+            return jobs
+        groups: dict[str, list[int]] = {}
+        for job in jobs:
+            groups.setdefault(job.problem.id, []).append(job.sample_index)
+        for pid, indices in groups.items():
+            branches.plan(pid, indices, [], self.limits.timeout_s)
+        return [replace(job, resolve=branches.follow) if not branches.is_leader(job.problem.id, job.sample_index)
+                and len(groups[job.problem.id]) > 1 else job for job in jobs]
 
     async def _started(self, model: Any, tokenizer: Any) -> Scheduler:
         if self._backend is not None and self._backend._model is not model:
@@ -169,7 +201,11 @@ class ToraRollout:
             pool = KernelPool(self.policy, size=min(self.capacity.kernels, 4))
             await pool.start()
             self._stack.push_async_callback(pool.close)
-            make = episode_factory(self._backend, self.template, f"live:{self._backend.model}", self.run_id)
+            self._stems = PrefixKernels(pool)
+            self._branches = Branches(self.branch_after_cell, self._stems) if self.branch_after_cell else None
+            self._stack.push_async_callback(self._stems.aclose)
+            make = episode_factory(self._backend, self.template, f"live:{self._backend.model}", self.run_id,
+                                   prefix_states=self._stems, brancher=self._branches)
             self._scheduler = Scheduler(make, pool, grader=self.grader, capacity=self.capacity)
             self._kernels = self._scheduler.kernels
             self._stack.push_async_callback(self._scheduler.aclose)
@@ -195,6 +231,7 @@ class ToraRollout:
             self._runner.run(self._stack.aclose())
         self._runner.close()
         self._runner, self._stack, self._scheduler, self._backend = None, None, None, None
+        self._stems, self._branches = None, None
 
     def __enter__(self) -> ToraRollout:
         return self
