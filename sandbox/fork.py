@@ -27,12 +27,15 @@ sandbox/README.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from sandbox.inside.hardening import PLAIN_CELL
 from sandbox.result import CellResult
 
 if TYPE_CHECKING:
@@ -61,8 +64,12 @@ class Forked(BaseModel):
     diverged: list[int] = []
 
 
+# Both cells below start with PLAIN_CELL: the kernel runs them as plain Python, without
+# IPython's per-character costs (see sandbox.inside.hardening), and both run silent (no
+# execution count, no history: a fork leaves the source's In/Out as they were).
+
 # Runs in the source kernel; prints one JSON line. Leaves no name behind.
-_SNAPSHOT = r'''
+_SNAPSHOT = PLAIN_CELL + r'''
 def __tora_snapshot(limit):
     import base64, io, json, os, random, re, sys, tarfile, threading, zlib
     def refuse(why):
@@ -87,13 +94,15 @@ def __tora_snapshot(limit):
     skip = re.compile(r"^(_+|_i+|_i?\d+|_ih|_oh|_dh|In|Out|__tora_snapshot)$")
     names = {k: v for k, v in ip.user_ns.items() if k not in ip.user_ns_hidden and not skip.match(k)}
     home = os.environ.get("HOME") or os.getcwd()
-    files = io.BytesIO()
-    with tarfile.open(fileobj=files, mode="w") as tar:
-        for entry in sorted(os.listdir(home)):
-            if entry != ".ipython":
+    entries = [e for e in sorted(os.listdir(home)) if e != ".ipython"]
+    files = b""
+    if entries:  # else no tar at all (10 KB of padding, and tarfile's time on both sides)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for entry in entries:
                 tar.add(os.path.join(home, entry), arcname=entry)
-    state = {"names": names, "random": random.getstate(), "cwd": os.getcwd(), "home": home,
-             "files": files.getvalue()}
+        files = buffer.getvalue()
+    state = {"names": names, "random": random.getstate(), "cwd": os.getcwd(), "home": home, "files": files}
     np = sys.modules.get("numpy")
     if np is not None:
         state["numpy_random"] = np.random.get_state()
@@ -108,36 +117,17 @@ print(__tora_snapshot(%d))
 del __tora_snapshot
 '''
 
-# Runs in the new kernel before the snapshot cell. IPython costs ~1 us per character of a
-# cell's source before running it (ipykernel's input transformers, and the murmur hash its
-# compiler names cells by): for the snapshot cell alone, skip both. Each patch undoes itself
-# on its first call.
-_FAST_NEXT = r'''
-def __tora_fast_next():
-    ip = get_ipython()
-    transform, cache = ip.transform_cell, ip.compile.cache
-    def once_transform(cell):
-        ip.transform_cell = transform
-        return cell
-    def once_cache(cell, number=0, raw_code=None):
-        ip.compile.cache = cache
-        return cache("# tora: a kernel snapshot\n", number)
-    ip.transform_cell = once_transform
-    ip.compile.cache = once_cache
-__tora_fast_next()
-del __tora_fast_next
-'''
-
-# The snapshot cell itself: the data as one base64 string literal.
-_RESTORE = r'''
+# Runs in the new kernel, as its first cell: the data as one base64 string literal.
+_RESTORE = PLAIN_CELL + r'''
 def __tora_restore(data):
     import base64, io, os, random, tarfile, zlib, cloudpickle
     state = cloudpickle.loads(zlib.decompress(base64.b64decode(data)))
-    with tarfile.open(fileobj=io.BytesIO(state["files"])) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(state["home"], filter="data")
-        else:
-            tar.extractall(state["home"])
+    if state["files"]:
+        with tarfile.open(fileobj=io.BytesIO(state["files"])) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(state["home"], filter="data")
+            else:
+                tar.extractall(state["home"])
     get_ipython().user_ns.update(state["names"])
     random.setstate(state["random"])
     if "numpy_random" in state:
@@ -152,6 +142,11 @@ del __tora_restore
 '''
 
 
+async def _release_when_acquired(pool: KernelPool, acquiring: asyncio.Future[Kernel]) -> None:
+    with contextlib.suppress(BaseException):
+        await pool.release(await acquiring)
+
+
 def same_outcome(a: CellResult, b: CellResult) -> bool:
     return (a.status, a.stdout, a.stderr, a.display, a.error) == (b.status, b.stdout, b.stderr, b.display, b.error)
 
@@ -163,7 +158,7 @@ def snapshot_limit(kernel: Kernel) -> int:
 
 async def take_snapshot(kernel: Kernel) -> tuple[str | None, int, str]:
     """(base64 snapshot, its size, "") or (None, 0, why not)."""
-    result = await kernel.execute(_SNAPSHOT % snapshot_limit(kernel))
+    result = await kernel.execute(_SNAPSHOT % snapshot_limit(kernel), silent=True)
     if result.status != "ok" or result.truncated:
         why = f"{result.error.ename}: {result.error.evalue}" if result.error else result.status
         return None, 0, f"the snapshot cell failed ({'output over the limit' if result.truncated else why})"
@@ -179,10 +174,7 @@ async def take_snapshot(kernel: Kernel) -> tuple[str | None, int, str]:
 
 
 async def _restore(kernel: Kernel, data: str) -> CellResult:
-    prepared = await kernel.execute(_FAST_NEXT)
-    if prepared.status != "ok":
-        return prepared
-    return await kernel.execute(_RESTORE % data)
+    return await kernel.execute(_RESTORE % data, silent=True)
 
 
 async def replay(kernel: Kernel, cells: Sequence[RecordedCell]) -> tuple[int, list[int]]:
@@ -209,8 +201,16 @@ async def fork_kernel(pool: KernelPool, source: Kernel, cells: Sequence[Recorded
     ``cells``: what ``source`` ran since its state began, re-run where a
     snapshot cannot be taken or loaded. The caller owns the new kernel.
     """
-    data, size, why = await take_snapshot(source)
-    kernel = await pool.acquire()
+    # The new kernel is acquired while the source takes its snapshot (from a drained pool,
+    # that is a kernel start overlapping the snapshot).
+    acquiring = asyncio.ensure_future(pool.acquire())
+    try:
+        data, size, why = await take_snapshot(source)
+    except BaseException:
+        acquiring.cancel()
+        await _release_when_acquired(pool, acquiring)
+        raise
+    kernel = await acquiring
     try:
         if data is not None:
             loaded = await _restore(kernel, data)

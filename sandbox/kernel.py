@@ -69,8 +69,12 @@ class Kernel:
     def closed(self) -> bool:
         return self._closed
 
-    async def execute(self, code: str, timeout: float | None = None) -> CellResult:
-        """Run one cell. Cancelling the caller raises at once; the cell is settled in the background."""
+    async def execute(self, code: str, timeout: float | None = None, silent: bool = False) -> CellResult:
+        """Run one cell. Cancelling the caller raises at once; the cell is settled in the background.
+
+        ``silent``: not counted or kept in the kernel's history (In/Out, ``_``), as the
+        runtime's own cells (a fork's snapshot and restore) are.
+        """
         if self._closed:
             raise KernelClosedError("this kernel was shut down; start a new one")
         limit = self.policy.timeout_s if timeout is None else timeout
@@ -82,9 +86,9 @@ class Kernel:
                 self._cleanup = None
             if self._closed:
                 raise KernelClosedError("this kernel was shut down; start a new one")
-            return await self._run(code, limit)
+            return await self._run(code, limit, silent)
 
-    async def _run(self, code: str, limit: float) -> CellResult:
+    async def _run(self, code: str, limit: float, silent: bool = False) -> CellResult:
         lost = ""
         if self._spawned.handle.exited:
             await self._replace()
@@ -97,7 +101,7 @@ class Kernel:
                 lost = why
         started = time.monotonic()
         spawned = self._spawned
-        into = spawned.client.execute(code, self.policy.max_output_bytes)
+        into = spawned.client.execute(code, self.policy.max_output_bytes, silent=silent)
         if lost:
             into.out.stderr.add(
                 f"[sandbox: {lost}; it was restarted and its state lost before this cell ran]\n"

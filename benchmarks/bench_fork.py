@@ -1,0 +1,172 @@
+"""Kernel fork (`KernelPool.fork`) against re-running the same cells in a fresh kernel, side by side.
+
+    python benchmarks/bench_fork.py [--forks 40] [--json out.json]
+
+A source kernel runs a 4-cell prefix (numpy and sympy imported, a few names, a
+function, a file written in the work dir). Then, one at a time and with the
+pool's background refills settled before each (a steady state: a warm kernel
+is ready, as in a service that is not saturated):
+
+1. fork: `await pool.fork(source)` (the new kernel is checked once, then released);
+2. re-run: `pool.acquire()` and the 4 cells run in it, the alternative a fork saves;
+3. the floor: a `print(1+1)` round trip on a live kernel, and a pool acquire.
+
+Prints p50/p99 of each, the re-run/fork ratio (issue 20's goal: fork <= 10 ms
+p50 and >= 10x faster than re-running the prefix), and where a fork's time goes
+(each kernel round trip and acquire inside it, by the first line of its cell).
+The machine is usually shared: say so with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sandbox import Kernel, KernelPool, SandboxPolicy
+
+PREFIX = [
+    "import numpy as np\nimport sympy as sp",
+    "x = sp.symbols('x')\nroots = sp.solve(x**3 - 6*x**2 + 11*x - 6, x)\na = np.arange(1000)\ns = int((a ** 2).sum())",
+    "def weight(n):\n    return sum(sp.factorint(n).values())\ntable = {int(r): weight(s + int(r)) for r in roots}",
+    "open('notes.txt', 'w').write(str(table))\nprint(len(table), s)",
+]
+CHECK = "print(len(table), s, weight(12), open('notes.txt').read() == str(table))"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def ms(values: list[float]) -> str:
+    return f"p50 {pct(values, 0.5) * 1000:7.2f} ms  p99 {pct(values, 0.99) * 1000:7.2f} ms"
+
+
+class Stages:
+    """Each Kernel.execute and KernelPool.acquire while recording, by the first line of its cell."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.times: dict[str, list[float]] = defaultdict(list)
+        execute, acquire = Kernel.execute, KernelPool.acquire
+        stages = self
+
+        async def timed(label: str, work: Awaitable[Any]) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await work
+            finally:
+                if stages.on:
+                    stages.times[label].append(time.perf_counter() - t0)
+
+        async def timed_execute(self: Kernel, code: str, *args: Any, **kwargs: Any) -> Any:
+            first = next((line for line in code.splitlines() if line.strip() and not line.startswith("#")), "")
+            return await timed("execute " + first[:48], execute(self, code, *args, **kwargs))
+
+        async def timed_acquire(self: KernelPool) -> Any:
+            return await timed("pool.acquire", acquire(self))
+
+        Kernel.execute = timed_execute  # type: ignore[method-assign]
+        KernelPool.acquire = timed_acquire  # type: ignore[method-assign]
+
+
+async def settle(pool: KernelPool) -> None:
+    """Until the pool's refills are done (a fork or acquire finds a ready kernel, and no start competes)."""
+    while pool.starting or pool.ready < pool.size:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+
+
+async def timed_loop(n: int, pool: KernelPool, once: Callable[[], Awaitable[Kernel | None]]) -> list[float]:
+    out = []
+    for _ in range(n):
+        await settle(pool)
+        t0 = time.perf_counter()
+        kernel = await once()
+        out.append(time.perf_counter() - t0)
+        if kernel is not None:
+            await pool.release(kernel)
+    return out
+
+
+async def run(forks: int) -> dict[str, Any]:
+    stages = Stages()
+    async with KernelPool(SandboxPolicy(), size=2) as pool:
+        source = await pool.acquire()
+        for cell in PREFIX:
+            r = await source.execute(cell)
+            assert r.status == "ok", r
+        expected = (await source.execute(CHECK)).stdout
+        method = ""
+
+        async def fork() -> Kernel:
+            nonlocal method
+            kernel, forked = await pool.fork(source)
+            method = forked.method
+            return kernel
+
+        # Warm-up, and a check that the copy is whole.
+        new, forked = await pool.fork(source)
+        got = (await new.execute(CHECK)).stdout
+        assert forked.method == "snapshot" and got == expected, (forked, got, expected)
+        await pool.release(new)
+        stages.on = True
+        fork_s = await timed_loop(forks, pool, fork)
+        stages.on = False
+        breakdown = {k: v for k, v in stages.times.items()}
+
+        async def rerun() -> Kernel:
+            kernel = await pool.acquire()
+            for cell in PREFIX:
+                await kernel.execute(cell)
+            return kernel
+
+        rerun_s = await timed_loop(forks, pool, rerun)
+
+        async def acquire() -> Kernel:
+            return await pool.acquire()
+
+        acquire_s = await timed_loop(forks, pool, acquire)
+        trip_s = []
+        for _ in range(max(forks, 100)):
+            t0 = time.perf_counter()
+            await source.execute("print(1+1)")
+            trip_s.append(time.perf_counter() - t0)
+        await pool.release(source)
+    return {"method": method, "fork": fork_s, "rerun": rerun_s, "acquire": acquire_s, "round_trip": trip_s,
+            "stages": breakdown}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--forks", type=int, default=40)
+    ap.add_argument("--json", type=Path, help="write the figures here too")
+    args = ap.parse_args()
+    out = asyncio.run(run(args.forks))
+    print(f"fork ({out['method']}, n={args.forks}):  {ms(out['fork'])}")
+    print(f"re-run 4 cells in a fresh kernel: {ms(out['rerun'])}")
+    print(f"ratio re-run/fork (p50): {pct(out['rerun'], 0.5) / pct(out['fork'], 0.5):.1f}x "
+          f"(goal >= 10x; fork p50 goal <= 10 ms)")
+    print(f"floor: pool.acquire {ms(out['acquire'])}; print(1+1) round trip {ms(out['round_trip'])}")
+    print("inside a fork:")
+    for label, values in out["stages"].items():
+        print(f"  {label:<58} {ms(values)}  (x{len(values) / args.forks:g} per fork)")
+    if args.json:
+        summary = {k: {"p50_ms": pct(v, 0.5) * 1000, "p99_ms": pct(v, 0.99) * 1000}
+                   for k, v in out.items() if isinstance(v, list)}
+        summary["stages"] = {k: {"p50_ms": pct(v, 0.5) * 1000, "p99_ms": pct(v, 0.99) * 1000}
+                             for k, v in out["stages"].items()}
+        args.json.write_text(json.dumps({"method": out["method"], "forks": args.forks, **summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
