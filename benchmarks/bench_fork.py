@@ -31,6 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import psutil
+
 from sandbox import Kernel, KernelPool, SandboxPolicy
 
 PREFIX = [
@@ -40,6 +42,23 @@ PREFIX = [
     "open('notes.txt', 'w').write(str(table))\nprint(len(table), s)",
 ]
 CHECK = "print(len(table), s, weight(12), open('notes.txt').read() == str(table))"
+
+
+def cpu(kernel: Kernel | None = None) -> float:
+    """CPU seconds of a kernel's processes (its init and everything under it), or of this process.
+
+    From each thread's schedstat (nanoseconds; psutil's figures are in 10 ms ticks)."""
+    if kernel is None:
+        return time.process_time()
+    total = 0
+    try:
+        root = psutil.Process(kernel.info["pid"])
+        for p in [root, *root.children(recursive=True)]:
+            for task in Path(f"/proc/{p.pid}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[0])
+    except (psutil.Error, OSError):
+        pass
+    return total / 1e9
 
 
 def pct(values: list[float], q: float) -> float:
@@ -72,8 +91,8 @@ class Stages:
             first = next((line for line in code.splitlines() if line.strip() and not line.startswith("#")), "")
             return await timed("execute " + first[:48], execute(self, code, *args, **kwargs))
 
-        async def timed_acquire(self: KernelPool) -> Any:
-            return await timed("pool.acquire", acquire(self))
+        async def timed_acquire(self: KernelPool, *args: Any, **kwargs: Any) -> Any:
+            return await timed("pool.acquire", acquire(self, *args, **kwargs))
 
         Kernel.execute = timed_execute  # type: ignore[method-assign]
         KernelPool.acquire = timed_acquire  # type: ignore[method-assign]
@@ -86,16 +105,25 @@ async def settle(pool: KernelPool) -> None:
     await asyncio.sleep(0.05)
 
 
-async def timed_loop(n: int, pool: KernelPool, once: Callable[[], Awaitable[Kernel | None]]) -> list[float]:
-    out = []
+async def timed_loop(
+    n: int, pool: KernelPool, once: Callable[[], Awaitable[Kernel]], source: Kernel | None = None
+) -> tuple[list[float], list[tuple[float, float, float]]]:
+    """Wall seconds of each ``once()``, and the CPU seconds it cost: this process's, the
+    source kernel's and the new kernel's (all it used, its start included)."""
+    wall: list[float] = []
+    used: list[tuple[float, float, float]] = []
     for _ in range(n):
         await settle(pool)
+        # This process's CPU is read last before and first after: reading a kernel's costs some.
+        k0 = cpu(source) if source else 0.0
+        r0 = cpu()
         t0 = time.perf_counter()
         kernel = await once()
-        out.append(time.perf_counter() - t0)
-        if kernel is not None:
-            await pool.release(kernel)
-    return out
+        wall.append(time.perf_counter() - t0)
+        r1 = cpu()
+        used.append((r1 - r0, (cpu(source) if source else 0.0) - k0, cpu(kernel)))
+        await pool.release(kernel)
+    return wall, used
 
 
 async def run(forks: int) -> dict[str, Any]:
@@ -120,7 +148,7 @@ async def run(forks: int) -> dict[str, Any]:
         assert forked.method == "snapshot" and got == expected, (forked, got, expected)
         await pool.release(new)
         stages.on = True
-        fork_s = await timed_loop(forks, pool, fork)
+        fork_s, fork_cpu = await timed_loop(forks, pool, fork, source)
         stages.on = False
         breakdown = {k: v for k, v in stages.times.items()}
 
@@ -130,20 +158,30 @@ async def run(forks: int) -> dict[str, Any]:
                 await kernel.execute(cell)
             return kernel
 
-        rerun_s = await timed_loop(forks, pool, rerun)
+        rerun_s, rerun_cpu = await timed_loop(forks, pool, rerun)
 
         async def acquire() -> Kernel:
             return await pool.acquire()
 
-        acquire_s = await timed_loop(forks, pool, acquire)
-        trip_s = []
+        acquire_s, acquire_cpu = await timed_loop(forks, pool, acquire)
+        trip_s, trip_cpu = [], []
         for _ in range(max(forks, 100)):
+            k0 = cpu(source)
+            r0 = cpu()
             t0 = time.perf_counter()
             await source.execute("print(1+1)")
             trip_s.append(time.perf_counter() - t0)
+            r1 = cpu()
+            trip_cpu.append((r1 - r0, cpu(source) - k0))
         await pool.release(source)
+    # A fresh kernel's own start, counted in the CPU of each fork and re-run, is taken out.
+    start = pct([sum(c) for c in acquire_cpu], 0.5)
     return {"method": method, "fork": fork_s, "rerun": rerun_s, "acquire": acquire_s, "round_trip": trip_s,
-            "stages": breakdown}
+            "round_trip_cpu_runtime": [c[0] for c in trip_cpu],
+            "round_trip_cpu_kernel": [c[1] for c in trip_cpu], "fork_cpu": [sum(c) - start for c in fork_cpu], "rerun_cpu": [sum(c) - start for c in rerun_cpu],
+            "fork_cpu_runtime": [c[0] for c in fork_cpu], "fork_cpu_source": [c[1] for c in fork_cpu],
+            "fork_cpu_new": [c[2] - start for c in fork_cpu],
+            "start_cpu": [sum(c) for c in acquire_cpu], "stages": breakdown}
 
 
 def main() -> None:
@@ -156,7 +194,12 @@ def main() -> None:
     print(f"re-run 4 cells in a fresh kernel: {ms(out['rerun'])}")
     print(f"ratio re-run/fork (p50): {pct(out['rerun'], 0.5) / pct(out['fork'], 0.5):.1f}x "
           f"(goal >= 10x; fork p50 goal <= 10 ms)")
-    print(f"floor: pool.acquire {ms(out['acquire'])}; print(1+1) round trip {ms(out['round_trip'])}")
+    print(f"CPU (runtime + both kernels; a kernel's start, p50 {pct(out['start_cpu'], 0.5) * 1000:.1f} ms, "
+          f"taken out): fork {ms(out['fork_cpu'])}; re-run {ms(out['rerun_cpu'])}")
+    print(f"  a fork's CPU: runtime {ms(out['fork_cpu_runtime'])}; source kernel {ms(out['fork_cpu_source'])}; "
+          f"new kernel {ms(out['fork_cpu_new'])}")
+    print(f"floor: pool.acquire {ms(out['acquire'])}; print(1+1) round trip {ms(out['round_trip'])}, "
+          f"CPU: runtime {ms(out['round_trip_cpu_runtime'])}, kernel {ms(out['round_trip_cpu_kernel'])}")
     print("inside a fork:")
     for label, values in out["stages"].items():
         print(f"  {label:<58} {ms(values)}  (x{len(values) / args.forks:g} per fork)")

@@ -64,82 +64,13 @@ class Forked(BaseModel):
     diverged: list[int] = []
 
 
-# Both cells below start with PLAIN_CELL: the kernel runs them as plain Python, without
-# IPython's per-character costs (see sandbox.inside.hardening), and both run silent (no
-# execution count, no history: a fork leaves the source's In/Out as they were).
-
-# Runs in the source kernel; prints one JSON line. Leaves no name behind.
-_SNAPSHOT = PLAIN_CELL + r'''
-def __tora_snapshot(limit):
-    import base64, io, json, os, random, re, sys, tarfile, threading, zlib
-    def refuse(why):
-        return json.dumps({"ok": False, "why": why})
-    def own(t):
-        # ipykernel's threads, and pyzmq's garbage collector (started by a large send).
-        target = getattr(getattr(t, "_target", None), "__module__", None) or ""
-        return type(t).__module__.startswith(("ipykernel", "zmq")) or target.startswith("ipykernel")
-    extra = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not own(t)]
-    if extra:
-        return refuse("threads a cell left running cannot be copied: " + ", ".join(extra))
-    try:
-        if os.waitpid(-1, os.WNOHANG) == (0, 0):
-            return refuse("child processes a cell left running cannot be copied")
-    except ChildProcessError:
-        pass
-    try:
-        import cloudpickle
-    except ImportError as exc:
-        return refuse(f"cloudpickle is not importable in the kernel ({exc})")
-    ip = get_ipython()
-    skip = re.compile(r"^(_+|_i+|_i?\d+|_ih|_oh|_dh|In|Out|__tora_snapshot)$")
-    names = {k: v for k, v in ip.user_ns.items() if k not in ip.user_ns_hidden and not skip.match(k)}
-    home = os.environ.get("HOME") or os.getcwd()
-    entries = [e for e in sorted(os.listdir(home)) if e != ".ipython"]
-    files = b""
-    if entries:  # else no tar at all (10 KB of padding, and tarfile's time on both sides)
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for entry in entries:
-                tar.add(os.path.join(home, entry), arcname=entry)
-        files = buffer.getvalue()
-    state = {"names": names, "random": random.getstate(), "cwd": os.getcwd(), "home": home, "files": files}
-    np = sys.modules.get("numpy")
-    if np is not None:
-        state["numpy_random"] = np.random.get_state()
-    try:
-        blob = zlib.compress(cloudpickle.dumps(state), 1)
-    except Exception as exc:
-        return refuse(f"the kernel's state cannot be copied ({type(exc).__name__}: {exc})")
-    if len(blob) > limit:
-        return refuse(f"the kernel's state is {len(blob)} bytes, more than the {limit} bytes a fork copies")
-    return json.dumps({"ok": True, "data": base64.b64encode(blob).decode(), "size": len(blob)})
-print(__tora_snapshot(%d))
-del __tora_snapshot
-'''
-
-# Runs in the new kernel, as its first cell: the data as one base64 string literal.
-_RESTORE = PLAIN_CELL + r'''
-def __tora_restore(data):
-    import base64, io, os, random, tarfile, zlib, cloudpickle
-    state = cloudpickle.loads(zlib.decompress(base64.b64decode(data)))
-    if state["files"]:
-        with tarfile.open(fileobj=io.BytesIO(state["files"])) as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(state["home"], filter="data")
-            else:
-                tar.extractall(state["home"])
-    get_ipython().user_ns.update(state["names"])
-    random.setstate(state["random"])
-    if "numpy_random" in state:
-        import numpy
-        numpy.random.set_state(state["numpy_random"])
-    try:
-        os.chdir(state["cwd"])
-    except OSError:
-        pass
-__tora_restore(%r)
-del __tora_restore
-'''
+# The runtime's two cells call sandbox/inside/snapshot.py (preimported by the zygote as
+# ``inside.snapshot``). Both start with PLAIN_CELL: the kernel runs them as plain Python,
+# without IPython's per-character costs (see sandbox.inside.hardening); and both run
+# silent (no execution count, no history: a fork leaves the source's In/Out as they were).
+_SNAPSHOT = PLAIN_CELL + '__import__("inside.snapshot").snapshot.take(%d)\n'
+# The new kernel's first cell: the data as one base64 string literal.
+_RESTORE = PLAIN_CELL + '__import__("inside.snapshot").snapshot.restore(%r)\n'
 
 
 async def _release_when_acquired(pool: KernelPool, acquiring: asyncio.Future[Kernel]) -> None:
@@ -149,6 +80,13 @@ async def _release_when_acquired(pool: KernelPool, acquiring: asyncio.Future[Ker
 
 def same_outcome(a: CellResult, b: CellResult) -> bool:
     return (a.status, a.stdout, a.stderr, a.display, a.error) == (b.status, b.stdout, b.stderr, b.display, b.error)
+
+
+def fork_preimports(preimport: Sequence[str]) -> list[str]:
+    """What the snapshot and restore cells import, for the zygote to import before its fork
+    (shared by every kernel instead of ~30 ms in each new one): their module, cloudpickle,
+    tarfile, and numpy's global generator (whose state a fork copies) where numpy is preimported."""
+    return ["cloudpickle", "tarfile", "inside.snapshot", *(["numpy.random"] if "numpy" in preimport else [])]
 
 
 def snapshot_limit(kernel: Kernel) -> int:
@@ -202,25 +140,34 @@ async def fork_kernel(pool: KernelPool, source: Kernel, cells: Sequence[Recorded
     snapshot cannot be taken or loaded. The caller owns the new kernel.
     """
     # The new kernel is acquired while the source takes its snapshot (from a drained pool,
-    # that is a kernel start overlapping the snapshot).
-    acquiring = asyncio.ensure_future(pool.acquire())
+    # that is a kernel start overlapping the snapshot), and the pool replaces it once the
+    # copy is made (a kernel start takes more CPU than the fork: on few cores, it would
+    # double the fork's time).
+    acquiring = asyncio.ensure_future(pool.acquire(refill=False))
     try:
-        data, size, why = await take_snapshot(source)
-    except BaseException:
-        acquiring.cancel()
-        await _release_when_acquired(pool, acquiring)
-        raise
-    kernel = await acquiring
-    try:
+        try:
+            data, size, why = await take_snapshot(source)
+        except BaseException:
+            acquiring.cancel()
+            await _release_when_acquired(pool, acquiring)
+            raise
+        kernel = await acquiring
         if data is not None:
-            loaded = await _restore(kernel, data)
+            try:
+                loaded = await _restore(kernel, data)
+            except BaseException:
+                await pool.release(kernel)
+                raise
             if loaded.status == "ok":
                 return kernel, Forked(method="snapshot", size=size)
             err = f"{loaded.error.ename}: {loaded.error.evalue}" if loaded.error else loaded.status
             why = f"the snapshot could not be loaded in the new kernel ({err})"
             # The half-loaded kernel is not the state: start the replay from a fresh one.
             await pool.release(kernel)
-            kernel = await pool.acquire()
+            kernel = await pool.acquire(refill=False)
+    finally:
+        pool.refill()
+    try:
         replayed, diverged = await replay(kernel, cells)
     except BaseException:
         await pool.release(kernel)
