@@ -95,7 +95,15 @@ def snapshot_limit(kernel: Kernel) -> int:
 
 
 async def take_snapshot(kernel: Kernel) -> tuple[str | None, int, str]:
-    """(base64 snapshot, its size, "") or (None, 0, why not)."""
+    """(base64 snapshot, its size, "") or (None, 0, why not).
+
+    A snapshot of a quiet kernel (see sandbox/inside/snapshot.py) is kept on it until
+    it runs anything again (``Kernel.generation``): the forks in between reuse it.
+    """
+    if kernel.kept_snapshot is not None:
+        data, size = kernel.kept_snapshot
+        return data, size, ""
+    before = kernel.generation
     result = await kernel.execute(_SNAPSHOT % snapshot_limit(kernel), silent=True)
     if result.status != "ok" or result.truncated:
         why = f"{result.error.ename}: {result.error.evalue}" if result.error else result.status
@@ -104,11 +112,15 @@ async def take_snapshot(kernel: Kernel) -> tuple[str | None, int, str]:
         answer = json.loads(result.stdout)
     except json.JSONDecodeError:
         return None, 0, "the snapshot could not be read (the kernel's output was not the snapshot)"
-    if not isinstance(answer, dict):
+    if not isinstance(answer, dict) or not isinstance(answer.get("size", 0), int):
         return None, 0, "the snapshot could not be read"
     if not answer.get("ok"):
         return None, 0, str(answer.get("why", "unknown"))
-    return str(answer["data"]), int(answer.get("size", 0)), ""
+    data, size = str(answer.get("data")), int(answer.get("size", 0))
+    # Kept only if no other cell ran since this one began (one generation: this cell's).
+    if answer.get("quiet") is True and kernel.generation == before + 1:
+        kernel.kept_snapshot = (data, size)
+    return data, size, ""
 
 
 async def _restore(kernel: Kernel, data: str) -> CellResult:

@@ -52,6 +52,10 @@ class Kernel:
         self._cleanup: asyncio.Future[CellResult] | None = None
         # Set after a timeout or an interrupt: probe before the next cell.
         self._suspect = False
+        # Counts what may change the kernel's state (cells, interrupts, restarts); what
+        # sandbox.fork keeps of a snapshot is dropped with each (see ``changed``).
+        self._generation = 0
+        self.kept_snapshot: tuple[str, int] | None = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -68,6 +72,15 @@ class Kernel:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def generation(self) -> int:
+        """Moves whenever the kernel's state may change: each cell (from before it runs), interrupt or restart."""
+        return self._generation
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self.kept_snapshot = None
 
     async def execute(self, code: str, timeout: float | None = None, silent: bool = False) -> CellResult:
         """Run one cell. Cancelling the caller raises at once; the cell is settled in the background.
@@ -89,6 +102,7 @@ class Kernel:
             return await self._run(code, limit, silent)
 
     async def _run(self, code: str, limit: float, silent: bool = False) -> CellResult:
+        self._changed()
         lost = ""
         if self._spawned.handle.exited:
             await self._replace()
@@ -184,6 +198,7 @@ class Kernel:
         return False
 
     async def _replace(self) -> None:
+        self._changed()
         old = self._spawned
         self._suspect = False
         self._restarts += 1
@@ -276,6 +291,7 @@ class Kernel:
 
     async def interrupt(self) -> None:
         if not self._closed and not self._spawned.handle.exited:
+            self._changed()
             self._spawned.client.send_interrupt()
             self._suspect = True
 

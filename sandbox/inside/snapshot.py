@@ -79,7 +79,31 @@ def _take(limit: int) -> dict[str, Any]:
         return _refuse(f"the kernel's state cannot be copied ({type(exc).__name__}: {exc})")
     if len(blob) > limit:
         return _refuse(f"the kernel's state is {len(blob)} bytes, more than the {limit} bytes a fork copies")
-    return {"ok": True, "data": base64.b64encode(blob).decode(), "size": len(blob)}
+    return {"ok": True, "data": base64.b64encode(blob).decode(), "size": len(blob), "quiet": _quiet()}
+
+
+def _quiet() -> bool:
+    """Whether only a cell can change this state: nothing a cell left to run later on the
+    kernel's event loop (a timer, a callback, a task) and no interval timer (``signal.alarm``).
+    Threads and child processes were refused already. The runtime keeps a quiet kernel's
+    snapshot for its next forks until the kernel runs anything again."""
+    import asyncio
+    import signal
+
+    for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+        if signal.getitimer(timer) != (0.0, 0.0):
+            return False
+    try:
+        loop: Any = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    if getattr(loop, "_scheduled", True) or getattr(loop, "_ready", True):
+        return False
+    for task in asyncio.all_tasks(loop):
+        frame = getattr(task.get_coro(), "cr_frame", None)
+        if frame is None or not str(frame.f_globals.get("__name__", "")).startswith("ipykernel."):
+            return False
+    return True
 
 
 def _refuse(why: str) -> dict[str, Any]:
