@@ -89,6 +89,10 @@ def harden(app: Any) -> None:
         return reply
 
     kernel.do_execute = guarded_do_execute
+    # ipykernel sleeps 0.5 ms (~1 ms with timer slack) after each cell's flush "so the output
+    # makes it to the clients": the runtime ends a cell on its reply and the idle status,
+    # which ipykernel publishes after the flushed output on the same socket.
+    kernel._execute_sleep = 0.0
     plain_cells(shell)
 
     show_traceback = shell._showtraceback
