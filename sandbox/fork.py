@@ -174,6 +174,7 @@ async def fork_kernel(pool: KernelPool, source: Kernel, cells: Sequence[Recorded
                 return kernel, Forked(method="snapshot", size=size)
             err = f"{loaded.error.ename}: {loaded.error.evalue}" if loaded.error else loaded.status
             why = f"the snapshot could not be loaded in the new kernel ({err})"
+            source.kept_snapshot = None  # the next fork tries a new one
             # The half-loaded kernel is not the state: start the replay from a fresh one.
             await pool.release(kernel)
             kernel = await pool.acquire(refill=False)

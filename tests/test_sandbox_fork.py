@@ -43,6 +43,17 @@ async def test_fork_copies_state_and_leaves_the_source_as_it_was(pool: KernelPoo
         await pool.release(k)
 
 
+async def test_names_from_a_module_of_the_work_dir_are_copied(pool: KernelPool) -> None:
+    source = await pool.acquire()
+    # Pickled by reference: the copy imports the module from the files it received first.
+    await run(source, "open('helpers.py', 'w').write('def triple(n):\\n    return 3 * n\\n')\nfrom helpers import triple")
+    new, forked = await pool.fork(source)
+    assert forked.method == "snapshot", forked
+    assert await run(new, "print(triple(5))") == "15\n"
+    for k in (source, new):
+        await pool.release(k)
+
+
 async def test_a_fork_of_a_kernel_that_ran_nothing_since_reuses_its_snapshot(pool: KernelPool) -> None:
     source = await pool.acquire()
     await run(source, "x = 1")

@@ -66,14 +66,14 @@ def _take(limit: int) -> dict[str, Any]:
             for entry in entries:
                 tar.add(os.path.join(home, entry), arcname=entry)
         files = buffer.getvalue()
-    state: dict[str, Any] = {
-        "names": names, "random": random.getstate(), "cwd": os.getcwd(), "home": home, "files": files,
-    }
+    state: dict[str, Any] = {"random": random.getstate(), "cwd": os.getcwd(), "home": home, "files": files}
     # numpy's global generator, where numpy is loaded (numpy.random is preimported with it).
     np = sys.modules.get("numpy")
     if np is not None:
         state["numpy_random"] = np.random.get_state()
     try:
+        # The names apart: loaded after the files, they may refer to modules of the work dir.
+        state["names"] = cloudpickle.dumps(names)
         blob = zlib.compress(cloudpickle.dumps(state), 1)
     except Exception as exc:
         return _refuse(f"the kernel's state cannot be copied ({type(exc).__name__}: {exc})")
@@ -122,13 +122,13 @@ def restore(data: str) -> None:
                 tar.extractall(state["home"], filter="data")
             else:
                 tar.extractall(state["home"])
-    _shell().user_ns.update(state["names"])
+    try:
+        os.chdir(state["cwd"])
+    except OSError:
+        pass
+    _shell().user_ns.update(cloudpickle.loads(state["names"]))
     random.setstate(state["random"])
     if "numpy_random" in state:
         import numpy.random
 
         numpy.random.set_state(state["numpy_random"])
-    try:
-        os.chdir(state["cwd"])
-    except OSError:
-        pass
