@@ -11,7 +11,9 @@ import asyncio
 import pytest
 
 from sandbox import Kernel, KernelPool, SandboxPolicy
+from sandbox.fork import RecordedCell
 from sandbox.inside.hardening import PLAIN_CELL
+from sandbox.result import CellResult
 
 
 @pytest.fixture
@@ -51,6 +53,21 @@ async def test_names_from_a_module_of_the_work_dir_are_copied(pool: KernelPool) 
     assert forked.method == "snapshot", forked
     assert await run(new, "print(triple(5))") == "15\n"
     for k in (source, new):
+        await pool.release(k)
+
+
+async def test_a_file_a_with_block_closed_is_copied_closed(pool: KernelPool) -> None:
+    source = await pool.acquire()
+    await run(source, "with open('a.txt', 'w') as f:\n    f.write('hi')\nwith open('a.txt', 'rb') as g:\n    data = g.read()")
+    new, forked = await pool.fork(source)
+    assert forked.method == "snapshot", forked
+    assert await run(new, "print(f.closed, g.closed, data, open('a.txt').read())") == "True True b'hi' hi\n"
+    # An open one still cannot be copied: the fork re-runs the cells instead, and says why.
+    await run(source, "h = open('a.txt', 'rb')")
+    cells = [RecordedCell(code="h = open('a.txt', 'rb')", timeout_s=5, result=CellResult(status="ok", duration_s=0))]
+    other, forked = await pool.fork(source, cells)
+    assert forked.method == "replay" and "open file" in forked.reason, forked
+    for k in (source, new, other):
         await pool.release(k)
 
 

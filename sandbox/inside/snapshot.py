@@ -17,7 +17,8 @@ import sys
 import tarfile
 import threading
 import zlib
-from typing import Any
+from collections import ChainMap
+from typing import Any, ClassVar
 
 # The shell's own names, and the cells' history, are not the state.
 _SKIP = re.compile(r"^(_+|_i+|_i?\d+|_ih|_oh|_dh|In|Out)$")
@@ -73,7 +74,7 @@ def _take(limit: int) -> dict[str, Any]:
         state["numpy_random"] = np.random.get_state()
     try:
         # The names apart: loaded after the files, they may refer to modules of the work dir.
-        state["names"] = cloudpickle.dumps(names)
+        state["names"] = _dumps(cloudpickle, names)
         blob = zlib.compress(cloudpickle.dumps(state), 1)
     except Exception as exc:
         return _refuse(f"the kernel's state cannot be copied ({type(exc).__name__}: {exc})")
@@ -104,6 +105,36 @@ def _quiet() -> bool:
         if frame is None or not str(frame.f_globals.get("__name__", "")).startswith("ipykernel."):
             return False
     return True
+
+
+def _dumps(cloudpickle: Any, names: dict[str, Any]) -> bytes:
+    """cloudpickle's, but a closed file (what ``with open(...) as f`` leaves) arrives as a closed file."""
+    files = (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO)
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
+        # A class attribute: the C pickler reads it once, when built.
+        dispatch_table: ClassVar[Any] = ChainMap(dict.fromkeys(files, _reduce_file), cloudpickle.Pickler.dispatch_table)
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(names)
+    return buffer.getvalue()
+
+
+def _reduce_file(f: Any) -> Any:
+    if f.closed:
+        return _closed_file, (not isinstance(f, io.TextIOWrapper),)
+    if isinstance(f, io.TextIOWrapper):
+        from cloudpickle.cloudpickle import _file_reduce
+
+        return _file_reduce(f)  # cloudpickle's: an open text file for reading, as its contents
+    raise TypeError(f"an open file ({type(f).__name__} {getattr(f, 'name', '')!r})")
+
+
+def _closed_file(binary: bool) -> Any:
+    """A closed file object: any use raises ValueError, as the original's did."""
+    f = io.BytesIO() if binary else io.StringIO()
+    f.close()
+    return f
 
 
 def _refuse(why: str) -> dict[str, Any]:
