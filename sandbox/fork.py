@@ -8,6 +8,8 @@ reference, re-imported on arrival), the state of ``random`` and of numpy's globa
 generator, the working directory, and the files of its work dir. The runtime only
 relays the snapshot (bounded by the policy's output limit) and never unpickles it:
 it is loaded in the new kernel, which belongs to the same author as the source.
+Both halves run in the kernels (sandbox/inside/snapshot.py); a quiet source's
+snapshot is kept for its next forks until it runs anything again.
 
 Where a copy is not possible, the copy is made by re-running the source's recorded
 cells in order instead, and the answer says so (``method="replay"`` and the
