@@ -11,7 +11,7 @@ request, stdout and stderr captured, no isolation), served here over HTTP the sa
    that no process of it is left after shutdown;
 3. fork: POST /sessions/{id}/fork latency p50/p99 on a 4-cell session (after a cell each
    time, and in a row with none between), and that fork against re-running the 4 cells in a
-   fresh session.
+   fresh session; each once the pool's refills are done.
 
     python benchmarks/bench_sandbox_service.py [--requests 64] [--load-sessions 64 --load-requests 200]
 
@@ -199,6 +199,12 @@ async def fork_bench(url: str, forks: int) -> dict[str, Any]:
                                 json={"generated_code": code, "timeout": 60, "language": "ipython"})
             assert r.status_code == 200 and r.json()["process_status"] == "completed", r.text
 
+        async def settle() -> None:
+            # The pool's refills done (the steady state of a server not saturated): what a fork
+            # costs itself, not the kernel starts that the previous one set off.
+            while (await http.get("/health")).json()["pool"]["starting"]:
+                await asyncio.sleep(0.01)
+
         source = str(uuid.uuid4())
         for cell in PREFIX:
             await execute(source, cell)
@@ -210,6 +216,7 @@ async def fork_bench(url: str, forks: int) -> dict[str, Any]:
                 # A cell since the last fork: the source takes a new snapshot. After these, forks in a
                 # row of a source that ran nothing since (it keeps its snapshot: sandbox/README.md).
                 await execute(source, "pass")
+            await settle()
             t0 = time.perf_counter()
             r = await http.post(f"/sessions/{source}/fork")
             (fork_s if i < forks else again_s).append(time.perf_counter() - t0)
@@ -219,6 +226,7 @@ async def fork_bench(url: str, forks: int) -> dict[str, Any]:
         rerun_s: list[float] = []
         for _ in range(forks):
             sid = str(uuid.uuid4())
+            await settle()
             t0 = time.perf_counter()
             for cell in PREFIX:
                 await execute(sid, cell)
