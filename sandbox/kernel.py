@@ -53,7 +53,7 @@ class Kernel:
         # Set after a timeout or an interrupt: probe before the next cell.
         self._suspect = False
         # Counts what may change the kernel's state (cells, interrupts, restarts); what
-        # sandbox.fork keeps of a snapshot is dropped with each (see ``changed``).
+        # sandbox.fork keeps of a snapshot is dropped with each (``_changed``).
         self._generation = 0
         self.kept_snapshot: tuple[str, int] | None = None
 
