@@ -139,6 +139,15 @@ async def test_a_cancelled_fork_leaves_no_kernel_behind(pool: KernelPool) -> Non
     await pool.release(source)
 
 
+async def test_kernels_do_not_share_numpy_s_generator(pool: KernelPool) -> None:
+    # numpy.random is imported by the zygote (a fork copies its state): each kernel reseeds it.
+    kernels = [await pool.acquire() for _ in range(3)]
+    draws = {await run(k, "import numpy as np\nprint(np.random.randint(10**9))") for k in kernels}
+    assert len(draws) == 3, draws
+    for k in kernels:
+        await pool.release(k)
+
+
 async def test_plain_cells_skip_ipython_transforms_for_themselves_only(pool: KernelPool) -> None:
     k = await pool.acquire()
     plain = await k.execute(PLAIN_CELL + "%time x = 1")
