@@ -8,6 +8,8 @@ reference, re-imported on arrival), the state of ``random`` and of numpy's globa
 generator, the working directory, and the files of its work dir. The runtime only
 relays the snapshot (bounded by the policy's output limit) and never unpickles it:
 it is loaded in the new kernel, which belongs to the same author as the source.
+Both halves run in the kernels (sandbox/inside/snapshot.py); a quiet source's
+snapshot is kept for its next forks until it runs anything again.
 
 Where a copy is not possible, the copy is made by re-running the source's recorded
 cells in order instead, and the answer says so (``method="replay"`` and the
@@ -27,12 +29,15 @@ sandbox/README.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from sandbox.inside.hardening import PLAIN_CELL
 from sandbox.result import CellResult
 
 if TYPE_CHECKING:
@@ -61,99 +66,29 @@ class Forked(BaseModel):
     diverged: list[int] = []
 
 
-# Runs in the source kernel; prints one JSON line. Leaves no name behind.
-_SNAPSHOT = r'''
-def __tora_snapshot(limit):
-    import base64, io, json, os, random, re, sys, tarfile, threading, zlib
-    def refuse(why):
-        return json.dumps({"ok": False, "why": why})
-    def own(t):
-        # ipykernel's threads, and pyzmq's garbage collector (started by a large send).
-        target = getattr(getattr(t, "_target", None), "__module__", None) or ""
-        return type(t).__module__.startswith(("ipykernel", "zmq")) or target.startswith("ipykernel")
-    extra = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not own(t)]
-    if extra:
-        return refuse("threads a cell left running cannot be copied: " + ", ".join(extra))
-    try:
-        if os.waitpid(-1, os.WNOHANG) == (0, 0):
-            return refuse("child processes a cell left running cannot be copied")
-    except ChildProcessError:
-        pass
-    try:
-        import cloudpickle
-    except ImportError as exc:
-        return refuse(f"cloudpickle is not importable in the kernel ({exc})")
-    ip = get_ipython()
-    skip = re.compile(r"^(_+|_i+|_i?\d+|_ih|_oh|_dh|In|Out|__tora_snapshot)$")
-    names = {k: v for k, v in ip.user_ns.items() if k not in ip.user_ns_hidden and not skip.match(k)}
-    home = os.environ.get("HOME") or os.getcwd()
-    files = io.BytesIO()
-    with tarfile.open(fileobj=files, mode="w") as tar:
-        for entry in sorted(os.listdir(home)):
-            if entry != ".ipython":
-                tar.add(os.path.join(home, entry), arcname=entry)
-    state = {"names": names, "random": random.getstate(), "cwd": os.getcwd(), "home": home,
-             "files": files.getvalue()}
-    np = sys.modules.get("numpy")
-    if np is not None:
-        state["numpy_random"] = np.random.get_state()
-    try:
-        blob = zlib.compress(cloudpickle.dumps(state), 1)
-    except Exception as exc:
-        return refuse(f"the kernel's state cannot be copied ({type(exc).__name__}: {exc})")
-    if len(blob) > limit:
-        return refuse(f"the kernel's state is {len(blob)} bytes, more than the {limit} bytes a fork copies")
-    return json.dumps({"ok": True, "data": base64.b64encode(blob).decode(), "size": len(blob)})
-print(__tora_snapshot(%d))
-del __tora_snapshot
-'''
+# The runtime's two cells call sandbox/inside/snapshot.py (preimported by the zygote as
+# ``inside.snapshot``). Both start with PLAIN_CELL: the kernel runs them as plain Python,
+# without IPython's per-character costs (see sandbox.inside.hardening); and both run
+# silent (no execution count, no history: a fork leaves the source's In/Out as they were).
+_SNAPSHOT = PLAIN_CELL + '__import__("inside.snapshot").snapshot.take(%d)\n'
+# The new kernel's first cell: the data as one base64 string literal.
+_RESTORE = PLAIN_CELL + '__import__("inside.snapshot").snapshot.restore(%r)\n'
 
-# Runs in the new kernel before the snapshot cell. IPython costs ~1 us per character of a
-# cell's source before running it (ipykernel's input transformers, and the murmur hash its
-# compiler names cells by): for the snapshot cell alone, skip both. Each patch undoes itself
-# on its first call.
-_FAST_NEXT = r'''
-def __tora_fast_next():
-    ip = get_ipython()
-    transform, cache = ip.transform_cell, ip.compile.cache
-    def once_transform(cell):
-        ip.transform_cell = transform
-        return cell
-    def once_cache(cell, number=0, raw_code=None):
-        ip.compile.cache = cache
-        return cache("# tora: a kernel snapshot\n", number)
-    ip.transform_cell = once_transform
-    ip.compile.cache = once_cache
-__tora_fast_next()
-del __tora_fast_next
-'''
 
-# The snapshot cell itself: the data as one base64 string literal.
-_RESTORE = r'''
-def __tora_restore(data):
-    import base64, io, os, random, tarfile, zlib, cloudpickle
-    state = cloudpickle.loads(zlib.decompress(base64.b64decode(data)))
-    with tarfile.open(fileobj=io.BytesIO(state["files"])) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(state["home"], filter="data")
-        else:
-            tar.extractall(state["home"])
-    get_ipython().user_ns.update(state["names"])
-    random.setstate(state["random"])
-    if "numpy_random" in state:
-        import numpy
-        numpy.random.set_state(state["numpy_random"])
-    try:
-        os.chdir(state["cwd"])
-    except OSError:
-        pass
-__tora_restore(%r)
-del __tora_restore
-'''
+async def _release_when_acquired(pool: KernelPool, acquiring: asyncio.Future[Kernel]) -> None:
+    with contextlib.suppress(BaseException):
+        await pool.release(await acquiring)
 
 
 def same_outcome(a: CellResult, b: CellResult) -> bool:
     return (a.status, a.stdout, a.stderr, a.display, a.error) == (b.status, b.stdout, b.stderr, b.display, b.error)
+
+
+def fork_preimports(preimport: Sequence[str]) -> list[str]:
+    """What the snapshot and restore cells import, for the zygote to import before its fork
+    (shared by every kernel instead of ~30 ms in each new one): their module, cloudpickle,
+    tarfile, and numpy's global generator (whose state a fork copies) where numpy is preimported."""
+    return ["cloudpickle", "tarfile", "inside.snapshot", *(["numpy.random"] if "numpy" in preimport else [])]
 
 
 def snapshot_limit(kernel: Kernel) -> int:
@@ -162,8 +97,16 @@ def snapshot_limit(kernel: Kernel) -> int:
 
 
 async def take_snapshot(kernel: Kernel) -> tuple[str | None, int, str]:
-    """(base64 snapshot, its size, "") or (None, 0, why not)."""
-    result = await kernel.execute(_SNAPSHOT % snapshot_limit(kernel))
+    """(base64 snapshot, its size, "") or (None, 0, why not).
+
+    A snapshot of a quiet kernel (see sandbox/inside/snapshot.py) is kept on it until
+    it runs anything again (``Kernel.generation``): the forks in between reuse it.
+    """
+    if kernel.kept_snapshot is not None:
+        data, size = kernel.kept_snapshot
+        return data, size, ""
+    before = kernel.generation
+    result = await kernel.execute(_SNAPSHOT % snapshot_limit(kernel), silent=True)
     if result.status != "ok" or result.truncated:
         why = f"{result.error.ename}: {result.error.evalue}" if result.error else result.status
         return None, 0, f"the snapshot cell failed ({'output over the limit' if result.truncated else why})"
@@ -171,18 +114,19 @@ async def take_snapshot(kernel: Kernel) -> tuple[str | None, int, str]:
         answer = json.loads(result.stdout)
     except json.JSONDecodeError:
         return None, 0, "the snapshot could not be read (the kernel's output was not the snapshot)"
-    if not isinstance(answer, dict):
+    if not isinstance(answer, dict) or not isinstance(answer.get("size", 0), int):
         return None, 0, "the snapshot could not be read"
     if not answer.get("ok"):
         return None, 0, str(answer.get("why", "unknown"))
-    return str(answer["data"]), int(answer.get("size", 0)), ""
+    data, size = str(answer.get("data")), int(answer.get("size", 0))
+    # Kept only if no other cell ran since this one began (one generation: this cell's).
+    if answer.get("quiet") is True and kernel.generation == before + 1:
+        kernel.kept_snapshot = (data, size)
+    return data, size, ""
 
 
 async def _restore(kernel: Kernel, data: str) -> CellResult:
-    prepared = await kernel.execute(_FAST_NEXT)
-    if prepared.status != "ok":
-        return prepared
-    return await kernel.execute(_RESTORE % data)
+    return await kernel.execute(_RESTORE % data, silent=True)
 
 
 async def replay(kernel: Kernel, cells: Sequence[RecordedCell]) -> tuple[int, list[int]]:
@@ -209,18 +153,36 @@ async def fork_kernel(pool: KernelPool, source: Kernel, cells: Sequence[Recorded
     ``cells``: what ``source`` ran since its state began, re-run where a
     snapshot cannot be taken or loaded. The caller owns the new kernel.
     """
-    data, size, why = await take_snapshot(source)
-    kernel = await pool.acquire()
+    # The new kernel is acquired while the source takes its snapshot (from a drained pool,
+    # that is a kernel start overlapping the snapshot), and the pool replaces it once the
+    # copy is made (a kernel start takes more CPU than the fork: on few cores, it would
+    # double the fork's time).
+    acquiring = asyncio.ensure_future(pool.acquire(refill=False))
     try:
+        try:
+            data, size, why = await take_snapshot(source)
+        except BaseException:
+            acquiring.cancel()
+            await _release_when_acquired(pool, acquiring)
+            raise
+        kernel = await acquiring
         if data is not None:
-            loaded = await _restore(kernel, data)
+            try:
+                loaded = await _restore(kernel, data)
+            except BaseException:
+                await pool.release(kernel)
+                raise
             if loaded.status == "ok":
                 return kernel, Forked(method="snapshot", size=size)
             err = f"{loaded.error.ename}: {loaded.error.evalue}" if loaded.error else loaded.status
             why = f"the snapshot could not be loaded in the new kernel ({err})"
+            source.kept_snapshot = None  # the next fork tries a new one
             # The half-loaded kernel is not the state: start the replay from a fresh one.
             await pool.release(kernel)
-            kernel = await pool.acquire()
+            kernel = await pool.acquire(refill=False)
+    finally:
+        pool.refill()
+    try:
         replayed, diverged = await replay(kernel, cells)
     except BaseException:
         await pool.release(kernel)

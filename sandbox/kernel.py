@@ -52,6 +52,10 @@ class Kernel:
         self._cleanup: asyncio.Future[CellResult] | None = None
         # Set after a timeout or an interrupt: probe before the next cell.
         self._suspect = False
+        # Counts what may change the kernel's state (cells, interrupts, restarts); what
+        # sandbox.fork keeps of a snapshot is dropped with each (``_changed``).
+        self._generation = 0
+        self.kept_snapshot: tuple[str, int] | None = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -69,8 +73,21 @@ class Kernel:
     def closed(self) -> bool:
         return self._closed
 
-    async def execute(self, code: str, timeout: float | None = None) -> CellResult:
-        """Run one cell. Cancelling the caller raises at once; the cell is settled in the background."""
+    @property
+    def generation(self) -> int:
+        """Moves whenever the kernel's state may change: each cell (from before it runs), interrupt or restart."""
+        return self._generation
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self.kept_snapshot = None
+
+    async def execute(self, code: str, timeout: float | None = None, silent: bool = False) -> CellResult:
+        """Run one cell. Cancelling the caller raises at once; the cell is settled in the background.
+
+        ``silent``: not counted or kept in the kernel's history (In/Out, ``_``), as the
+        runtime's own cells (a fork's snapshot and restore) are.
+        """
         if self._closed:
             raise KernelClosedError("this kernel was shut down; start a new one")
         limit = self.policy.timeout_s if timeout is None else timeout
@@ -82,9 +99,10 @@ class Kernel:
                 self._cleanup = None
             if self._closed:
                 raise KernelClosedError("this kernel was shut down; start a new one")
-            return await self._run(code, limit)
+            return await self._run(code, limit, silent)
 
-    async def _run(self, code: str, limit: float) -> CellResult:
+    async def _run(self, code: str, limit: float, silent: bool = False) -> CellResult:
+        self._changed()
         lost = ""
         if self._spawned.handle.exited:
             await self._replace()
@@ -97,7 +115,7 @@ class Kernel:
                 lost = why
         started = time.monotonic()
         spawned = self._spawned
-        into = spawned.client.execute(code, self.policy.max_output_bytes)
+        into = spawned.client.execute(code, self.policy.max_output_bytes, silent=silent)
         if lost:
             into.out.stderr.add(
                 f"[sandbox: {lost}; it was restarted and its state lost before this cell ran]\n"
@@ -180,6 +198,7 @@ class Kernel:
         return False
 
     async def _replace(self) -> None:
+        self._changed()
         old = self._spawned
         self._suspect = False
         self._restarts += 1
@@ -272,6 +291,7 @@ class Kernel:
 
     async def interrupt(self) -> None:
         if not self._closed and not self._spawned.handle.exited:
+            self._changed()
             self._spawned.client.send_interrupt()
             self._suspect = True
 

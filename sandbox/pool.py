@@ -116,20 +116,29 @@ class KernelPool:
         self._starting.discard(task)
         self._top_up()
 
-    async def acquire(self) -> Kernel:
-        """A fresh kernel nobody has used; waits for the next one started if none is ready."""
+    async def acquire(self, refill: bool = True) -> Kernel:
+        """A fresh kernel nobody has used; waits for the next one started if none is ready.
+
+        ``refill=False``: the kernel taken from those ready is replaced only at the
+        caller's ``refill()`` (a fork: a start would compete with it for the CPU).
+        """
         if self._closed:
             raise KernelClosedError("the kernel pool is closed")
         await self.start()
         while True:
             spawned = self._ready.popleft() if self._ready else await self._wait()
-            self._top_up()
+            if refill:
+                self._top_up()
             if spawned.handle.exited:
                 self._tear_down(spawned.destroy())
                 continue
             kernel = Kernel(spawned, self.launcher)
             self._live.add(kernel)
             return kernel
+
+    def refill(self) -> None:
+        """Start kernels up to ``size`` ready (after ``acquire(refill=False)``)."""
+        self._top_up()
 
     async def _wait(self) -> Spawned:
         waiter: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()

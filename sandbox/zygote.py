@@ -49,6 +49,7 @@ from sandbox.cgroups import KernelCgroups
 from sandbox.client import new_key, write_connection_file
 from sandbox.dirs import KernelDirs, base_dir
 from sandbox.errors import KernelStartError
+from sandbox.fork import fork_preimports
 from sandbox.launch import (
     REPORT_FILE,
     Spawned,
@@ -109,7 +110,7 @@ class ZygoteLauncher:
             "workdir": "/sandbox/work",
             "report": f"/sandbox/run/{REPORT_FILE}",
             "limits": kernel_limits(self.policy),
-            "preimport": list(self.policy.preimport),
+            "preimport": [*self.policy.preimport, *fork_preimports(self.policy.preimport)],
             "net_per_kernel": self.net_per_kernel,
             "seccomp": filt.bpf.hex() if filt.bpf else None,
             # A root runtime gives each kernel a host uid of its own (see spawn),

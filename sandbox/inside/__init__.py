@@ -3,5 +3,6 @@
 ``entry`` (what ``__main__`` runs), ``zygote`` (forking kernels), ``warm`` and
 ``kernelapp`` (what the zygote builds before the fork), ``namespaces``,
 ``mounts``, ``confine`` (capabilities, ``rlimits``, ``landlock``,
-``seccomp``), ``hardening`` (the kernel's own plumbing), ``libc``.
+``seccomp``), ``hardening`` (the kernel's own plumbing), ``libc``, ``snapshot`` (a fork's
+two halves, with cloudpickle: see ``sandbox.fork``).
 """

@@ -29,6 +29,14 @@ DISPLAY_TEXT_CAP = 131072  # characters of one display's text/plain
 FIELD_CAP = 4000  # characters of one traceback entry, ename or evalue
 TRACEBACK_KEEP = 20  # traceback entries kept at each end
 
+# The first line of the runtime's own cells (a fork's snapshot and restore, sandbox.fork).
+# IPython costs ~1 us per character of a cell before running it (its input transformers,
+# and the hash its compiler names the cell by, which also keeps the source in linecache):
+# a cell starting with this line is run as plain Python, named by this line alone. That
+# is all it changes, for that cell only: a cell of the model's that starts with it runs
+# with no %magics, as the same Python it could have written anyway.
+PLAIN_CELL = "# tora: plain python\n"
+
 
 def harden(app: Any) -> None:
     """Keep the kernel's own plumbing working whatever a cell did to it, and its messages small.
@@ -81,6 +89,11 @@ def harden(app: Any) -> None:
         return reply
 
     kernel.do_execute = guarded_do_execute
+    # ipykernel sleeps 0.5 ms (~1 ms with timer slack) after each cell's flush "so the output
+    # makes it to the clients": the runtime ends a cell on its reply and the idle status,
+    # which ipykernel publishes after the flushed output on the same socket.
+    kernel._execute_sleep = 0.0
+    plain_cells(shell)
 
     show_traceback = shell._showtraceback
 
@@ -116,6 +129,26 @@ def harden(app: Any) -> None:
                 yield parent, data[i : i + STREAM_CHUNK]
 
     out_stream._flush_buffers = chunked_flush_buffers
+
+
+def plain_cells(shell: Any) -> None:
+    """Cells starting with ``PLAIN_CELL`` skip IPython's input transformers and the compiler's hash."""
+    transform_cell = shell.transform_cell
+    compiler = shell.compile
+    cache = compiler.cache
+
+    def plain_transform_cell(raw_cell: str) -> Any:
+        if raw_cell.startswith(PLAIN_CELL):
+            return raw_cell
+        return transform_cell(raw_cell)
+
+    def plain_cache(transformed_code: str, number: int = 0, raw_code: str | None = None) -> Any:
+        if transformed_code.startswith(PLAIN_CELL):
+            return cache(PLAIN_CELL, number)
+        return cache(transformed_code, number, raw_code)
+
+    shell.transform_cell = plain_transform_cell
+    compiler.cache = plain_cache
 
 
 def _cap(text: str, limit: int = FIELD_CAP) -> str:
