@@ -20,11 +20,10 @@ randomness, time, files or the network: each cell whose outcome differs is named
 ``Forked.diverged``.
 
 What this is not: a copy of the process (its memory as is, C-level state, module
-state other than the RNGs). A kernel runs under a seccomp filter that denies it
-new namespaces, and a child of its ``fork()`` would inherit every namespace and
-cgroup of its parent: a process-level fork in a sandbox of its own needs the
-kernel's init to build the child's namespaces (see "Forking kernels" in
-sandbox/README.md).
+state other than the RNGs). That would be slower, not faster: the child of a
+``fork()`` must rebuild ipykernel's sockets and threads as any fresh kernel does,
+and would need a hole in the seccomp filter to leave its parent's namespaces and
+cgroups (see "Forking kernels" in sandbox/README.md).
 """
 
 from __future__ import annotations

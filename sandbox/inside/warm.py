@@ -68,6 +68,7 @@ class Warm:
         "tornado.locks",
         "tornado.queues",
         "tornado.platform.asyncio",
+        "concurrent.futures.thread",  # loaded by the thread-context patch on a kernel's first cell
     )
 
     def __init__(self, preimport: list[str], seccomp: str | None) -> None:
