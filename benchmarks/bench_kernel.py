@@ -165,6 +165,30 @@ async def main(rounds: int, provision: int) -> None:
         )
     await launcher.close()
 
+    # A fresh kernel always runs at least one cell, and a kernel's first cell costs more
+    # than its later ones: CPU per kernel with its first cell, 8 at once through a pool
+    # (as `tora eval` and bench_replay_cells use them), teardown included.
+    async with KernelPool(SandboxPolicy(), size=8) as pool:
+        while pool.ready < 8:
+            await asyncio.sleep(0.05)
+        g0, slots = tree.seconds(), asyncio.Semaphore(8)
+        t = time.perf_counter()
+
+        async def one() -> None:
+            async with slots:
+                k = await pool.acquire()
+                try:
+                    await k.execute("print(1+1)")
+                finally:
+                    await pool.release(k)
+
+        await asyncio.gather(*(one() for _ in range(provision)))
+        dt = time.perf_counter() - t
+    g1 = tree.seconds()
+    cpu_note = f"; CPU per kernel {(g1 - g0) / provision * 1000:.1f} ms" if g0 is not None and g1 is not None else ""
+    print(f"{provision} fresh kernels with one print(1+1) each, 8 at once: {provision / dt:.1f} kernels/s{cpu_note}"
+          f" (load average now {os.getloadavg()[0]:.1f})")
+
     # Acquire from a warm pool, the pool refilling in the background.
     async with KernelPool(SandboxPolicy(), size=8) as pool:
         while pool.ready < 8:
